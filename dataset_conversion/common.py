@@ -1,0 +1,59 @@
+"""What every converter shares: the target folder naming, staging, and refusal to clobber."""
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from nndiffseg.errors import NnDiffSegError
+
+
+class DatasetConversionError(NnDiffSegError):
+    """The source data is not what the converter expects; the message names the file and the problem."""
+
+
+def nnunet_raw_folder() -> Path:
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise DatasetConversionError(
+            "nnUNet_raw is not set. Export it (as for nnU-Net) to the folder where raw datasets are written, "
+            "e.g. export nnUNet_raw=/data/nnUNet_raw")
+    return Path(raw)
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 1 <= dataset_id <= 999:
+        raise DatasetConversionError(f"dataset ID must be between 1 and 999 (nnU-Net uses three digits), got {dataset_id}")
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def check_target_free(raw: Path, dataset_id: int, folder_name: str, overwrite: bool) -> Path:
+    """Refuse an existing dataset with this ID (another name is refused even with overwrite: nnU-Net
+    could no longer tell the two apart)."""
+    target = raw / folder_name
+    if raw.is_dir():
+        for other in sorted(raw.iterdir()):
+            if re.fullmatch(rf"Dataset{dataset_id:03d}_.+", other.name) and other.name != folder_name:
+                raise DatasetConversionError(
+                    f"dataset ID {dataset_id} is already used by {other}; choose another -d ID")
+    if target.exists() and not overwrite:
+        raise DatasetConversionError(f"target dataset {target} already exists; pass --overwrite to replace it")
+    return target
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is
+    removed, so a failed conversion leaves nothing behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield stage
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(stage, target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""Evaluate a folder of predicted label maps against a folder of reference label maps.
+
+``nnDiffSeg_evaluate -ref GT_FOLDER -pred PRED_FOLDER [-o summary.json] [-l LABEL ...] [-np N]``
+
+Scores Dice, IoU and tolerant IoU (see :mod:`nndiffseg.evaluation.metrics`) per case and foreground
+class, writes a ``summary.json`` (NaN as ``null``) and prints a table.
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+from typing import Any, Iterable, Optional, Sequence, Type
+
+import numpy as np
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determine_reader_writer_from_file_ending
+
+from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
+
+# Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
+SUPPORTED_ENDINGS: tuple[str, ...] = tuple(sorted({e.lower() for rw in LIST_OF_IO_CLASSES
+                                                   for e in rw.supported_file_endings}, key=len, reverse=True))
+SUMMARY_FILE_NAME = "summary.json"
+_MAX_NAMES_IN_MESSAGE = 10
+
+
+def default_num_processes() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def split_case_name(file_name: str) -> Optional[tuple[str, str]]:
+    """``("case", ".nii.gz")`` for ``"case.nii.gz"``; None when the ending is not a label-map ending."""
+    lower = file_name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if lower.endswith(ending) and len(file_name) > len(ending):
+            return file_name[:-len(ending)], ending
+    return None
+
+
+def list_cases(folder: str, role: str = "label map") -> dict[str, str]:
+    """Case name -> file path for the label maps directly inside ``folder`` (other files ignored)."""
+    if not os.path.isdir(folder):
+        raise NnDiffSegError(f"{role} folder not found: {folder}")
+    cases: dict[str, str] = {}
+    for file_name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, file_name)
+        split = split_case_name(file_name)
+        if split is None or not os.path.isfile(path):
+            continue
+        case = split[0]
+        if case in cases:
+            raise NnDiffSegError(f"case {case!r} appears twice in {folder}: "
+                                 f"{os.path.basename(cases[case])} and {file_name}")
+        cases[case] = path
+    if not cases:
+        raise NnDiffSegError(f"no label maps found in {folder} (looked for files ending in "
+                             f"{', '.join(sorted(SUPPORTED_ENDINGS))})")
+    return cases
+
+
+def _name_list(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_IN_MESSAGE])
+    if len(names) > _MAX_NAMES_IN_MESSAGE:
+        shown += f" and {len(names) - _MAX_NAMES_IN_MESSAGE} more"
+    return shown
+
+
+def _match_cases(reference: dict[str, str], prediction: dict[str, str],
+                 reference_folder: str, prediction_folder: str) -> list[str]:
+    missing = sorted(set(reference) - set(prediction))
+    extra = sorted(set(prediction) - set(reference))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} case(s) of {reference_folder} have no prediction in "
+                        f"{prediction_folder}: {_name_list(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} prediction(s) in {prediction_folder} have no reference in "
+                        f"{reference_folder}: {_name_list(extra)}")
+    if problems:
+        raise NnDiffSegError("; ".join(problems))
+    return sorted(reference)
+
+
+def _reader_for_ending(ending: str, example_file: str) -> Type[BaseReaderWriter]:
+    # nnU-Net prints a traceback for every reader that fails on the example file even with
+    # verbose=False (e.g. NaturalImage2DIO on a 3D .tif before Tiff3DIO succeeds): keep that quiet.
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return determine_reader_writer_from_file_ending(ending, example_file, verbose=False)
+        except RuntimeError:
+            pass
+    raise NnDiffSegError(f"no nnU-Net reader can read {example_file}")
+
+
+def _read_label_map(reader: Type[BaseReaderWriter], file: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label map (channel axis removed; 2D images come as shape (1, X, Y)) and its unique values."""
+    try:
+        seg, _ = reader().read_seg(file)
+    except Exception as e:  # any reader failure is a bad input file, reported with its name
+        raise NnDiffSegError(f"could not read label map {file}: {type(e).__name__}: {e}") from None
+    if seg.shape[0] != 1:
+        raise NnDiffSegError(f"{file} is not a label map: it has {seg.shape[0]} channels (e.g. an RGB image), "
+                             f"expected 1")
+    seg = seg[0]
+    values = np.unique(seg)
+    if not np.issubdtype(values.dtype, np.integer) and not np.all(np.mod(values, 1) == 0):
+        raise NnDiffSegError(f"{file} is not a label map: it holds non-integer values")
+    return seg, values
+
+
+def _evaluate_case(job: tuple) -> dict[str, Any]:
+    case, ref_file, ref_reader, pred_file, pred_reader, labels = job
+    ref, ref_values = _read_label_map(ref_reader, ref_file)
+    pred, pred_values = _read_label_map(pred_reader, pred_file)
+    if ref.shape != pred.shape:
+        raise NnDiffSegError(f"case {case}: reference {ref_file} has shape {ref.shape} but prediction "
+                             f"{pred_file} has shape {pred.shape}")
+    present = sorted({int(v) for v in np.concatenate([ref_values, pred_values]) if v != 0})
+    # Without explicit labels, score what occurs in this case; the caller fills in the labels that
+    # occur elsewhere only, whose metrics here are NaN by definition (empty in both maps).
+    metrics = compute_case_metrics(pred, ref, present if labels is None else labels)
+    return {"case": case, "present": present, "metrics": metrics}
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _write_json_atomically(data: dict, output_file: str) -> None:
+    folder = os.path.dirname(os.path.abspath(output_file))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".summary_", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_nan_to_none(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, output_file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
+    if labels is None:
+        return None
+    checked = sorted({int(label) for label in labels})
+    if not checked:
+        raise NnDiffSegError("the list of labels to score is empty")
+    if any(label <= 0 for label in checked):
+        raise NnDiffSegError(f"labels to score must be foreground labels > 0 (0 is background), got {checked}")
+    return checked
+
+
+def evaluate_folders(reference_folder: str, prediction_folder: str, output_file: Optional[str] = None,
+                     labels: Optional[Iterable[int]] = None,
+                     num_processes: int = default_num_processes()) -> dict[str, Any]:
+    """Score every prediction in ``prediction_folder`` against the same-named reference and write a summary.
+
+    Case files are matched by name (file name minus its ending); files with other endings and subfolders
+    are ignored. ``labels`` defaults to every foreground value found in any reference or prediction.
+    Per class, metrics are averaged over cases ignoring NaN (class empty in both maps); ``mean`` averages
+    the per-class values over classes, again ignoring NaN. The summary is written to ``output_file``
+    (default ``prediction_folder/summary.json``) with NaN as ``null``; the returned dict keeps NaN floats.
+
+    Raises NnDiffSegError for missing or extra cases, empty folders, unreadable files and shape mismatches,
+    before anything is written.
+    """
+    if num_processes < 1:
+        raise NnDiffSegError(f"the number of processes must be at least 1, got {num_processes}")
+    labels = _check_labels(labels)
+    reference = list_cases(reference_folder, "reference")
+    prediction = list_cases(prediction_folder, "prediction")
+    cases = _match_cases(reference, prediction, reference_folder, prediction_folder)
+
+    readers: dict[str, Type[BaseReaderWriter]] = {}
+    for file in [reference[c] for c in cases] + [prediction[c] for c in cases]:
+        ending = split_case_name(os.path.basename(file))[1]
+        if ending not in readers:
+            readers[ending] = _reader_for_ending(ending, file)
+
+    def reader(file: str) -> Type[BaseReaderWriter]:
+        return readers[split_case_name(os.path.basename(file))[1]]
+
+    jobs = [(c, os.path.abspath(reference[c]), reader(reference[c]), os.path.abspath(prediction[c]),
+             reader(prediction[c]), labels) for c in cases]
+    if num_processes == 1 or len(jobs) == 1:
+        results = [_evaluate_case(job) for job in jobs]
+    else:
+        # spawn, as nnU-Net does: forking a process that may hold torch threads can deadlock.
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            results = pool.map(_evaluate_case, jobs)
+
+    if labels is None:
+        labels = sorted({label for r in results for label in r["present"]})
+        if not labels:
+            raise NnDiffSegError(f"no foreground labels in any reference or prediction "
+                                 f"({reference_folder}, {prediction_folder}); pass -l to score given labels")
+    nan_metrics = {m: float("nan") for m in METRIC_NAMES}
+
+    case_entries = []
+    for r in results:
+        metrics = {str(label): dict(r["metrics"].get(label, nan_metrics)) for label in labels}
+        case_entries.append({
+            "case": r["case"],
+            "reference_file": os.path.abspath(reference[r["case"]]),
+            "prediction_file": os.path.abspath(prediction[r["case"]]),
+            "metrics": metrics,
+            "mean": {m: _nanmean(metrics[str(label)][m] for label in labels) for m in METRIC_NAMES},
+        })
+    per_class = {str(label): {m: _nanmean(c["metrics"][str(label)][m] for c in case_entries) for m in METRIC_NAMES}
+                 for label in labels}
+    summary = {
+        "mean": {m: _nanmean(per_class[str(label)][m] for label in labels) for m in METRIC_NAMES},
+        "per_class": per_class,
+        "cases": case_entries,
+        "labels": labels,
+        "num_cases": len(case_entries),
+        # Cases where the class is empty in both reference and prediction: NaN, left out of the means.
+        "num_nan": {str(label): sum(math.isnan(c["metrics"][str(label)]["dice"]) for c in case_entries)
+                    for label in labels},
+        "reference_folder": os.path.abspath(reference_folder),
+        "prediction_folder": os.path.abspath(prediction_folder),
+    }
+    if output_file is None:
+        output_file = os.path.join(prediction_folder, SUMMARY_FILE_NAME)
+    _write_json_atomically(summary, output_file)
+    return summary
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Fixed-width text table: each case's mean over classes, then each class's mean, then the overall mean."""
+    rows: list[tuple[str, dict]] = [(c["case"], c["mean"]) for c in summary["cases"]]
+    class_rows = [(f"class {label}", values) for label, values in summary["per_class"].items()]
+    name_width = max(len(name) for name, _ in rows + class_rows + [("case (mean over classes)", {})])
+    header = f"{'case (mean over classes)':<{name_width}}" + "".join(f"{h:>8}" for h in ("Dice", "IoU", "tIoU"))
+    rule = "-" * len(header)
+
+    def line(name: str, values: dict) -> str:
+        return f"{name:<{name_width}}" + "".join(f"{_fmt(values[m]):>8}" for m in METRIC_NAMES)
+
+    return "\n".join([header, rule, *(line(n, v) for n, v in rows), rule, *(line(n, v) for n, v in class_rows),
+                      rule, line("mean", summary["mean"])])
+
+
+def evaluate_entry() -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnDiffSeg_evaluate",
+        description="Dice, IoU and tolerant IoU (3x3 tolerance) of predicted label maps against references. "
+                    "Files are matched by case name (file name minus its ending).")
+    parser.add_argument("-ref", required=True, help="folder with the reference (ground truth) label maps")
+    parser.add_argument("-pred", required=True, help="folder with the predicted label maps")
+    parser.add_argument("-o", default=None,
+                        help=f"output JSON file (default: PRED_FOLDER/{SUMMARY_FILE_NAME})")
+    parser.add_argument("-l", type=int, nargs="+", default=None,
+                        help="foreground labels to score (default: every label > 0 found in any file)")
+    parser.add_argument("-np", type=int, default=default_num_processes(),
+                        help="processes for reading and scoring (default: min(4, CPU count)); 1 = sequential")
+    args = parser.parse_args()
+
+    def main() -> int:
+        summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np)
+        print(format_table(summary))
+        output = args.o if args.o is not None else os.path.join(args.pred, SUMMARY_FILE_NAME)
+        print(f"\nSummary written to {output}")
+        return 0
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    evaluate_entry()

@@ -1,0 +1,204 @@
+"""``nnDiffSeg_predict``: nnU-Net's predictor over a folder, one case at a time with a progress bar; a case
+that cannot be read or predicted is reported by name and the others still run."""
+import argparse
+import multiprocessing
+import os
+import re
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+from tqdm import tqdm
+
+from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.planning.planner import PLANS_NAME
+from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+
+PARTIAL_PREFIX = ".partial_"
+
+
+def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
+    channels). Returns the cases with their channel files in order and, for malformed ones, why."""
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    channels: Dict[str, Dict[int, str]] = {}
+    problems: Dict[str, str] = {}
+    for f in sorted(os.listdir(input_folder)):
+        if not f.endswith(file_ending) or f.startswith("."):
+            continue
+        m = pattern.match(f)
+        if m is None:
+            problems[f[:-len(file_ending)]] = f"file {f} lacks nnU-Net's channel suffix (_0000{file_ending})"
+            continue
+        channels.setdefault(m.group(1), {})[int(m.group(2))] = str(input_folder / f)
+    cases = {}
+    for case, files in channels.items():
+        missing = [f"{case}_{c:04d}{file_ending}" for c in range(max(files)) if c not in files]
+        if missing:
+            problems[case] = f"missing channel file(s) {', '.join(missing)}"
+        else:
+            cases[case] = [files[c] for c in sorted(files)]
+    return cases, problems
+
+
+def export_atomically(logits: np.ndarray, properties: dict, configuration_manager, plans_manager,
+                      dataset_json: dict, output_folder: str, case: str, save_probabilities: bool) -> None:
+    """nnU-Net's export, written under a temporary name and renamed, so an interrupted run never leaves a
+    half-written file that --continue_prediction would take for done."""
+    tmp = os.path.join(output_folder, PARTIAL_PREFIX + case)
+    export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
+                                  save_probabilities)
+    # the label map is renamed last: its presence is what marks the case done
+    endings = ([".npz", ".pkl"] if save_probabilities else []) + [dataset_json["file_ending"]]
+    for ending in endings:
+        os.replace(tmp + ending, os.path.join(output_folder, case + ending))
+
+
+def _resolve_model_folder(dataset_name_or_id, trainer: str, plans: str, configuration: str) -> Path:
+    dataset_name = dataset_name_from_id(dataset_name_or_id)
+    folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
+    if not folder.is_dir():
+        trained = sorted(p.name for p in folder.parent.iterdir()) if folder.parent.is_dir() else []
+        raise NnDiffSegError(f"no trained model at {folder} (trained models of {dataset_name}: "
+                             f"{', '.join(trained) or 'none'}); check -tr, -p and -c")
+    return folder
+
+
+def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_name: str) -> List[str]:
+    available = sorted(p.name[5:] for p in model_folder.glob("fold_*") if (p / checkpoint_name).is_file())
+    if not folds:
+        if not available:
+            raise NnDiffSegError(f"no fold in {model_folder} has {checkpoint_name}")
+        return available
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise NnDiffSegError(f"fold(s) {', '.join(missing)} have no {checkpoint_name} in {model_folder} "
+                             f"(folds with it: {', '.join(available) or 'none'})")
+    return list(folds)
+
+
+def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, configuration: str,
+                   trainer: str = "nnUNetTrainer", plans: str = PLANS_NAME, folds: Optional[Sequence[str]] = None,
+                   checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: bool = True,
+                   tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
+                   num_processes_export: int = 2) -> Dict[str, str]:
+    """Predict every case in ``input_folder`` into ``output_folder``; returns {case: error} for the cases
+    that failed (empty when all worked)."""
+    check_nnunet_paths("nnUNet_results")
+    input_path, output_path = Path(input_folder), Path(output_folder)
+    if not input_path.is_dir():
+        raise NnDiffSegError(f"input folder {input_path} does not exist")
+    if output_path.resolve() == input_path.resolve():
+        raise NnDiffSegError("the output folder must differ from the input folder")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)
+    folds = _check_folds(model_folder, [str(f) for f in folds] if folds else None, checkpoint_name)
+
+    dataset_json = load_json(str(model_folder / "dataset.json"))
+    file_ending = dataset_json["file_ending"]
+    num_channels = len(dataset_json["channel_names"])
+    cases, failures = group_input_files(input_path, file_ending)
+    if not cases and not failures:
+        raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
+    output_path.mkdir(parents=True, exist_ok=True)
+    for leftover in output_path.glob(PARTIAL_PREFIX + "*"):  # from an interrupted earlier run
+        leftover.unlink()
+    if continue_prediction:
+        done = [c for c in cases if (output_path / (c + file_ending)).is_file()]
+        for c in done:
+            del cases[c]
+        if done:
+            print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
+
+    register_ext_trainer_dir()
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
+                                device=torch.device(device), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
+                                                   checkpoint_name)
+    reader = predictor.plans_manager.image_reader_writer_class()
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
+
+    pending = []
+    pool = multiprocessing.get_context("spawn").Pool(num_processes_export) if num_processes_export > 0 else None
+    try:
+        for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
+            try:
+                data, properties = reader.read_images(files)
+                if data.shape[0] != num_channels:
+                    raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
+                                         f"({', '.join(dataset_json['channel_names'].values())})")
+                data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
+                                                                predictor.configuration_manager, dataset_json)
+                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
+                args = (logits, properties, *export_args, case, save_probabilities)
+                if pool is None:
+                    export_atomically(*args)
+                else:
+                    pending.append((case, pool.apply_async(export_atomically, args)))
+            except Exception as e:  # one bad case must not stop the others
+                failures[case] = f"{type(e).__name__}: {e} (files: {', '.join(files)})"
+                tqdm.write(f"ERROR: case {case} failed: {failures[case]}")
+                if os.environ.get("nnDiffSeg_debug"):
+                    traceback.print_exc()
+        for case, result in pending:
+            try:
+                result.get()
+            except Exception as e:
+                failures[case] = f"export failed: {type(e).__name__}: {e}"
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    written = len(cases) - sum(c in cases for c in failures)
+    print(f"Predicted {written} case(s) into {output_path}")
+    if failures:
+        print(f"{len(failures)} case(s) failed:")
+        for case, why in sorted(failures.items()):
+            print(f"  {case}: {why}")
+    return failures
+
+
+def predict_entry() -> None:
+    parser = argparse.ArgumentParser(description="Predict a folder of images (nnU-Net naming: CASE_0000.png, ...) "
+                                                 "with a trained model; fold models are ensembled as in nnU-Net.")
+    parser.add_argument("-i", required=True, help="input folder")
+    parser.add_argument("-o", required=True, help="output folder for the label maps")
+    parser.add_argument("-d", required=True, help="dataset name or ID the model was trained on")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 2d")
+    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
+    parser.add_argument("-f", nargs="+", default=None,
+                        help="folds to ensemble, e.g. 0 1 2 3 4 or all (default: every fold that has the checkpoint)")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    parser.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    parser.add_argument("-nps", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes for resampling/export (0: in this process)")
+    parser.add_argument("--save_probabilities", action="store_true", help="also write class probabilities (.npz)")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster in 2D)")
+    parser.add_argument("--continue_prediction", action="store_true",
+                        help="skip cases whose output already exists (resume an interrupted run)")
+    args = parser.parse_args()
+
+    def main() -> int:
+        if args.device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
+                                  not args.disable_tta, args.step_size, args.save_probabilities,
+                                  args.continue_prediction, args.nps)
+        return 1 if failures else 0
+
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    predict_entry()

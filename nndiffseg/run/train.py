@@ -1,0 +1,201 @@
+"""``nnDiffSeg_train``: nnU-Net training for our trainers and nnunetv2's, with run-length overrides."""
+import argparse
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Optional, Type, Union
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.run.run_training import (cleanup_ddp, find_free_network_port, maybe_load_checkpoint, setup_ddp)
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+import nndiffseg.trainers
+from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.planning.planner import PLANS_NAME
+from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+
+# --num_epochs/--iters_per_epoch are remembered in the fold folder, so `--c` resumes the same schedule
+RUN_LENGTH_FILE = "nndiffseg_run_length.json"
+# nnU-Net runs 250 training and 50 validation iterations per epoch; shortened runs keep that ratio
+NNUNET_VAL_TO_TRAIN_ITERS = 50 / 250
+
+
+def find_trainer_class(name: str) -> Type[nnUNetTrainer]:
+    """nndiffseg.trainers first, then nnunetv2 (and any nnUNet_extTrainer folders)."""
+    cls = getattr(nndiffseg.trainers, name, None)
+    if cls is not None:
+        return cls
+    register_ext_trainer_dir()
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        raise NnDiffSegError(f"trainer '{name}' not found in nndiffseg.trainers ({', '.join(nndiffseg.trainers.__all__)}) "
+                             f"nor in nnunetv2.training.nnUNetTrainer (e.g. nnUNetTrainer)") from None
+
+
+def parse_fold(fold: Union[int, str]) -> Union[int, str]:
+    if fold == "all":
+        return fold
+    try:
+        fold = int(fold)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise NnDiffSegError(f"FOLD must be 0-4 (nnU-Net's 5-fold cross-validation) or 'all', got '{fold}'")
+    return fold
+
+
+def load_plans(dataset_name: str, plans_identifier: str) -> dict:
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        found = sorted(p.stem for p in folder.glob("*Plans*.json")) if folder.is_dir() else []
+        raise NnDiffSegError(f"plans file {plans_file} not found (plans available: {', '.join(found) or 'none'}); "
+                             f"run nnDiffSeg_plan_and_preprocess -d ID first, or pass -p PLANS")
+    return load_json(str(plans_file))
+
+
+def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
+                  trainer_name: str, plans_identifier: str, continue_training: bool,
+                  device: torch.device) -> nnUNetTrainer:
+    dataset_name = dataset_name_from_id(dataset_name_or_id)
+    plans = load_plans(dataset_name, plans_identifier)
+    if configuration not in plans["configurations"]:
+        raise NnDiffSegError(f"configuration '{configuration}' not in plans {plans_identifier} of {dataset_name} "
+                             f"(available: {', '.join(plans['configurations'])})")
+    trainer_class = find_trainer_class(trainer_name)
+    plans["continue_training"] = continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
+    dataset_json = load_json(join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset.json"))
+    return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
+
+
+def apply_run_length(trainer: nnUNetTrainer, num_epochs: Optional[int], iters_per_epoch: Optional[int],
+                     val_iters_per_epoch: Optional[int], continue_training: bool) -> None:
+    """Shorten (or lengthen) a run without a new trainer class; must happen before trainer.initialize(),
+    which builds the learning-rate schedule from num_epochs."""
+    record = Path(trainer.output_folder) / RUN_LENGTH_FILE
+    saved = json.loads(record.read_text()) if continue_training and record.is_file() else {}
+    num_epochs = num_epochs if num_epochs is not None else saved.get("num_epochs")
+    iters_per_epoch = iters_per_epoch if iters_per_epoch is not None else saved.get("iters_per_epoch")
+    if val_iters_per_epoch is None:
+        val_iters_per_epoch = saved.get("val_iters_per_epoch")
+    if val_iters_per_epoch is None and iters_per_epoch is not None:
+        val_iters_per_epoch = max(1, round(iters_per_epoch * NNUNET_VAL_TO_TRAIN_ITERS))
+    for value, flag in ((num_epochs, "--num_epochs"), (iters_per_epoch, "--iters_per_epoch"),
+                        (val_iters_per_epoch, "--val_iters_per_epoch")):
+        if value is not None and value < 1:
+            raise NnDiffSegError(f"{flag} must be at least 1, got {value}")
+    if num_epochs is not None:
+        trainer.num_epochs = num_epochs
+    if iters_per_epoch is not None:
+        trainer.num_iterations_per_epoch = iters_per_epoch
+    if val_iters_per_epoch is not None:
+        trainer.num_val_iterations_per_epoch = val_iters_per_epoch
+    if num_epochs is not None or iters_per_epoch is not None:
+        os.makedirs(trainer.output_folder, exist_ok=True)
+        record.write_text(json.dumps({"num_epochs": trainer.num_epochs,
+                                      "iters_per_epoch": trainer.num_iterations_per_epoch,
+                                      "val_iters_per_epoch": trainer.num_val_iterations_per_epoch}, indent=2))
+
+
+def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
+                       continue_training, only_run_validation, val_with_best, disable_checkpointing,
+                       export_validation_probabilities, pretrained_weights, run_length) -> None:
+    trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
+                            continue_training, device)
+    apply_run_length(trainer, *run_length, continue_training=continue_training)
+    trainer.disable_checkpointing = disable_checkpointing
+    maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    if not only_run_validation:
+        trainer.run_training()
+    if val_with_best:
+        trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
+    trainer.perform_actual_validation(export_validation_probabilities)
+
+
+def _train_ddp(rank: int, world_size: int, *args) -> None:
+    setup_ddp(rank, world_size)
+    torch.cuda.set_device(torch.device("cuda", rank))
+    try:
+        _train_one_process(*args)
+    finally:
+        cleanup_ddp()
+
+
+def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
+          trainer_name: str = "nnUNetTrainer", plans_identifier: str = PLANS_NAME, device: str = "cuda",
+          num_gpus: int = 1, continue_training: bool = False, only_run_validation: bool = False,
+          val_with_best: bool = False, disable_checkpointing: bool = False,
+          export_validation_probabilities: bool = False, pretrained_weights: Optional[str] = None,
+          num_epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
+          val_iters_per_epoch: Optional[int] = None) -> None:
+    """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation."""
+    check_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
+    fold = parse_fold(fold)
+    if continue_training and only_run_validation:
+        raise NnDiffSegError("--c and --val cannot be combined")
+    if val_with_best and disable_checkpointing:
+        raise NnDiffSegError("--val_best needs checkpoints; do not combine it with --disable_checkpointing")
+    if device not in ("cpu", "cuda", "mps"):
+        raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    find_trainer_class(trainer_name)  # fail before any work if the name is wrong
+    run_length = (num_epochs, iters_per_epoch, val_iters_per_epoch)
+    args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
+            continue_training, only_run_validation, val_with_best, disable_checkpointing,
+            export_validation_probabilities, pretrained_weights, run_length)
+    if num_gpus > 1:
+        if device != "cuda":
+            raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda")
+        os.environ["MASTER_ADDR"] = "localhost"
+        os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
+        torch.multiprocessing.spawn(_train_ddp, args=(num_gpus, *args), nprocs=num_gpus, join=True)
+        return
+    if device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    _train_one_process(*args)
+
+
+def train_entry() -> None:
+    parser = argparse.ArgumentParser(description="Train one fold with nnU-Net's training loop. Trainers are looked "
+                                                 "up in nndiffseg.trainers, then in nnunetv2 (-tr nnUNetTrainer "
+                                                 "trains the plain nnU-Net baseline).")
+    parser.add_argument("dataset_name_or_id", help="dataset name or ID")
+    parser.add_argument("configuration", help="configuration, e.g. 2d")
+    parser.add_argument("fold", help="fold of nnU-Net's 5-fold cross-validation (0-4) or 'all'")
+    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
+    parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    parser.add_argument("-num_gpus", type=int, default=1, help="GPUs for DDP training (default: 1)")
+    parser.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from")
+    parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--val", action="store_true", help="only run the final validation")
+    parser.add_argument("--val_best", action="store_true", help="validate with checkpoint_best")
+    parser.add_argument("--npz", action="store_true", help="save validation probabilities (for ensembling)")
+    parser.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
+    parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
+    parser.add_argument("--iters_per_epoch", type=int, default=None,
+                        help="training iterations per epoch (default: the trainer's, 250)")
+    parser.add_argument("--val_iters_per_epoch", type=int, default=None,
+                        help="validation iterations per epoch (default: the trainer's 50, or iters_per_epoch/5 "
+                             "when --iters_per_epoch is given)")
+    args = parser.parse_args()
+    run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
+                          args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
+                          args.pretrained_weights, args.num_epochs, args.iters_per_epoch,
+                          args.val_iters_per_epoch))
+
+
+if __name__ == "__main__":
+    train_entry()

@@ -1,0 +1,27 @@
+"""Small helpers around nnU-Net's environment and dataset naming, with errors a user can act on."""
+import os
+
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+from nndiffseg.errors import NnDiffSegError
+
+
+def check_nnunet_paths(*names: str) -> None:
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise NnDiffSegError(f"{', '.join(missing)} not set: export the nnU-Net folders first, e.g. "
+                             f"export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed "
+                             f"nnUNet_results=/data/nnUNet_results")
+
+
+def dataset_name_from_id(dataset_name_or_id: int | str) -> str:
+    """'4' / 4 / 'Dataset004_ISIC2017' -> 'Dataset004_ISIC2017', or a clear error."""
+    if isinstance(dataset_name_or_id, str) and not dataset_name_or_id.startswith("Dataset"):
+        try:
+            dataset_name_or_id = int(dataset_name_or_id)
+        except ValueError:
+            raise NnDiffSegError(f"dataset must be an ID or a name like Dataset004_ISIC2017, got '{dataset_name_or_id}'")
+    try:
+        return maybe_convert_to_dataset_name(dataset_name_or_id)
+    except RuntimeError as e:
+        raise NnDiffSegError(str(e).strip()) from None

@@ -1,0 +1,50 @@
+from setuptools import find_packages, setup
+
+# trainers/ and dataset_conversion/ sit at the repository root (design card) but install inside the
+# nndiffseg namespace, so nothing generic lands at the top of site-packages.
+_MAPPED = {"trainers": "nndiffseg.trainers", "dataset_conversion": "nndiffseg.dataset_conversion"}
+
+
+def _packages() -> list:
+    packages = find_packages(include=["nndiffseg", "nndiffseg.*"])
+    for folder, name in _MAPPED.items():
+        packages.append(name)
+        packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+    return packages
+
+
+setup(
+    name="nndiffseg",
+    version="0.1.0",
+    description="Diffusion-based medical image segmentation as nnU-Net v2 trainers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir={"nndiffseg": "nndiffseg", **{name: folder for folder, name in _MAPPED.items()}},
+    install_requires=[
+        "torch>=2.1.2,!=2.9.*",  # nnunetv2's range
+        "nnunetv2>=2.8.1",
+        "batchgenerators>=0.25.1",
+        "SimpleITK>=2.2.1",
+        "open_clip_torch>=2.20",
+        "diffusers>=0.27",
+        "acvl-utils>=0.2.6",
+        "numpy",
+        "scipy",
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "nnDiffSeg_plan_and_preprocess = nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",
+            "nnDiffSeg_train = nndiffseg.run.train:train_entry",
+            "nnDiffSeg_predict = nndiffseg.inference.predict:predict_entry",
+            "nnDiffSeg_evaluate = nndiffseg.evaluation.evaluate:evaluate_entry",
+            "nnDiffSeg_convert_isic = nndiffseg.dataset_conversion.isic:convert_isic_entry",
+            "nnDiffSeg_demo = nndiffseg.demo.run_demo:demo_entry",
+            "nnDiffSeg_ext_trainer_dir = nndiffseg.ext_trainer:print_ext_trainer_dir_entry",
+        ]
+    },
+)

@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the repository (also in CI); NNDIFFSEG_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("NNDIFFSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+ISIC2017_SAMPLE = SHARED_DATA / "isic2017_sample"
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders for one test."""
+    paths = {}
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.setenv(name, str(folder))
+        paths[name] = folder
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def isic2017_sample() -> Path:
+    """The 69 real ISIC 2017 pairs in ../shared/data; tests using them skip where it is absent."""
+    if not (ISIC2017_SAMPLE / "ISIC-2017_Training_Data").is_dir():
+        pytest.skip(f"real ISIC sample not found at {ISIC2017_SAMPLE} (it sits beside the repository in CI; "
+                    f"set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
+    return ISIC2017_SAMPLE

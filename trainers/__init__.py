@@ -1,0 +1,8 @@
+"""nnU-Net trainer classes of nndiffseg (installed as ``nndiffseg.trainers``).
+
+Every class in ``__all__`` is found by ``nnDiffSeg_train``/``nnDiffSeg_predict`` and, with
+``nnUNet_extTrainer`` set as the README says, by stock ``nnUNetv2_train``/``nnUNetv2_predict``.
+"""
+from nndiffseg.trainers.base import nnDiffSegTrainer
+
+__all__ = ["nnDiffSegTrainer"]
