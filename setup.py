@@ -34,8 +34,9 @@ setup(
         "scipy",
         "Pillow",
         "tqdm",
+        "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "scikit-image"]},
     entry_points={
         "console_scripts": [
             "nnDiffSeg_plan_and_preprocess = nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",

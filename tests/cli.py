@@ -1,0 +1,28 @@
+"""Run the command-line tools as a user would: in a fresh process, with the nnU-Net folders in the env."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+MODULES = {
+    "nnDiffSeg_plan_and_preprocess": "nndiffseg.planning.plan_and_preprocess",
+    "nnDiffSeg_train": "nndiffseg.run.train",
+    "nnDiffSeg_predict": "nndiffseg.inference.predict",
+    "nnDiffSeg_evaluate": "nndiffseg.evaluation.evaluate",
+    "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic",
+}
+
+
+def run_tool(name: str, *args, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Our tools run as ``python -m module`` (same code as the console scripts); others (nnUNetv2_*) by
+    their console script beside this interpreter."""
+    cmd = [sys.executable, "-m", MODULES[name]] if name in MODULES else [str(BIN / name)]
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(cmd + [str(a) for a in args], env=full_env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(map(str, args))} exited {result.returncode}\n"
+                             f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-5000:]}")
+    return result

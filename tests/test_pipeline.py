@@ -1,0 +1,151 @@
+"""Plan, train, predict and evaluate a toy dataset through the nnDiffSeg_ tools (nnDiffSegPlans and the
+nnDiffSegTrainer base class), and reach the same model with stock nnU-Net commands."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import run_tool
+from toy_data import write_toy_dataset
+
+DATASET_ID = 11
+RUN_LENGTH = ["--num_epochs", "3", "--iters_per_epoch", "10"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_pipeline")
+    env = {}
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    env["nnUNet_n_proc_DA"] = "1"
+    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=3)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
+    train = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainer", "-device", "cpu",
+                     *RUN_LENGTH, env=env)
+    model = root / "nnUNet_results" / raw.name / "nnDiffSegTrainer__nnDiffSegPlans__2d"
+    return {"root": root, "env": env, "raw": raw, "model": model, "train_log": train.stdout}
+
+
+def load_labels(folder, case_names):
+    return {c: np.array(Image.open(folder / f"{c}.png")) for c in case_names}
+
+
+def test_plans_tile_the_latent_grid(toy):
+    plans = json.loads((toy["root"] / "nnUNet_preprocessed" / toy["raw"].name / "nnDiffSegPlans.json").read_text())
+    config = plans["configurations"]["2d"]
+    assert all(s % 64 == 0 for s in config["patch_size"]), config["patch_size"]
+    # the U-Net topology was rebuilt for the new patch: its total stride divides the patch
+    strides = np.prod(np.array(config["architecture"]["arch_kwargs"]["strides"]), axis=0)
+    assert all(p % s == 0 for p, s in zip(config["patch_size"], strides))
+    assert config["data_identifier"] == "nnDiffSegPlans_2d"
+
+
+def test_training_honours_run_length_and_learns(toy):
+    fold = toy["model"] / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    record = json.loads((fold / "nndiffseg_run_length.json").read_text())
+    assert record == {"num_epochs": 3, "iters_per_epoch": 10, "val_iters_per_epoch": 2}
+    assert "Epoch 2" in toy["train_log"] and "Epoch 3" not in toy["train_log"]
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    # discs cover 3-15 % of a toy image: an all-foreground mask scores Dice < 0.3
+    assert summary["foreground_mean"]["Dice"] > 0.6
+
+
+def test_continue_reuses_the_recorded_run_length(toy):
+    """--c without --num_epochs must not resume towards nnU-Net's 1000 epochs."""
+    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainer", "-device", "cpu", "--c",
+                      env=toy["env"], timeout=300)
+    assert "Epoch 3" not in result.stdout and "Training done" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def predicted(toy):
+    inp = toy["root"] / "predict_in"
+    inp.mkdir()
+    for f in (toy["raw"] / "imagesTs").iterdir():
+        (inp / f.name).write_bytes(f.read_bytes())
+    (inp / "broken_0000.png").write_bytes(b"not a png")
+    out = toy["root"] / "predict_out"
+    result = run_tool("nnDiffSeg_predict", "-i", inp, "-o", out, "-d", DATASET_ID, "-c", "2d",
+                      "-tr", "nnDiffSegTrainer", "-f", 0, "-device", "cpu", "--disable_tta", "-nps", 1,
+                      env=toy["env"], check=False)
+    return {"in": inp, "out": out, "result": result}
+
+
+def test_predict_reports_bad_case_and_predicts_the_rest(toy, predicted):
+    result = predicted["result"]
+    assert result.returncode == 1
+    assert "broken" in result.stdout + result.stderr
+    cases = sorted(f.name[:-9] for f in (toy["raw"] / "imagesTs").iterdir())
+    assert sorted(f.name for f in predicted["out"].iterdir()) == [f"{c}.png" for c in cases]
+    summary = run_tool("nnDiffSeg_evaluate", "-ref", toy["raw"] / "labelsTs", "-pred", predicted["out"],
+                       "-o", toy["root"] / "test_summary.json", env=toy["env"])
+    assert "Dice" in summary.stdout
+    assert json.loads((toy["root"] / "test_summary.json").read_text())["mean"]["dice"] > 0.6
+
+
+def test_continue_prediction_only_predicts_missing_cases(toy, predicted):
+    out = predicted["out"]
+    files = sorted(out.iterdir())
+    kept_mtime = files[0].stat().st_mtime_ns
+    files[-1].unlink()
+    (predicted["in"] / "broken_0000.png").unlink()
+    result = run_tool("nnDiffSeg_predict", "-i", predicted["in"], "-o", out, "-d", DATASET_ID, "-c", "2d",
+                      "-tr", "nnDiffSegTrainer", "-device", "cpu", "--disable_tta", "-nps", 0,
+                      "--continue_prediction", env=toy["env"])
+    assert "already predicted" in result.stdout
+    assert files[-1].is_file() and files[0].stat().st_mtime_ns == kept_mtime
+
+
+def test_stock_nnunet_finds_the_same_trainer_class(toy):
+    code = ("import nndiffseg.trainers as t;"
+            "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find;"
+            "print(find('nnDiffSegTrainer') is t.nnDiffSegTrainer)")
+    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
+    from pathlib import Path
+    same = subprocess.run([sys.executable, "-c", code], env={**os.environ, "nnUNet_extTrainer": EXT_TRAINER_DIR},
+                          capture_output=True, text=True, check=True)
+    assert same.stdout.strip().splitlines()[-1] == "True"
+    # pointing nnU-Net at the trainers package itself imports a second copy: the reason the shim folder exists
+    trainers_dir = str(Path(__import__("nndiffseg.trainers").trainers.__file__).parent)
+    copy = subprocess.run([sys.executable, "-c", code], env={**os.environ, "nnUNet_extTrainer": trainers_dir},
+                          capture_output=True, text=True, check=True)
+    assert copy.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_stock_nnunetv2_predict_runs_our_trainer(toy, predicted):
+    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
+    out = toy["root"] / "stock_out"
+    run_tool("nnUNetv2_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
+             "-tr", "nnDiffSegTrainer", "-p", "nnDiffSegPlans", "-f", 0, "-device", "cpu", "--disable_tta",
+             "-npp", 1, "-nps", 1, env={**toy["env"], "nnUNet_extTrainer": EXT_TRAINER_DIR})
+    cases = [f.name[:-4] for f in sorted(out.glob("*.png"))]
+    assert len(cases) == 3
+    ours, stock = load_labels(predicted["out"], cases), load_labels(out, cases)
+    for c in cases:
+        np.testing.assert_array_equal(ours[c], stock[c])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-tr", "NoSuchTrainer"], "trainer 'NoSuchTrainer' not found"),
+    (["-p", "NoSuchPlans"], "NoSuchPlans.json not found"),
+])
+def test_train_rejects_bad_arguments(toy, args, message):
+    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-device", "cpu", *args, env=toy["env"], check=False)
+    assert result.returncode == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (toy["model"] / "fold_1").exists()
+
+
+def test_predict_rejects_missing_fold_and_writes_nothing(toy):
+    out = toy["root"] / "never_written"
+    result = run_tool("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
+                      "-tr", "nnDiffSegTrainer", "-f", 3, "-device", "cpu", env=toy["env"], check=False)
+    assert result.returncode == 1 and "fold(s) 3 have no checkpoint_final.pth" in result.stderr
+    assert not out.exists()
