@@ -1,0 +1,28 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv and installs everything first.
+PYTHON ?= python3
+VENV ?= .venv
+# torch pinned to a release nnunetv2 supports; override e.g. TORCH="torch==2.5.1 torchvision==0.20.1"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nndiffseg-installed
+
+.PHONY: install demo test clean
+
+$(STAMP): setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "nndiffseg needs Python 3.10 or newer; set PYTHON=python3.X")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nnDiffSeg_demo -o demo_output --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) demo_output *.egg-info

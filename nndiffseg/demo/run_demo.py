@@ -1,0 +1,98 @@
+"""``nnDiffSeg_demo``: the whole workflow on an embedded synthetic dataset, end to end on a CPU.
+
+Synthetic dermoscopy cases in the ISIC 2016 release layout -> nnDiffSeg_convert_isic ->
+nnDiffSeg_plan_and_preprocess -> nnDiffSeg_train (fold 0, a short run) -> nnDiffSeg_predict on the
+held-out test cases -> nnDiffSeg_evaluate -> overlay PNGs. Everything is written below one folder,
+including the nnU-Net folders, so the user's own nnUNet_raw/preprocessed/results are not touched.
+"""
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from nndiffseg.errors import NnDiffSegError, run_cli
+
+DATASET_ID = 990
+# The trainer the demo shows. It is nnU-Net's baseline until a diffusion trainer lands.
+DEMO_TRAINER = "nnUNetTrainer"
+DEMO_NUM_TRAIN, DEMO_NUM_TEST = 48, 12
+DEMO_EPOCHS, DEMO_ITERS_PER_EPOCH = 12, 25
+
+
+def _step(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAINER, device: str = "cpu",
+             num_epochs: int = DEMO_EPOCHS, iters_per_epoch: int = DEMO_ITERS_PER_EPOCH,
+             overwrite: bool = False) -> dict:
+    """Run the demo below ``output_folder``; returns the evaluation summary."""
+    out = Path(output_folder).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise NnDiffSegError(f"{out} is not empty; pass --overwrite to replace the earlier demo run")
+        shutil.rmtree(out)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(out / name)
+
+    # imported after the nnU-Net folders are set, as nnU-Net's modules read them
+    from nndiffseg.dataset_conversion.isic import convert_isic
+    from nndiffseg.demo.synthetic_dermoscopy import write_isic2016_layout
+    from nndiffseg.evaluation.evaluate import evaluate_folders, format_table
+    from nndiffseg.inference.predict import predict_folder
+    from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
+    from nndiffseg.run.train import train
+    from nndiffseg.visualization.overlay import write_overlays
+
+    start = time.time()
+    _step(f"1/6 Synthetic dermoscopy data ({DEMO_NUM_TRAIN} training, {DEMO_NUM_TEST} test cases), ISIC 2016 layout")
+    source = write_isic2016_layout(out / "synthetic_isic2016", DEMO_NUM_TRAIN, DEMO_NUM_TEST)
+    print(f"written to {source}")
+
+    _step("2/6 nnDiffSeg_convert_isic")
+    dataset = convert_isic(source, DATASET_ID, num_processes=1)
+
+    _step("3/6 nnDiffSeg_plan_and_preprocess")
+    plans = plan_and_preprocess([DATASET_ID], ["2d"], num_processes=[1], num_processes_fingerprint=1)
+
+    _step(f"4/6 nnDiffSeg_train {DATASET_ID} 2d 0 -tr {trainer} ({num_epochs} epochs x {iters_per_epoch} iterations)")
+    train(DATASET_ID, "2d", 0, trainer, plans, device, num_epochs=num_epochs, iters_per_epoch=iters_per_epoch)
+
+    _step("5/6 nnDiffSeg_predict on the held-out test cases")
+    predictions = out / "predictions"
+    failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer, plans,
+                              folds=["0"], device=device, num_processes_export=0)
+    if failures:
+        raise NnDiffSegError(f"prediction failed for {', '.join(failures)}")
+
+    _step("6/6 nnDiffSeg_evaluate and overlays")
+    summary = evaluate_folders(str(dataset / "labelsTs"), str(predictions), str(predictions / "summary.json"),
+                               num_processes=1)
+    print(format_table(summary))
+    overlays = write_overlays(dataset / "imagesTs", predictions, out / "overlays", reference_folder=dataset / "labelsTs")
+
+    print(f"\nDemo finished in {time.time() - start:.0f} s.")
+    print(f"  mean Dice on {len(summary['cases'])} held-out cases: {summary['mean']['dice']:.3f}")
+    print(f"  predictions:  {predictions}")
+    print(f"  summary:      {predictions / 'summary.json'}")
+    print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
+    print(f"  model:        {out / 'nnUNet_results'}")
+    return summary
+
+
+def demo_entry() -> None:
+    parser = argparse.ArgumentParser(description="Run nndiffseg end to end on a small synthetic dermoscopy dataset.")
+    parser.add_argument("-o", default="demo_output", help="folder for everything the demo writes (default: demo_output)")
+    parser.add_argument("-tr", default=DEMO_TRAINER, help=f"trainer (default: {DEMO_TRAINER})")
+    parser.add_argument("-device", default="cpu", help="cpu (default), cuda or mps")
+    parser.add_argument("--num_epochs", type=int, default=DEMO_EPOCHS)
+    parser.add_argument("--iters_per_epoch", type=int, default=DEMO_ITERS_PER_EPOCH)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in the folder")
+    args = parser.parse_args()
+    run_cli(lambda: run_demo(args.o, args.tr, args.device, args.num_epochs, args.iters_per_epoch, args.overwrite) and 0)
+
+
+if __name__ == "__main__":
+    demo_entry()
