@@ -1,8 +1,8 @@
 """How much lesion-mask accuracy does nnDiffSeg_convert_isic's --max_size cost?
 
 For every mask of an ISIC folder, shrink it to each max_size (nearest neighbour, as the converter does),
-scale it back to the original size (nearest) and report the mean Dice with the original. Losses here are
-a lower bound on what a model trained at that size can reach on the original-resolution masks.
+scale it back to the original size (nearest) and report the mean Dice with the original. The loss is what
+resolution alone costs: a model trained at that size cannot score higher on the original masks.
 
     python benchmarks/isic_max_size.py [MASK_FOLDER] [--sizes 256 384 512 768]
 """
