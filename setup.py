@@ -44,6 +44,7 @@ setup(
             "nnDiffSeg_predict = nndiffseg.inference.predict:predict_entry",
             "nnDiffSeg_evaluate = nndiffseg.evaluation.evaluate:evaluate_entry",
             "nnDiffSeg_convert_isic = nndiffseg.dataset_conversion.isic:convert_isic_entry",
+            "nnDiffSeg_convert_stroke2021 = nndiffseg.dataset_conversion.stroke2021:convert_stroke2021_entry",
             "nnDiffSeg_demo = nndiffseg.demo.run_demo:demo_entry",
             "nnDiffSeg_ext_trainer_dir = nndiffseg.ext_trainer:print_ext_trainer_dir_entry",
         ]

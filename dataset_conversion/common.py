@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from PIL import Image
+
 from nndiffseg.errors import NnDiffSegError
 
 
@@ -57,3 +59,13 @@ def staged_folder(target: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def load_image(path: Path, what: str) -> Image.Image:
+    """Open and decode an image now, so a truncated or corrupt file fails here with its name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetConversionError(f"cannot read {what} {path}: {e} (corrupt or truncated file?)") from None

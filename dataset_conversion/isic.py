@@ -25,6 +25,7 @@ from nndiffseg.dataset_conversion.common import (
     DatasetConversionError,
     check_target_free,
     dataset_folder_name,
+    load_image,
     nnunet_raw_folder,
     staged_folder,
 )
@@ -278,15 +279,6 @@ def shrunk_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:
     return max(1, round(width * max_size / longest)), max(1, round(height * max_size / longest))
 
 
-def _load(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()  # decodes now, so truncated or corrupt files fail here, named
-            return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetConversionError(f"cannot read {what} {path}: {e} (corrupt or truncated file?)") from None
-
-
 def _mask_values(mask: Image.Image, path: Path) -> np.ndarray:
     """The mask as a 2D array, accepting greyscale and grey-stored-as-RGB(A); values are not checked yet."""
     if mask.mode == "1":
@@ -317,10 +309,10 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 def convert_case(job: CaseJob) -> bool:
     """Write one case's image (and label); returns whether it was shrunk. Runs in the worker processes."""
-    image = _load(job.image, "image")
+    image = load_image(job.image, "image")
     label = None
     if job.mask is not None:
-        mask = _load(job.mask, "mask")
+        mask = load_image(job.mask, "mask")
         if mask.size != image.size:
             raise DatasetConversionError(
                 f"size mismatch: image {job.image} is {image.size[0]}x{image.size[1]} px but mask {job.mask} is "

@@ -12,6 +12,7 @@ MODULES = {
     "nnDiffSeg_predict": "nndiffseg.inference.predict",
     "nnDiffSeg_evaluate": "nndiffseg.evaluation.evaluate",
     "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic",
+    "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021",
 }
 
 
