@@ -102,11 +102,24 @@ def apply_run_length(trainer: nnUNetTrainer, num_epochs: Optional[int], iters_pe
                                       "val_iters_per_epoch": trainer.num_val_iterations_per_epoch}, indent=2))
 
 
+def apply_trainer_options(trainer: nnUNetTrainer, options: dict) -> None:
+    """Method options such as --sd_weights go to trainers that declare them (``option_names``)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = getattr(trainer, "option_names", ())
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise NnDiffSegError(f"{trainer.__class__.__name__} takes no {', '.join('--' + k for k in unknown)}"
+                             f"{' (it takes ' + ', '.join('--' + k for k in accepted) + ')' if accepted else ''}")
+    if given:
+        trainer.set_options(**given)
+
+
 def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
                        continue_training, only_run_validation, val_with_best, disable_checkpointing,
-                       export_validation_probabilities, pretrained_weights, run_length) -> None:
+                       export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
     trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                             continue_training, device)
+    apply_trainer_options(trainer, trainer_options)
     apply_run_length(trainer, *run_length, continue_training=continue_training)
     trainer.disable_checkpointing = disable_checkpointing
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
@@ -135,7 +148,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
           val_with_best: bool = False, disable_checkpointing: bool = False,
           export_validation_probabilities: bool = False, pretrained_weights: Optional[str] = None,
           num_epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
-          val_iters_per_epoch: Optional[int] = None) -> None:
+          val_iters_per_epoch: Optional[int] = None, trainer_options: Optional[dict] = None) -> None:
     """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation."""
     check_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
     fold = parse_fold(fold)
@@ -151,7 +164,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     run_length = (num_epochs, iters_per_epoch, val_iters_per_epoch)
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
             continue_training, only_run_validation, val_with_best, disable_checkpointing,
-            export_validation_probabilities, pretrained_weights, run_length)
+            export_validation_probabilities, pretrained_weights, run_length, trainer_options or {})
     if num_gpus > 1:
         if device != "cuda":
             raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda")
@@ -190,11 +203,20 @@ def train_entry() -> None:
     parser.add_argument("--val_iters_per_epoch", type=int, default=None,
                         help="validation iterations per epoch (default: the trainer's 50, or iters_per_epoch/5 "
                              "when --iters_per_epoch is given)")
+    method = parser.add_argument_group("method options (only for the trainers that take them)")
+    method.add_argument("--sd_weights", default=None,
+                        help="latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or "
+                             "'random' (default: the _sd trainers load stable-diffusion-v1-5, the compact ones "
+                             "start from random weights)")
+    method.add_argument("--mask_vae", default=None,
+                        help="nnDiffSegTrainerLatent*: fine-tuned mask autoencoder checkpoint (default: the same "
+                             "fold's nnDiffSegTrainerMaskVAE* checkpoint_final.pth, if there is one)")
     args = parser.parse_args()
+    options = {"sd_weights": args.sd_weights, "mask_vae": args.mask_vae}
     run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
                           args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
                           args.pretrained_weights, args.num_epochs, args.iters_per_epoch,
-                          args.val_iters_per_epoch))
+                          args.val_iters_per_epoch, options))
 
 
 if __name__ == "__main__":

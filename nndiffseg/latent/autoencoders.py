@@ -1,0 +1,98 @@
+"""KL-f8 autoencoders and latent denoisers from diffusers, in two sizes, and loading of pretrained weights.
+
+``sd``: Stable Diffusion's KL-f8 autoencoder architecture (so its weights load) and a latent-diffusion
+UNet of comparable size. ``compact``: a small mask/image autoencoder (masks are simple) and a light
+denoiser, trained from scratch. Both downsample 8x into a 4-channel latent; the denoiser halves the latent
+three more times, the k = 3 of nnDiffSegPlans (patch edges are multiples of 64).
+"""
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+
+LATENT_CHANNELS = 4
+PRESETS = ("sd", "compact")
+
+_AUTOENCODER = {
+    # Stable Diffusion v1/v2's vae/config.json
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+               mid_block_add_attention=True),
+    "compact": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
+                    mid_block_add_attention=False),
+}
+_DENOISER = {
+    "sd": dict(block_out_channels=(192, 384, 768, 768), layers_per_block=2,
+               down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+               up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
+    "compact": dict(block_out_channels=(64, 128, 128, 256), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
+}
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}', choose one of {', '.join(PRESETS)}")
+
+
+def build_autoencoder(preset: str, channels: int = 3) -> AutoencoderKL:
+    _check_preset(preset)
+    cfg = _AUTOENCODER[preset]
+    n = len(cfg["block_out_channels"])
+    return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=LATENT_CHANNELS,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         **cfg)
+
+
+def build_denoiser(preset: str, in_channels: int = 2 * LATENT_CHANNELS) -> UNet2DModel:
+    _check_preset(preset)
+    return UNet2DModel(in_channels=in_channels, out_channels=LATENT_CHANNELS, **_DENOISER[preset])
+
+
+def widen_first_conv(conv: torch.nn.Conv2d, in_channels: int) -> torch.nn.Conv2d:
+    """A copy of ``conv`` taking ``in_channels`` inputs: the pretrained weights on the first channels, zeros on
+    the added ones (SDSeg's way of adding the image latent to a pretrained denoiser)."""
+    if in_channels == conv.in_channels:
+        return conv
+    if in_channels < conv.in_channels:
+        raise ValueError(f"cannot narrow a convolution from {conv.in_channels} to {in_channels} input channels")
+    wider = torch.nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            bias=conv.bias is not None)
+    with torch.no_grad():
+        wider.weight.zero_()
+        wider.weight[:, :conv.in_channels] = conv.weight
+        if conv.bias is not None:
+            wider.bias.copy_(conv.bias)
+    return wider
+
+
+def _is_local(weights: str) -> bool:
+    return Path(weights).exists()
+
+
+def load_pretrained_autoencoder(weights: str) -> AutoencoderKL:
+    """Stable Diffusion's autoencoder from a diffusers repo id or a local folder: either a full pipeline
+    (with a ``vae`` subfolder) or an autoencoder folder itself."""
+    subfolder = "vae" if (not _is_local(weights) or (Path(weights) / "vae").is_dir()) else None
+    return AutoencoderKL.from_pretrained(weights, subfolder=subfolder)
+
+
+def load_pretrained_denoiser(weights: str, in_channels: int = 2 * LATENT_CHANNELS) -> Optional[UNet2DModel]:
+    """The pipeline's ``unet`` when it is a UNet2DModel (latent-diffusion UNets are), with its first
+    convolution widened for the image latent; None when there is none or it is another class (Stable
+    Diffusion's text-conditioned UNet2DConditionModel cannot take this role)."""
+    if _is_local(weights):
+        config = Path(weights) / "unet" / "config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("_class_name") != "UNet2DModel":
+            return None
+    try:
+        unet = UNet2DModel.from_pretrained(weights, subfolder="unet")
+    except (OSError, ValueError, TypeError):
+        return None
+    if unet.config.out_channels != LATENT_CHANNELS:
+        return None
+    unet.conv_in = widen_first_conv(unet.conv_in, in_channels)
+    unet.register_to_config(in_channels=in_channels)
+    return unet

@@ -1,0 +1,29 @@
+"""How label maps enter and leave the mask autoencoder.
+
+A label map with C classes (background included) becomes a one-hot image scaled to [-1, 1], one channel
+per class. Stable Diffusion's autoencoder has 3 channels, which is exactly SDMC-Seg's mapping for its
+3 classes (non-stroke, ischemic, hemorrhagic -> R, G, B); fewer classes pad the unused channels with -1
+(class absent everywhere), more classes need an autoencoder with C channels. Decoding takes the first C
+channels as class scores: argmax over them is the segmentation.
+"""
+import torch
+
+# decoded channels live in about [-1, 1]; scaling them makes softmax probabilities reflect the margin
+SCORE_SHARPNESS = 5.0
+
+
+def mask_channels(num_classes: int) -> int:
+    return max(3, num_classes)
+
+
+def encode_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, 1, H, W) or (B, H, W) integer labels -> (B, mask_channels, H, W) one-hot in {-1, 1}."""
+    if labels.ndim == 4:
+        labels = labels[:, 0]
+    one_hot = torch.nn.functional.one_hot(labels.long().clamp_min(0), mask_channels(num_classes))
+    return one_hot.permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def decoded_to_scores(decoded: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Autoencoder output -> (B, num_classes, H, W) class scores (logits for nnU-Net's softmax)."""
+    return decoded[:, :num_classes] * SCORE_SHARPNESS
