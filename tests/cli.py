@@ -27,3 +27,13 @@ def run_tool(name: str, *args, env: dict | None = None, check: bool = True, time
         raise AssertionError(f"{name} {' '.join(map(str, args))} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-5000:]}")
     return result
+
+
+def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> None:
+    """A tool refused its input: exit 1, no traceback, and a last stderr line ERROR: ... holding every part."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("ERROR: "), result.stderr
+    for part in expected:
+        assert part in error, (part, error)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import assert_refused
 from nndiffseg.dataset_conversion.common import DatasetConversionError
 from nndiffseg.dataset_conversion.isic import convert_isic, detect_isic_layout
 
@@ -352,15 +353,6 @@ REFUSED = {
     "training_without_ground_truth": _training_without_ground_truth,
     "missing_source": _missing_source,
 }
-
-
-def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> None:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("ERROR: "), result.stderr
-    for part in expected:
-        assert part in error, (part, error)
 
 
 # errors found while converting pixels also run with -np 2: they must come back from the worker pool intact

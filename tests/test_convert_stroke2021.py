@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from cli import run_tool
+from cli import assert_refused, run_tool
 from nndiffseg.dataset_conversion.common import DatasetConversionError
 from nndiffseg.dataset_conversion.stroke2021 import (
     LEAKAGE_WARNING,
@@ -458,15 +458,6 @@ REFUSED = {
     "unrecognised_layout": _unrecognised_layout,
     "missing_source": _missing_source,
 }
-
-
-def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> None:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("ERROR: "), result.stderr
-    for part in expected:
-        assert part in error, (part, error)
 
 
 # errors found while converting pixels also run with -np 2: they must come back from the worker pool intact
