@@ -13,7 +13,6 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import planner as nndiffseg_planners
-from nndiffseg.planning.planner import nnDiffSegPlanner
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
 
 DEFAULT_NUM_PROCESSES = {"2d": 8, "3d_fullres": 4, "3d_lowres": 8}
