@@ -59,6 +59,7 @@ class LatentSegmenter(nn.Module):
         self.inference_steps = inference_steps
         self.seed = seed
         self.scheduler = noise_scheduler()
+        self.ddim = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
 
     def train(self, mode: bool = True) -> "LatentSegmenter":
@@ -103,11 +104,10 @@ class LatentSegmenter(nn.Module):
         if steps == 1:
             t = torch.full((cond.shape[0],), NUM_TRAIN_TIMESTEPS - 1, device=cond.device, dtype=torch.long)
             return self._clean_latent(z, self.denoiser(torch.cat([z, cond], dim=1), t).sample, t)
-        ddim = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
-        ddim.set_timesteps(steps, device=cond.device)
-        for t in ddim.timesteps:
+        self.ddim.set_timesteps(steps, device=cond.device)
+        for t in self.ddim.timesteps:
             noise_pred = self.denoiser(torch.cat([z, cond], dim=1), t).sample
-            z = ddim.step(noise_pred, t, z).prev_sample
+            z = self.ddim.step(noise_pred, t, z).prev_sample
         return z
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
