@@ -1,0 +1,405 @@
+"""The guided diffusion heads on their own (no nnU-Net): class prompts and CLIP text embeddings, the
+denoiser in both conditionings, schedulers, the segmenter's training loss and seeded batched sampling,
+and the fusion of samples (mean, STAPLE) with their uncertainty."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import nn
+
+from nndiffseg.errors import NnDiffSegError
+from nndiffseg.guided.denoiser import build_denoiser
+from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, uncertainty
+from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
+from nndiffseg.guided.sampling import sampling_scheduler, training_scheduler
+from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, GuidedSegmenter
+from nndiffseg.guided.text_prior import (RANDOM_CLIP_CONFIG, class_prompts, embed_prompts, load_prompts_file,
+                                         random_clip_model)
+from conftest import REPO_ROOT
+from toy_data import toy_case
+
+TEXT_DIM = RANDOM_CLIP_CONFIG["embed_dim"]
+TINY = (8, 16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny: a second thread gains nothing, and OpenMP threads spinning against other
+    # processes on a busy 2-core machine made a training step 20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_heads_import_without_nnunet():
+    code = ("import sys, nndiffseg.guided.segmenter, nndiffseg.guided.text_prior; "
+            "sys.exit('nnunetv2' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+# ---- prompts and CLIP
+def test_prompts_follow_the_label_values_with_defaults_and_overrides():
+    labels = {"optic_disc": 2, "background": 0, "skin_lesion": 1, "ignore": 3}
+    assert class_prompts(labels) == ["a medical image of healthy background tissue",
+                                     "a medical image of skin lesion", "a medical image of optic disc"]
+    prompts = class_prompts(labels, {"skin_lesion": "a dermoscopy image of a melanoma"})
+    assert prompts[1] == "a dermoscopy image of a melanoma" and prompts[2] == "a medical image of optic disc"
+
+
+def test_bad_labels_and_prompts_are_refused_with_the_names():
+    with pytest.raises(ValueError, match="region-based labels are unsupported.*whole_tumor"):
+        class_prompts({"background": 0, "whole_tumor": [1, 2], "core": 2})
+    with pytest.raises(ValueError, match="unknown labels: lession, tumour"):
+        class_prompts({"background": 0, "lesion": 1}, {"lession": "x", "tumour": "y"})
+    with pytest.raises(ValueError, match="distinct integer values 0..1"):
+        class_prompts({"background": 0, "lesion": 2})
+
+
+def test_prompts_file_loads_and_its_errors_name_the_file(tmp_path):
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps({"lesion": "a dermoscopy image of a skin lesion"}))
+    assert load_prompts_file(good) == {"lesion": "a dermoscopy image of a skin lesion"}
+    with pytest.raises(NnDiffSegError, match=f"prompts file not found: {tmp_path / 'missing.json'}"):
+        load_prompts_file(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"lesion": ')
+    with pytest.raises(NnDiffSegError, match=f"prompts file {broken} is not valid JSON"):
+        load_prompts_file(broken)
+    for content in (["a", "b"], {"lesion": 3}, {"lesion": " "}):
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps(content))
+        with pytest.raises(NnDiffSegError, match=f"prompts file {wrong} must hold a JSON object"):
+            load_prompts_file(wrong)
+
+
+def test_random_clip_embeddings_are_fixed_normalised_and_leave_the_random_stream_alone():
+    prompts = class_prompts({"background": 0, "lesion": 1})
+    torch.manual_seed(7)
+    embeddings = embed_prompts(prompts, "random")
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)  # building the random encoder did not consume the caller's seed
+    assert embeddings.shape == (2, TEXT_DIM) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+    assert torch.equal(embed_prompts(prompts, "random"), embeddings)
+    assert not torch.allclose(embeddings[0], embeddings[1])
+
+
+def _trained_looking_clip() -> open_clip.CLIP:
+    """The random tiny CLIP with its weights shifted, so a load that silently fell back to the random
+    initialisation would not match."""
+    model = random_clip_model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def test_local_clip_weights_load_as_a_file_and_as_a_folder(tmp_path):
+    model = _trained_looking_clip()
+    prompts = ["a medical image of healthy background tissue", "a dermoscopy image of a skin lesion"]
+    with torch.no_grad():
+        expected = model.encode_text(open_clip.SimpleTokenizer()(prompts), normalize=True)
+    assert not torch.allclose(expected, embed_prompts(prompts, "random"))
+    # MODEL:/path/to/weights, for an architecture open_clip knows (here registered from a config file)
+    (tmp_path / "nndiffseg-tiny-test.json").write_text(json.dumps(RANDOM_CLIP_CONFIG))
+    open_clip.add_model_config(tmp_path / "nndiffseg-tiny-test.json")
+    torch.save(model.state_dict(), tmp_path / "weights.bin")
+    torch.testing.assert_close(embed_prompts(prompts, f"nndiffseg-tiny-test:{tmp_path / 'weights.bin'}"), expected)
+    # a folder laid out like open_clip's Hugging Face repositories
+    folder = tmp_path / "clip_folder"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": RANDOM_CLIP_CONFIG}))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    torch.testing.assert_close(embed_prompts(prompts, str(folder)), expected)
+
+
+def test_clip_that_cannot_load_fails_with_what_was_tried_and_what_to_do(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"not weights")
+    cases = {"ViT-B-32": "names no weights.*ViT-B-32:openai.*'random'",
+             f"ViT-B-32:{tmp_path / 'nowhere.bin'}": f"CLIP weights file not found: {tmp_path / 'nowhere.bin'}",
+             "NoSuchModel:openai": "unknown open_clip model 'NoSuchModel'",
+             "ViT-B-32:no_such_tag": "no pretrained tag 'no_such_tag' for ViT-B-32.*its tags: openai",
+             str(tmp_path / "weights.bin"): "weights file without its architecture: give it as MODEL:",
+             str(tmp_path): f"tried the open_clip folder {tmp_path}.*open_clip_config.json.*--clip_model random",
+             f"RN50:{tmp_path / 'weights.bin'}": f"tried open_clip model RN50 with the weights in {tmp_path}.*"
+                                                 f"--clip_model random"}
+    for clip_model, message in cases.items():
+        with pytest.raises(NnDiffSegError, match=f"(?s){message}"):  # torch.load's message spans lines
+            embed_prompts(["a medical image of lesion"], clip_model)
+
+
+# ---- denoiser and schedulers
+@pytest.mark.parametrize("conditioning", ["time", "cross_attention"])
+def test_denoiser_shapes_and_text_conditioning(conditioning):
+    torch.manual_seed(0)
+    denoiser = build_denoiser(3, 1, TEXT_DIM, conditioning, TINY, patch_size=(16, 32))
+    assert denoiser.unet.conv_in.in_channels == 3 + 1 + 3
+    noisy, image = torch.randn(2, 3, 16, 32), torch.randn(2, 1, 16, 32)
+    prior = torch.softmax(torch.randn(2, 3, 16, 32), dim=1)
+    text, other_text = torch.randn(3, TEXT_DIM), torch.randn(3, TEXT_DIM)
+    t = torch.tensor([5, 900])
+    with torch.no_grad():
+        out = denoiser(noisy, t, image, prior, text)
+        assert out.shape == (2, 3, 16, 32)
+        assert not torch.allclose(out, denoiser(noisy, t, image, prior, other_text))
+        condition = denoiser.text_condition(text, 2)
+        expected = (2, 4 * TINY[0]) if conditioning == "time" else (2, 3, TEXT_DIM)
+        assert condition.shape == expected
+
+
+def test_default_denoiser_and_its_refusals():
+    denoiser = build_denoiser(2, 3, TEXT_DIM, patch_size=(64, 128))
+    assert list(denoiser.unet.config.block_out_channels) == [32, 64, 128, 128]
+    assert denoiser.unet.config.down_block_types[-1] == "AttnDownBlock2D"
+    assert set(denoiser.unet.config.down_block_types[:-1]) == {"DownBlock2D"}
+    with pytest.raises(ValueError, match=r"patch size \(64, 100\) is not divisible by 8"):
+        build_denoiser(2, 3, TEXT_DIM, patch_size=(64, 100))
+    with pytest.raises(ValueError, match="unknown conditioning 'film'"):
+        build_denoiser(2, 3, TEXT_DIM, conditioning="film")
+    with pytest.raises(ValueError, match="unknown denoiser size 'huge'"):
+        build_denoiser(2, 3, TEXT_DIM, size="huge")
+
+
+def test_schedulers():
+    linear = training_scheduler()
+    assert isinstance(linear, DDPMScheduler) and linear.config.num_train_timesteps == 1000
+    assert linear.betas[0].item() == pytest.approx(1e-4) and linear.betas[-1].item() == pytest.approx(0.02)
+    assert not linear.config.clip_sample
+    cosine = training_scheduler("cosine", "v_prediction")
+    assert cosine.config.beta_schedule == "squaredcos_cap_v2"
+    for name, cls in (("ddpm", DDPMScheduler), ("ddim", DDIMScheduler), ("dpmsolver", DPMSolverMultistepScheduler)):
+        sampler = sampling_scheduler(cosine, name, 10)
+        assert type(sampler) is cls and sampler.config.prediction_type == "v_prediction"
+        assert len(sampler.timesteps) == 10 and sampler.timesteps[0] == 999  # starts from pure noise
+    assert sampling_scheduler(cosine, "dpmsolver", 4).config.algorithm_type == "dpmsolver++"
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sampling_scheduler(linear, "euler", 10)
+    for steps in (0, 1001, 2.5):
+        with pytest.raises(ValueError, match="sampling steps must be an integer from 1 to 1000"):
+            sampling_scheduler(linear, "ddim", steps)
+    with pytest.raises(ValueError, match="unknown noise schedule 'sigmoid'"):
+        training_scheduler("sigmoid")
+    with pytest.raises(ValueError, match="unknown prediction type 'x0'"):
+        training_scheduler("linear", "x0")
+
+
+# ---- mask encoding and fusion
+def test_mask_encoding_round_trip():
+    labels = torch.tensor([[[0, 2], [1, 0]]])
+    mask = encode_labels(labels, 3)
+    assert mask.shape == (1, 3, 2, 2) and mask[0, :, 0, 1].tolist() == [-1, -1, 1]
+    torch.testing.assert_close(mask_to_probabilities(mask), (mask + 1) / 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mask_to_probabilities(-torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 0.25))
+
+
+def _one_hot_samples(label_maps) -> torch.Tensor:
+    """K label maps (H, W) of one image -> (K, 1, 2, H, W) one-hot probabilities."""
+    labels = torch.as_tensor(np.stack(label_maps)).long()
+    return torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()[:, None]
+
+
+def test_mean_fusion_and_uncertainty_by_hand():
+    samples = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.0, 1.0]]).view(3, 1, 2, 1, 1).expand(3, 1, 2, 2, 3)
+    torch.testing.assert_close(fuse_mean(samples)[0, :, 0, 0], torch.tensor([0.5, 0.5]))
+    # std of (0.9, 0.6, 0.0) and of (0.1, 0.4, 1.0): both sqrt(0.14)
+    torch.testing.assert_close(uncertainty(samples), torch.full((1, 2, 3), 0.14 ** 0.5))
+    identical = _one_hot_samples([np.eye(2, 3, dtype=int)] * 4)
+    assert (uncertainty(identical) == 0).all()
+
+
+def test_staple_by_hand():
+    a = np.array([[1, 1, 0], [0, 0, 0]])
+    b = np.array([[1, 0, 0], [0, 0, 0]])
+    c = np.array([[1, 1, 1], [0, 0, 0]])
+    assert fuse_mean(_one_hot_samples([a, b, c]))[0, 1, 0].tolist() == pytest.approx([1, 2 / 3, 1 / 3])
+    staple = fuse_staple(_one_hot_samples([a, b, c]))
+    assert torch.equal(staple[0].argmax(0), torch.as_tensor(a))  # here STAPLE and the majority agree
+    torch.testing.assert_close(staple.sum(1), torch.ones(1, 2, 3))
+    # identical raters: that mask, exactly
+    torch.testing.assert_close(fuse_staple(_one_hot_samples([a, a, a])), _one_hot_samples([a])[0])
+    # a class no sample marks anywhere (STAPLE is undefined there): the vote, no NaN
+    none = fuse(_one_hot_samples([np.zeros((2, 3), int)] * 3), "staple")
+    assert torch.equal(none[0, 0], torch.ones(2, 3)) and torch.equal(none[0, 1], torch.zeros(2, 3))
+
+
+def test_staple_trusts_the_reliable_rater_over_the_majority():
+    truth = np.zeros((6, 8), int)
+    truth[2:4, 2:5] = 1
+    noisy1, noisy2 = truth.copy(), truth.copy()
+    noisy1[0, :] = 1  # each noisy rater marks a whole false row, and both mark the corner
+    noisy2[1, :] = 1
+    noisy1[5, 7] = noisy2[5, 7] = 1
+    samples = _one_hot_samples([truth, noisy1, noisy2])
+    assert fuse(samples, "mean")[0, 1, 5, 7].item() == pytest.approx(2 / 3)  # the majority says lesion
+    staple = fuse(samples, "staple")[0, 1]
+    assert staple[5, 7].item() < 0.25  # STAPLE: the rater that never adds false rows says background
+    assert torch.equal((staple > 0.5).long(), torch.as_tensor(truth))
+    with pytest.raises(ValueError, match="unknown fusion 'vote'"):
+        fuse(samples, "vote")
+
+
+# ---- the segmenter
+class CountingPrior(nn.Module):
+    def __init__(self, image_channels: int, num_classes: int, deep_supervision: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(image_channels, num_classes, 3, padding=1)
+        self.deep_supervision = deep_supervision
+        self.calls = 0
+
+    def forward(self, image):
+        self.calls += 1
+        logits = self.conv(image)
+        return [logits, logits[:, :, ::2, ::2]] if self.deep_supervision else logits
+
+
+def _segmenter(conditioning="time", num_classes=3, **settings) -> GuidedSegmenter:
+    torch.manual_seed(0)
+    text = embed_prompts([f"a medical image of class {c}" for c in range(num_classes)], "random")
+    return GuidedSegmenter(CountingPrior(1, num_classes), build_denoiser(num_classes, 1, TEXT_DIM, conditioning, TINY),
+                           text, **settings)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
+def test_same_seed_same_samples_and_another_seed_others(sampler):
+    segmenter = _segmenter(sampler=sampler, steps=3, num_samples=2).eval()
+    image = torch.randn(2, 1, 16, 16)
+    samples = segmenter.sample(image)
+    assert samples.shape == (2, 2, 3, 16, 16)
+    torch.testing.assert_close(samples.sum(2), torch.ones(2, 2, 16, 16))
+    assert torch.equal(segmenter.sample(image), samples)
+    assert not torch.allclose(segmenter.sample(image, seed=1), samples)
+    assert not torch.allclose(samples[0], samples[1])  # the K samples start from different noise
+
+
+@pytest.mark.parametrize("conditioning", ["time", "cross_attention"])
+def test_prior_runs_once_and_the_samples_are_one_batch(conditioning):
+    segmenter = _segmenter(conditioning, steps=4, num_samples=3).eval()
+    batches = []
+    segmenter.denoiser.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    segmenter.sample(torch.randn(2, 1, 16, 16))
+    assert segmenter.prior.calls == 1 and batches == [3 * 2] * 4
+
+
+def test_eval_forward_gives_log_fused_probabilities_and_keeps_the_uncertainty():
+    segmenter = _segmenter(steps=2, num_samples=3, fusion="staple").eval()
+    image = torch.randn(1, 1, 16, 16)
+    scores = segmenter(image)
+    assert scores.shape == (1, 3, 16, 16) and scores.min() >= np.log(PROBABILITY_FLOOR) - 1e-6
+    samples = segmenter.sample(image)
+    torch.testing.assert_close(scores.exp(), fuse(samples, "staple").clamp_min(PROBABILITY_FLOOR))
+    torch.testing.assert_close(segmenter.last_uncertainty, uncertainty(samples))
+    assert segmenter.predict_with_uncertainty(image)[1].shape == (1, 16, 16)
+    segmenter.train()
+    torch.testing.assert_close(segmenter(image), segmenter.prior(image))
+
+
+def test_text_embeddings_travel_in_the_state_dict():
+    segmenter = _segmenter()
+    state = segmenter.state_dict()
+    assert torch.equal(state["text_embeddings"], segmenter.text_embeddings)
+    fresh = GuidedSegmenter(CountingPrior(1, 3), build_denoiser(3, 1, TEXT_DIM, "time", TINY),
+                            torch.zeros(3, TEXT_DIM))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.text_embeddings, segmenter.text_embeddings)
+    with pytest.raises(ValueError, match=r"text embeddings of shape \(2, 64\), the denoiser expects \(3, 64\)"):
+        GuidedSegmenter(CountingPrior(1, 3), build_denoiser(3, 1, TEXT_DIM, "time", TINY), torch.zeros(2, TEXT_DIM))
+
+
+def _grad_norm(module: nn.Module) -> float:
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("conditioning", ["time", "cross_attention"])
+def test_training_loss_reaches_the_denoiser_and_the_prior(conditioning):
+    segmenter = _segmenter(conditioning)
+    image, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    losses = segmenter.training_loss(image, labels)
+    assert set(losses) == {"loss", "diffusion_loss", "prior_loss"} and losses["prior_loss"] == 0
+    losses["loss"].backward()
+    # without its own loss, the prior learns from the diffusion loss alone (its probabilities are not detached)
+    assert _grad_norm(segmenter.denoiser) > 0 and _grad_norm(segmenter.prior) > 0
+    segmenter.zero_grad(set_to_none=True)
+    segmenter.detach_prior = True
+    segmenter.training_loss(image, labels)["loss"].backward()
+    assert _grad_norm(segmenter.denoiser) > 0 and _grad_norm(segmenter.prior) == 0
+
+
+def test_prior_loss_gets_the_deep_supervision_lists_and_its_weight():
+    segmenter = _segmenter()
+    segmenter.prior.deep_supervision = True
+    image, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    targets = [labels, labels[:, :, ::2, ::2]]
+    seen = []
+
+    def prior_loss(output, target):
+        seen.append((len(output), len(target)))
+        return sum(nn.functional.cross_entropy(o, t[:, 0]) for o, t in zip(output, target))
+
+    torch.manual_seed(3)
+    losses = segmenter.training_loss(image, targets, prior_loss, prior_weight=10.0)
+    assert seen == [(2, 2)]
+    torch.testing.assert_close(losses["loss"].detach(), losses["diffusion_loss"] + 10 * losses["prior_loss"])
+    losses["loss"].backward()
+    assert _grad_norm(segmenter.prior) > 0
+
+
+class OracleDenoiser(nn.Module):
+    """Returns the exact training target for the one mask it knows: the diffusion loss must be 0."""
+
+    def __init__(self, x0, scheduler, prediction_type):
+        super().__init__()
+        self.x0, self.scheduler, self.prediction_type = x0, scheduler, prediction_type
+        self.num_classes, self.text_dim = x0.shape[1], TEXT_DIM
+
+    def forward(self, noisy, t, image, prior_probs, text_embeddings):
+        a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = (noisy - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return {"epsilon": noise, "sample": self.x0,
+                "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * self.x0}[self.prediction_type]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_diffusion_target_matches_the_prediction_type(prediction_type):
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    scheduler = training_scheduler("cosine", prediction_type)
+    oracle = OracleDenoiser(encode_labels(labels, 3), scheduler, prediction_type)
+    segmenter = GuidedSegmenter(CountingPrior(1, 3), oracle, torch.zeros(3, TEXT_DIM), schedule="cosine",
+                                prediction_type=prediction_type)
+    torch.manual_seed(0)
+    assert segmenter.training_loss(torch.randn(2, 1, 8, 8), labels)["diffusion_loss"] < 1e-6
+
+
+def test_training_overfits_one_disc():
+    image, label = toy_case(np.random.default_rng(0), 32, 32)
+    image = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).repeat(4, 1, 1, 1)
+    labels = torch.from_numpy(label)[None, None].long().repeat(4, 1, 1, 1)
+    torch.manual_seed(0)
+    prior = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+    segmenter = GuidedSegmenter(prior, build_denoiser(2, 3, TEXT_DIM, "time", (16, 32)),
+                                embed_prompts(["background", "disc"], "random"))
+
+    def held_loss():  # the same timesteps and noise before and after training
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return np.mean([segmenter.training_loss(image, labels)["diffusion_loss"].item() for _ in range(8)])
+
+    def cross_entropy(output, target):
+        return nn.functional.cross_entropy(output, target[:, 0])
+
+    before = held_loss()
+    optimizer = torch.optim.Adam(segmenter.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    for _ in range(100):
+        loss = segmenter.training_loss(image, labels, cross_entropy)
+        optimizer.zero_grad()
+        loss["loss"].backward()
+        optimizer.step()
+    assert held_loss() < 0.3 * before
