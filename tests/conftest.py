@@ -18,7 +18,7 @@ def nnunet_env(tmp_path, monkeypatch):
         folder.mkdir()
         monkeypatch.setenv(name, str(folder))
         paths[name] = folder
-    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     return paths
 
 

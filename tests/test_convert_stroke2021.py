@@ -479,7 +479,7 @@ def test_refused_input_leaves_nothing(case, num_processes, nnunet_env, tmp_path)
 def test_plan_train_predict_evaluate(tmp_path):
     """The 3-class dataset through the nnDiffSeg_ tools: fold 0 is SDMC-Seg's train/val from splits_final.json."""
     # one export worker for nnU-Net's final validation: each is a spawned process importing torch
-    env = {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"}
+    env = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / name).mkdir()
         env[name] = str(tmp_path / name)

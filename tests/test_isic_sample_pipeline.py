@@ -16,7 +16,7 @@ DATASET_ID = 17
 @pytest.fixture(scope="module")
 def isic_run(isic2017_sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("isic_sample")
-    env = {"nnUNet_n_proc_DA": "1"}
+    env = {"nnUNet_n_proc_DA": "0"}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)

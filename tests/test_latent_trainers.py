@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cli import run_tool
+from resume import crash_after_first_epoch
 from toy_data import write_toy_dataset
 
 DATASET_ID = 31
@@ -16,7 +17,7 @@ SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 4]
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
-    env = {"nnUNet_n_proc_DA": "1"}
+    env = {"nnUNet_n_proc_DA": "0"}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)
@@ -66,3 +67,43 @@ def test_method_options_are_refused_by_trainers_without_them(latent):
     result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainer", "--sd_weights", "random",
                       *SHORT, env=latent["env"], check=False)
     assert result.returncode == 1 and "nnDiffSegTrainer takes no --sd_weights" in result.stderr
+
+
+def test_interrupted_run_resumed_with_c_ends_where_an_uninterrupted_one_would(latent):
+    import torch
+    results = latent["root"] / "nnUNet_results" / latent["raw"].name
+    mask_vae = results / "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    fold = results / "nnDiffSegTrainerLatent__nnDiffSegPlans__2d" / "fold_1"
+    crash_after_first_epoch("nnDiffSegTrainerLatent", DATASET_ID, 1, {"mask_vae": str(mask_vae)}, latent["env"])
+    assert not (fold / "checkpoint_final.pth").exists()
+    interrupted = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+
+    resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerLatent", "-device", "cpu",
+                       "--c", env=latent["env"])
+    assert "mask latents scaled" not in resumed.stdout  # nothing re-initialised: all of it came from the checkpoint
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and interrupted["current_epoch"] == 1
+    # the schedule of the whole 2-epoch run (nnU-Net's poly rule), as an uninterrupted run logs it
+    expected_lrs = [1e-3 * (1 - e / 2) ** 0.9 for e in range(2)]
+    np.testing.assert_allclose(final["logging"]["lrs"], expected_lrs, rtol=1e-6)
+    steps = {int(s["step"]) for s in final["optimizer_state"]["state"].values()}
+    assert steps == {4}  # 2 epochs x 2 iterations, through one optimizer state
+    for key, value in interrupted["network_weights"].items():
+        if key.startswith("mask_autoencoder.") or key == "mask_latent_scale":  # frozen parts survive unchanged
+            assert torch.equal(value, final["network_weights"][key]), key
+    assert set(final["network_weights"]) == set(interrupted["network_weights"])
+
+
+def test_more_denoising_steps_run_ddim_through_nndiffseg_predict(latent):
+    out = latent["root"] / "ddim"
+    result = run_tool("nnDiffSeg_predict", "-i", latent["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
+                      "-tr", "nnDiffSegTrainerLatent", "-f", 0, "-device", "cpu", "--disable_tta", "-nps", 0,
+                      "--steps", 3, env=latent["env"])
+    assert "Predicted 2 case(s)" in result.stdout
+    for f in out.glob("*.png"):
+        assert set(np.unique(np.array(Image.open(f)))) <= {0, 1, 2}
+    refused = run_tool("nnDiffSeg_predict", "-i", latent["raw"] / "imagesTs", "-o", latent["root"] / "no", "-d",
+                       DATASET_ID, "-c", "2d", "-tr", "nnDiffSegTrainerLatent", "-f", 0, "-device", "cpu",
+                       "--steps", 0, env=latent["env"], check=False)
+    assert refused.returncode == 1 and "--steps must be between 1 and 1000" in refused.stderr
+    assert not (latent["root"] / "no").exists()

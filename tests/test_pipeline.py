@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import run_tool
+from cli import assert_refused, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 11
@@ -23,7 +23,7 @@ def toy(tmp_path_factory):
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)
-    env["nnUNet_n_proc_DA"] = "1"
+    env["nnUNet_n_proc_DA"] = "0"
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=3)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
     train = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainer", "-device", "cpu",
@@ -148,4 +148,16 @@ def test_predict_rejects_missing_fold_and_writes_nothing(toy):
     result = run_tool("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
                       "-tr", "nnDiffSegTrainer", "-f", 3, "-device", "cpu", env=toy["env"], check=False)
     assert result.returncode == 1 and "fold(s) 3 have no checkpoint_final.pth" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--steps", 10], "nnDiffSegTrainer takes no --steps"),
+    (["--save_uncertainty"], "nnDiffSegTrainer draws no samples, so it has no uncertainty to save"),
+])
+def test_predict_refuses_diffusion_options_for_a_plain_network_and_writes_nothing(toy, option, message):
+    out = toy["root"] / "never_written_options"
+    result = run_tool("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
+                      "-tr", "nnDiffSegTrainer", "-f", 0, "-device", "cpu", *option, env=toy["env"], check=False)
+    assert_refused(result, [message])
     assert not out.exists()

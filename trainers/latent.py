@@ -13,11 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.file_path_utilities import get_output_folder
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, load_pretrained_autoencoder,
@@ -25,9 +23,10 @@ from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, lo
 from nndiffseg.latent.mask_autoencoder import mask_autoencoder_loss, reconstruct_labels
 from nndiffseg.latent.mask_encoding import mask_channels
 from nndiffseg.latent.segmenter import LatentSegmenter
-from nndiffseg.trainers.base import nnDiffSegTrainer
+from nndiffseg.trainers.base import hard_counts, nnDiffSegTrainer
 
 DEFAULT_SD_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+LATENT_SCALE_BATCHES = 8
 
 
 class _LatentTrainerBase(nnDiffSegTrainer):
@@ -44,15 +43,6 @@ class _LatentTrainerBase(nnDiffSegTrainer):
         self.initial_lr = self.initial_lr_by_preset[self.preset]
         self.weight_decay = 1e-2
         self.sd_weights = DEFAULT_SD_WEIGHTS if self.preset == "sd" else "random"
-
-    def set_options(self, **options) -> None:
-        """Options from nnDiffSeg_train (e.g. --sd_weights); stock nnUNetv2_train uses the defaults."""
-        for name, value in options.items():
-            if value is None:
-                continue
-            if name not in self.option_names:
-                raise ValueError(f"{self.__class__.__name__} has no option --{name}")
-            setattr(self, name, value)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         pass  # no deep supervision heads in these networks
@@ -73,9 +63,6 @@ class _LatentTrainerBase(nnDiffSegTrainer):
         optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    def _module(self) -> nn.Module:
-        return self.network.module if self.is_ddp else self.network
-
     def _pretrained_autoencoder(self):
         """SD's autoencoder per --sd_weights, or None for 'random'; a clear error when unreachable."""
         if self.sd_weights == "random":
@@ -88,21 +75,6 @@ class _LatentTrainerBase(nnDiffSegTrainer):
                 f"Pass --sd_weights with a diffusers repo id or a local folder that holds it, or --sd_weights "
                 f"random to start from random weights.") from None
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
-
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
 
 class MaskAutoencoderNetwork(nn.Module):
@@ -151,7 +123,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
         with torch.no_grad(), self._autocast():
             loss = mask_autoencoder_loss(self._module().autoencoder, target, num_classes)["loss"]
             reconstructed = reconstruct_labels(self._module().autoencoder, target, num_classes)
-        tp, fp, fn = _hard_counts(reconstructed, target, num_classes)
+        tp, fp, fn = hard_counts(reconstructed, target, num_classes)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
@@ -170,7 +142,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
             labels = _pad_to_multiple(labels.to(self.device), 8)
             with torch.no_grad():
                 rec = reconstruct_labels(self._module().autoencoder, labels, num_classes)
-            counts = _hard_counts(rec, labels, num_classes)
+            counts = hard_counts(rec, labels, num_classes)
             tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
         dice = {str(c + 1): float(2 * tp[c] / max(2 * tp[c] + fp[c] + fn[c], 1)) for c in range(num_classes - 1)}
         os.makedirs(os.path.join(self.output_folder, "validation"), exist_ok=True)
@@ -236,6 +208,10 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
                    f"and the segmentation will be poor")
             self.print_to_log_file(msg)
             print(msg)
+        scale = model.calibrate_mask_latent_scale(
+            [next(self.dataloader_train)["target"].to(self.device) for _ in range(LATENT_SCALE_BATCHES)])
+        self.print_to_log_file(f"mask latents scaled by {scale:.5f} to unit variance over "
+                               f"{LATENT_SCALE_BATCHES} training batches")
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -254,14 +230,6 @@ class nnDiffSegTrainerMaskVAE_sd(nnDiffSegTrainerMaskVAE):
 class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
     preset = "sd"
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE_sd"
-
-
-def _hard_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int):
-    """nnU-Net's tp/fp/fn per foreground class, from label maps."""
-    pred = nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 1)
-    ref = target if target.ndim == 4 else target[:, None]
-    tp, fp, fn, _ = get_tp_fp_fn_tn(pred, ref, axes=[0, 2, 3])
-    return tp[1:].detach().cpu().numpy(), fp[1:].detach().cpu().numpy(), fn[1:].detach().cpu().numpy()
 
 
 def _pad_to_multiple(labels: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -31,6 +31,8 @@ PROBABILITY_FLOOR = 1e-4
 
 
 class GuidedSegmenter(nn.Module):
+    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed")
+
     def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, text_embeddings: torch.Tensor,
                  schedule: str = "linear", prediction_type: str = "epsilon", sampler: str = "ddim",
                  steps: int = 50, num_samples: int = 5, fusion: str = "mean", seed: int = 0,
@@ -53,6 +55,23 @@ class GuidedSegmenter(nn.Module):
         self._samplers = {}
         self._sampling_scheduler(sampler, steps)  # a bad name or step count fails here, not at prediction
         self.last_uncertainty: Optional[torch.Tensor] = None
+
+    def set_inference_options(self, sampler: Optional[str] = None, steps: Optional[int] = None,
+                              num_samples: Optional[int] = None, fusion: Optional[str] = None,
+                              seed: Optional[int] = None) -> None:
+        """Prediction settings (nnDiffSeg_predict --sampler/--steps/--num_samples/--fusion/--seed); a bad value
+        raises ValueError before anything is predicted."""
+        sampler = self.sampler if sampler is None else sampler
+        steps = self.steps if steps is None else steps
+        self._sampling_scheduler(sampler, steps)
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
+        if fusion is not None and fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion '{fusion}', choose one of {', '.join(FUSIONS)}")
+        self.sampler, self.steps = sampler, steps
+        self.num_samples = self.num_samples if num_samples is None else num_samples
+        self.fusion = self.fusion if fusion is None else fusion
+        self.seed = self.seed if seed is None else seed
 
     def _sampling_scheduler(self, sampler: str, steps: int):
         key = (sampler, steps)

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
 
 PARTIAL_PREFIX = ".partial_"
-
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -84,13 +84,33 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
+def apply_inference_options(network: torch.nn.Module, trainer: str, options: dict) -> None:
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return
+    accepted = getattr(network, "inference_option_names", ())
+    refused = [k for k in options if k not in accepted]
+    if refused:
+        raise NnDiffSegError(f"{trainer} takes no {', '.join('--' + k for k in refused)}"
+                             + (f" (it takes {', '.join('--' + k for k in accepted)})" if accepted else ""))
+    try:
+        network.set_inference_options(**options)
+    except ValueError as e:
+        raise NnDiffSegError(str(e)) from None
+
+
 def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, configuration: str,
                    trainer: str = "nnUNetTrainer", plans: str = PLANS_NAME, folds: Optional[Sequence[str]] = None,
-                   checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: bool = True,
+                   checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: Optional[bool] = None,
                    tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
-                   num_processes_export: int = 2) -> Dict[str, str]:
+                   num_processes_export: int = 2, inference_options: Optional[dict] = None,
+                   save_uncertainty: bool = False) -> Dict[str, str]:
     """Predict every case in ``input_folder`` into ``output_folder``; returns {case: error} for the cases
-    that failed (empty when all worked)."""
+    that failed (empty when all worked). ``use_tta`` None: the trainer's default (mirroring for nnU-Net's
+    trainers; off for the iterative diffusion trainers, where it costs 4x). ``inference_options`` (e.g.
+    {"steps": 10}) go to a diffusion network's ``set_inference_options``; networks without it refuse them.
+    ``save_uncertainty``: also write the samples' spread per pixel (networks that sample: the guided
+    trainers) under ``uncertainty/``."""
     check_nnunet_paths("nnUNet_results")
     input_path, output_path = Path(input_folder), Path(output_folder)
     if not input_path.is_dir():
@@ -108,7 +128,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     cases, failures = group_input_files(input_path, file_ending)
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
-    output_path.mkdir(parents=True, exist_ok=True)
     for leftover in output_path.glob(PARTIAL_PREFIX + "*"):  # from an interrupted earlier run
         leftover.unlink()
     if continue_prediction:
@@ -118,11 +137,20 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         if done:
             print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
 
+    if use_tta is None:
+        from nndiffseg.run.train import find_trainer_class
+        use_tta = getattr(find_trainer_class(trainer), "mirroring_at_prediction", True)
     register_ext_trainer_dir()
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
+    predictor_class = UncertaintyPredictor if save_uncertainty else nnUNetPredictor
+    predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                    checkpoint_name)
+    apply_inference_options(predictor.network, trainer, inference_options or {})
+    if save_uncertainty and not hasattr(predictor.network, "last_uncertainty"):
+        raise NnDiffSegError(f"{trainer} draws no samples, so it has no uncertainty to save (--save_uncertainty is "
+                             f"for the guided diffusion trainers)")
+    output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
@@ -138,10 +166,15 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                          f"({', '.join(dataset_json['channel_names'].values())})")
                 data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                                                 predictor.configuration_manager, dataset_json)
+                if save_uncertainty:
+                    predictor.start_case()
                 logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
                 args = (logits, properties, *export_args, case, save_probabilities)
-                if pool is None:
+                if pool is None or save_uncertainty:  # the uncertainty picture draws the exported labels
                     export_atomically(*args)
+                    if save_uncertainty:
+                        export_uncertainty(predictor.case_uncertainty(), properties, predictor.configuration_manager,
+                                           predictor.plans_manager, files, output_path, case)
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
             except Exception as e:  # one bad case must not stop the others
@@ -184,17 +217,39 @@ def predict_entry() -> None:
     parser.add_argument("-nps", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes for resampling/export (0: in this process)")
     parser.add_argument("--save_probabilities", action="store_true", help="also write class probabilities (.npz)")
-    parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster in 2D)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster in 2D)")
+    tta.add_argument("--enable_tta", action="store_true",
+                     help="mirroring test-time augmentation for trainers that leave it off by default (the guided "
+                          "diffusion trainers)")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
+    diffusion = parser.add_argument_group("diffusion trainers (refused by trainers that have no such setting)")
+    diffusion.add_argument("--steps", type=int, default=None,
+                           help="denoising steps (latent trainers: 1 = single step, the default; more runs DDIM; "
+                                "guided trainers: steps of --sampler, default 20)")
+    diffusion.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), default=None,
+                           help="guided trainers: the sampler (default ddim)")
+    diffusion.add_argument("--num_samples", type=int, default=None,
+                           help="guided trainers: samples per image, fused (default 5)")
+    diffusion.add_argument("--fusion", choices=("mean", "staple"), default=None,
+                           help="guided trainers: how the samples are fused (default mean; staple: SimpleITK's STAPLE)")
+    diffusion.add_argument("--seed", type=int, default=None,
+                           help="guided trainers: seed of the sampling noise (default 0; the same seed gives the "
+                                "same output)")
+    diffusion.add_argument("--save_uncertainty", action="store_true",
+                           help="guided trainers: write the per-pixel spread of the samples to OUT/uncertainty/CASE.npz, "
+                                "and for 2D images a PNG with the prediction and the uncertainty map")
     args = parser.parse_args()
 
     def main() -> int:
         if args.device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
+        options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
+                   "fusion": args.fusion, "seed": args.seed}
         failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
-                                  not args.disable_tta, args.step_size, args.save_probabilities,
-                                  args.continue_prediction, args.nps)
+                                  False if args.disable_tta else (True if args.enable_tta else None), args.step_size, args.save_probabilities,
+                                  args.continue_prediction, args.nps, options, args.save_uncertainty)
         return 1 if failures else 0
 
     run_cli(main)

@@ -49,6 +49,8 @@ class ImageEncoder(nn.Module):
 
 
 class LatentSegmenter(nn.Module):
+    inference_option_names = ("steps",)
+
     def __init__(self, image_autoencoder: AutoencoderKL, mask_autoencoder: AutoencoderKL, denoiser: UNet2DModel,
                  num_classes: int, image_channels: int, inference_steps: int = 1, seed: int = 0):
         super().__init__()
@@ -61,6 +63,14 @@ class LatentSegmenter(nn.Module):
         self.scheduler = noise_scheduler()
         self.ddim = DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+        # saved with the weights: calibrate_mask_latent_scale sets it from the training masks
+        self.register_buffer("mask_latent_scale", torch.tensor(float(mask_autoencoder.config.scaling_factor)))
+
+    def set_inference_options(self, steps: Optional[int] = None) -> None:
+        if steps is not None:
+            if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+                raise ValueError(f"--steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
+            self.inference_steps = steps
 
     def train(self, mode: bool = True) -> "LatentSegmenter":
         super().train(mode)
@@ -71,11 +81,21 @@ class LatentSegmenter(nn.Module):
     @torch.no_grad()
     def encode_mask(self, labels: torch.Tensor) -> torch.Tensor:
         posterior = self.mask_autoencoder.encode(encode_labels(labels, self.num_classes)).latent_dist
-        return posterior.mode() * self.mask_autoencoder.config.scaling_factor
+        return posterior.mode() * self.mask_latent_scale
 
     def decode_mask(self, latents: torch.Tensor) -> torch.Tensor:
-        decoded = self.mask_autoencoder.decode(latents / self.mask_autoencoder.config.scaling_factor).sample
+        decoded = self.mask_autoencoder.decode(latents / self.mask_latent_scale).sample
         return decoded_to_scores(decoded, self.num_classes)
+
+    @torch.no_grad()
+    def calibrate_mask_latent_scale(self, label_batches) -> float:
+        """Scale the mask latents to unit variance over the given training masks, the rule behind Stable
+        Diffusion's 0.18215 for photographs: the noise schedule assumes unit-variance data, and a mask
+        autoencoder fine-tuned or trained from scratch has latents of another spread."""
+        latents = torch.cat([self.mask_autoencoder.encode(encode_labels(labels, self.num_classes)).latent_dist.mode()
+                             for labels in label_batches])
+        self.mask_latent_scale.fill_(1.0 / float(latents.std().clamp_min(1e-6)))
+        return float(self.mask_latent_scale)
 
     def _clean_latent(self, noisy: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)

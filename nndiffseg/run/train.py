@@ -211,8 +211,20 @@ def train_entry() -> None:
     method.add_argument("--mask_vae", default=None,
                         help="nnDiffSegTrainerLatent*: fine-tuned mask autoencoder checkpoint (default: the same "
                              "fold's nnDiffSegTrainerMaskVAE* checkpoint_final.pth, if there is one)")
+    method.add_argument("--clip_model", default=None,
+                        help="guided trainers: CLIP text encoder for the class prompts, MODEL:PRETRAINED_TAG (default "
+                             "ViT-B-32:openai), MODEL:/path/to/weights, a local open_clip folder, or 'random'")
+    method.add_argument("--prompts", default=None,
+                        help="guided trainers: JSON file {label name: prompt} replacing the default prompts "
+                             "('a medical image of NAME')")
+    method.add_argument("--prior", default=None,
+                        help="guided trainers: start the prior U-Net from this nnUNetTrainer checkpoint (same "
+                             "dataset, plans and configuration); default: trained jointly from scratch")
+    method.add_argument("--freeze_prior", action="store_const", const=True, default=None,
+                        help="guided trainers: keep the --prior U-Net frozen")
     args = parser.parse_args()
-    options = {"sd_weights": args.sd_weights, "mask_vae": args.mask_vae}
+    options = {"sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
+               "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
     run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
                           args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
                           args.pretrained_weights, args.num_epochs, args.iters_per_epoch,

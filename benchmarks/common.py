@@ -1,0 +1,98 @@
+"""What the benchmark scripts share: each measurement in its own process (so peak memory is that step's
+alone), timed prediction through nnU-Net's predictor, and training speed from nnU-Net's log."""
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def nnunet_env(work: Path) -> dict:
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[name] = str(work / name)
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    return env
+
+
+def make_work_dir(work: Path) -> None:
+    if work.exists() and any(work.iterdir()):
+        sys.exit(f"ERROR: {work} is not empty; give a new --work_dir")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / name).mkdir(parents=True)
+
+
+def run_child(script: Path, work: Path, *args) -> dict:
+    """``script --work_dir WORK --_child ARGS`` in a fresh process; returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, str(script), "--work_dir", str(work), "--_child", *map(str, args)],
+                         env=nnunet_env(work), stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"step {args} failed (exit {out.returncode}); its output:\n{out.stdout[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_timed(dataset_id: int, trainer: str, epochs: int, iters: int, plans: str = "nnDiffSegPlans",
+                options: Optional[dict] = None) -> dict:
+    from nndiffseg.run.train import train
+    start = time.time()
+    train(dataset_id, "2d", 0, trainer, plans, device="cpu", num_epochs=epochs, iters_per_epoch=iters,
+          trainer_options=options or {})
+    return {"wall_s": time.time() - start, "peak_mib": peak_mib()}
+
+
+def seconds_per_train_iter(work: Path, dataset_name: str, trainer: str, iters: int,
+                           plans: str = "nnDiffSegPlans") -> float:
+    """Median epoch time / training iterations, from nnU-Net's log (first epoch left out: warm-up)."""
+    fold = work / "nnUNet_results" / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
+    times = [float(m) for log in sorted(fold.glob("training_log_*.txt"))
+             for m in re.findall(r"Epoch time: ([\d.]+) s", log.read_text())]
+    return statistics.median(times[1:] or times) / iters
+
+
+def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, trainer: str,
+                  options: Optional[dict] = None, plans: str = "nnDiffSegPlans", folds: Sequence = (0,)) -> dict:
+    """Predict every case of ``images`` with nnU-Net's predictor (batch 1, no mirroring), timing only the
+    network part (preprocessing and export excluded); Dice from nnDiffSeg_evaluate against ``labels``."""
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nndiffseg.evaluation.evaluate import evaluate_folders
+    from nndiffseg.ext_trainer import register_ext_trainer_dir
+    from nndiffseg.inference.predict import (_resolve_model_folder, apply_inference_options, export_atomically,
+                                             group_input_files)
+    torch.set_num_threads(os.cpu_count() or 1)
+    register_ext_trainer_dir()  # nnU-Net's predictor finds trainer classes by name
+    folder = _resolve_model_folder(dataset_id, trainer, plans, "2d")
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), list(folds), "checkpoint_final.pth")
+    apply_inference_options(predictor.network, trainer, options or {})
+    dataset_json = load_json(str(folder / "dataset.json"))
+    cases, _ = group_input_files(images, dataset_json["file_ending"])
+    out.mkdir(parents=True, exist_ok=True)
+    reader = predictor.plans_manager.image_reader_writer_class()
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    times = []
+    for case, files in cases.items():
+        data, properties = reader.read_images(files)
+        data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
+                                                        predictor.configuration_manager, dataset_json)
+        data = torch.from_numpy(np.ascontiguousarray(data))
+        start = time.perf_counter()
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu().numpy()
+        times.append(time.perf_counter() - start)
+        export_atomically(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                          dataset_json, str(out), case, False)
+    summary = evaluate_folders(str(labels), str(out), num_processes=1)
+    return {"s_per_image": statistics.median(times[1:] or times), "dice": summary["mean"]["dice"],
+            "iou": summary["mean"]["iou"], "peak_mib": peak_mib(), "images": len(times)}
