@@ -1,6 +1,7 @@
 """``nnDiffSeg_plan_and_preprocess``: nnU-Net's fingerprint, planning and preprocessing, with nnDiffSegPlans
 by default."""
 import argparse
+import contextlib
 import os
 from typing import List, Optional, Sequence, Type
 
@@ -30,6 +31,20 @@ def find_planner_class(name: str) -> Type[ExperimentPlanner]:
     return cls
 
 
+@contextlib.contextmanager
+def _augmentation_workers_at_least_one():
+    """nnU-Net's planner sizes torch's thread pool by nnUNet_n_proc_DA, which fails at 0 (a valid training
+    setting: augmentation in the main process); planning sees 1 instead."""
+    value = os.environ.get("nnUNet_n_proc_DA")
+    if value is not None and value.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ["nnUNet_n_proc_DA"] = value
+
+
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str] = ("2d",),
                         planner_name: str = "nnDiffSegPlanner", num_processes: Optional[List[int]] = None,
                         num_processes_fingerprint: Optional[int] = None, verify_dataset_integrity: bool = False,
@@ -55,8 +70,9 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
         extract_fingerprint_dataset(d, num_processes=num_processes_fingerprint or min(8, cpus),
                                     check_dataset_integrity=verify_dataset_integrity, clean=clean)
         print("Experiment planning...")
-        _, plans_identifier = plan_experiment_dataset(d, planner_class, gpu_memory_target,
-                                                      overwrite_plans_name=overwrite_plans_name)
+        with _augmentation_workers_at_least_one():
+            _, plans_identifier = plan_experiment_dataset(d, planner_class, gpu_memory_target,
+                                                          overwrite_plans_name=overwrite_plans_name)
         if preprocess:
             print("Preprocessing...")
             preprocess_dataset(d, plans_identifier, list(configurations), num_processes)
