@@ -403,3 +403,17 @@ def test_training_overfits_one_disc():
         loss["loss"].backward()
         optimizer.step()
     assert held_loss() < 0.3 * before
+
+
+def test_inference_options_are_checked_before_they_are_set():
+    segmenter = _segmenter()
+    segmenter.set_inference_options(sampler="dpmsolver", steps=7, num_samples=2, fusion="staple", seed=3)
+    assert (segmenter.sampler, segmenter.steps, segmenter.num_samples, segmenter.fusion, segmenter.seed) == \
+        ("dpmsolver", 7, 2, "staple", 3)
+    for bad, message in (({"steps": 0}, "sampling steps must be an integer"),
+                         ({"sampler": "euler"}, "unknown sampler"),
+                         ({"num_samples": 0}, "--num_samples must be at least 1"),
+                         ({"fusion": "vote"}, "unknown fusion")):
+        with pytest.raises(ValueError, match=message):
+            segmenter.set_inference_options(**bad)
+    assert (segmenter.sampler, segmenter.steps, segmenter.num_samples) == ("dpmsolver", 7, 2)  # unchanged

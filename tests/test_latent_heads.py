@@ -109,7 +109,7 @@ def test_training_reduces_the_loss_and_leaves_the_mask_autoencoder_frozen(segmen
 
 
 # the learning test's run: AdamW with a one-cycle schedule (3e-3 diverged in a trial, 1e-3 did not)
-LEARNING_STEPS, LEARNING_LR, LEARNING_THRESHOLD = 600, 1e-3, 0.5
+LEARNING_STEPS, LEARNING_LR, LEARNING_THRESHOLD = 400, 1e-3, 0.5
 
 
 def _toy_masks(rng, n):
@@ -193,8 +193,9 @@ def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_m
 
 
 def test_single_step_segmenter_learns_toy_shapes(fine_tuned_mask_autoencoder):
-    """About 2 min on 2 cores, predicting with ONE denoising step. Measured per-class Dice 0.58 / 0.79 (mean
-    0.68); an all-foreground mask scores 0.16 / 0.22. The bar: mean foreground Dice >= LEARNING_THRESHOLD."""
+    """About 1.5 min on 2 cores, predicting with ONE denoising step. Measured per-class Dice 0.56 / 0.75
+    (mean 0.65; 0.68 after 600 steps); an all-foreground mask scores 0.16 / 0.22. The bar: mean foreground
+    Dice >= LEARNING_THRESHOLD."""
     dice = learn_toy_shapes(fine_tuned_mask_autoencoder)
     assert np.mean(dice) >= LEARNING_THRESHOLD, dice
 

@@ -76,7 +76,6 @@ class _LatentTrainerBase(nnDiffSegTrainer):
                 f"random to start from random weights.") from None
 
 
-
 class MaskAutoencoderNetwork(nn.Module):
     """The mask autoencoder as an nnU-Net network. It reconstructs label maps; it cannot segment images."""
 
