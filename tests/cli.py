@@ -16,6 +16,17 @@ MODULES = {
 }
 
 
+def nnunet_folders(root: Path) -> dict:
+    """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results below ``root``, as the env for run_tool;
+    augmentation runs in the main process (nnUNet_n_proc_DA=0): a worker process would only add its start-up
+    time and compete for the 2 cores."""
+    env = {"nnUNet_n_proc_DA": "0"}
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    return env
+
+
 def run_tool(name: str, *args, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Our tools run as ``python -m module`` (same code as the console scripts); others (nnUNetv2_*) by
     their console script beside this interpreter."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import assert_refused, run_tool
+from cli import assert_refused, nnunet_folders, run_tool
 from resume import crash_after_first_epoch
 from toy_data import write_toy_dataset
 
@@ -36,10 +36,7 @@ def _mean_dice(folder, raw) -> float:
 @pytest.fixture(scope="module")
 def guided(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
-    env = {"nnUNet_n_proc_DA": "0"}
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
+    env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=16, num_test=4, num_classes=2)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
     log = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",

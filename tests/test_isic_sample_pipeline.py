@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import run_tool
+from cli import nnunet_folders, run_tool
 
 DATASET_ID = 17
 
@@ -16,10 +16,7 @@ DATASET_ID = 17
 @pytest.fixture(scope="module")
 def isic_run(isic2017_sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("isic_sample")
-    env = {"nnUNet_n_proc_DA": "0"}
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
+    env = nnunet_folders(root)
     # 128 px keeps the CPU run short; the default (512) is what users get
     run_tool("nnDiffSeg_convert_isic", "-i", isic2017_sample, "-d", DATASET_ID, "--max_size", 128, "-np", 2, env=env)
     raw = root / "nnUNet_raw" / "Dataset017_ISIC2017"

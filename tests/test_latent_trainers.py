@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import run_tool
+from cli import nnunet_folders, run_tool
 from resume import crash_after_first_epoch
 from toy_data import write_toy_dataset
 
@@ -17,10 +17,7 @@ SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 4]
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
-    env = {"nnUNet_n_proc_DA": "0"}
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
+    env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2, num_classes=2)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
     vae = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerMaskVAE", *SHORT, env=env)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import assert_refused, run_tool
+from cli import assert_refused, nnunet_folders, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 11
@@ -19,11 +19,7 @@ RUN_LENGTH = ["--num_epochs", "3", "--iters_per_epoch", "10"]
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_pipeline")
-    env = {}
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
-    env["nnUNet_n_proc_DA"] = "0"
+    env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=3)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
     train = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainer", "-device", "cpu",

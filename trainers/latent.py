@@ -138,6 +138,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
             _, seg, _, _ = dataset.load_case(key)
             seg = torch.from_numpy(np.asarray(seg[:])).long()
             labels = seg[0] if seg.ndim == 4 else seg  # 2D cases carry a leading axis of size 1
+            labels = labels.clamp_min(0)  # nnU-Net marks pixels outside the nonzero crop -1; they are background
             labels = _pad_to_multiple(labels.to(self.device), 8)
             with torch.no_grad():
                 rec = reconstruct_labels(self._module().autoencoder, labels, num_classes)
