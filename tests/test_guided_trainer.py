@@ -168,3 +168,22 @@ def test_interrupted_run_resumed_with_c_ends_where_an_uninterrupted_one_would(gu
     assert {int(s["step"]) for s in final["optimizer_state"]["state"].values()} == {4}
     assert torch.equal(final["network_weights"]["text_embeddings"], interrupted["network_weights"]["text_embeddings"])
     assert interrupted["network_weights"]["text_embeddings"].abs().sum() > 0
+
+
+def test_prior_from_a_finished_nnunet_fold_stays_frozen(guided):
+    """--prior CHECKPOINT --freeze_prior: the prior starts from an nnUNetTrainer fold of the same plans and is
+    not changed by training; --freeze_prior alone is refused."""
+    short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
+    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 2, "-tr", "nnUNetTrainer", *short, env=guided["env"])
+    prior_file = guided["model"].parent / "nnUNetTrainer__nnDiffSegPlans__2d" / "fold_2" / "checkpoint_final.pth"
+    refused = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 3, "-tr", "nnDiffSegTrainerGuided", *short,
+                       "--clip_model", "random", "--freeze_prior", env=guided["env"], check=False)
+    assert_refused(refused, ["--freeze_prior needs --prior CHECKPOINT"])
+    log = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 2, "-tr", "nnDiffSegTrainerGuided", *short, "--clip_model",
+                   "random", "--prior", prior_file, "--freeze_prior", env=guided["env"]).stdout
+    assert f"prior initialised from {prior_file} (nnUNetTrainer), frozen" in log
+    prior = torch.load(prior_file, map_location="cpu", weights_only=False)["network_weights"]
+    guided_weights = torch.load(guided["model"] / "fold_2" / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)["network_weights"]
+    for key, value in prior.items():
+        assert torch.equal(guided_weights["prior." + key], value), key
