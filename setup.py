@@ -36,7 +36,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "scikit-image"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "scikit-image"]},
     entry_points={
         "console_scripts": [
             "nnDiffSeg_plan_and_preprocess = nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",

@@ -27,9 +27,11 @@ def make_work_dir(work: Path) -> None:
         (work / name).mkdir(parents=True)
 
 
-def run_child(script: Path, work: Path, *args) -> dict:
-    """``script --work_dir WORK --_child ARGS`` in a fresh process; returns the JSON it prints last."""
-    out = subprocess.run([sys.executable, str(script), "--work_dir", str(work), "--_child", *map(str, args)],
+def run_child(script: Path, work: Path, *args, options: Sequence[str] = ()) -> dict:
+    """``script --work_dir WORK OPTIONS --_child ARGS`` in a fresh process; returns the JSON it prints last.
+    OPTIONS are the parent's own command-line options, so that the child parses the same settings."""
+    out = subprocess.run([sys.executable, str(script), "--work_dir", str(work), *map(str, options), "--_child",
+                          *map(str, args)],
                          env=nnunet_env(work), stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"step {args} failed (exit {out.returncode}); its output:\n{out.stdout[-3000:]}")
@@ -50,9 +52,9 @@ def train_timed(dataset_id: int, trainer: str, epochs: int, iters: int, plans: s
 
 
 def seconds_per_train_iter(work: Path, dataset_name: str, trainer: str, iters: int,
-                           plans: str = "nnDiffSegPlans") -> float:
+                           plans: str = "nnDiffSegPlans", results: str = "nnUNet_results") -> float:
     """Median epoch time / training iterations, from nnU-Net's log (first epoch left out: warm-up)."""
-    fold = work / "nnUNet_results" / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
+    fold = work / results / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
     times = [float(m) for log in sorted(fold.glob("training_log_*.txt"))
              for m in re.findall(r"Epoch time: ([\d.]+) s", log.read_text())]
     return statistics.median(times[1:] or times) / iters
@@ -95,4 +97,4 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
                           dataset_json, str(out), case, False)
     summary = evaluate_folders(str(labels), str(out), num_processes=1)
     return {"s_per_image": statistics.median(times[1:] or times), "dice": summary["mean"]["dice"],
-            "iou": summary["mean"]["iou"], "peak_mib": peak_mib(), "images": len(times)}
+            "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(), "images": len(times)}

@@ -25,3 +25,10 @@ def dataset_name_from_id(dataset_name_or_id: int | str) -> str:
         return maybe_convert_to_dataset_name(dataset_name_or_id)
     except RuntimeError as e:
         raise NnDiffSegError(str(e).strip()) from None
+
+
+def cpu_threads() -> int:
+    """Threads for torch on the CPU: OMP_NUM_THREADS when the user (or a scheduler, or parallel tests) set it,
+    else every core, as nnU-Net does."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)

@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 
+# Parallel test workers (pytest-xdist, see pytest.ini) share the cores: one torch thread each, also in the
+# nnDiffSeg_ tools the tests start (they honour OMP_NUM_THREADS). Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the repository (also in CI); NNDIFFSEG_SHARED_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("NNDIFFSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

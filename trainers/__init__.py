@@ -4,9 +4,9 @@ Every class in ``__all__`` is found by ``nnDiffSeg_train``/``nnDiffSeg_predict``
 ``nnUNet_extTrainer`` set as the README says, by stock ``nnUNetv2_train``/``nnUNetv2_predict``.
 """
 from nndiffseg.trainers.base import nnDiffSegTrainer
-from nndiffseg.trainers.guided import nnDiffSegTrainerGuided, nnDiffSegTrainerGuided_xattn
+from nndiffseg.trainers.guided import nnDiffSegTrainerGuided, nnDiffSegTrainerGuided_time
 from nndiffseg.trainers.latent import (nnDiffSegTrainerLatent, nnDiffSegTrainerLatent_sd, nnDiffSegTrainerMaskVAE,
                                        nnDiffSegTrainerMaskVAE_sd)
 
 __all__ = ["nnDiffSegTrainer", "nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_sd", "nnDiffSegTrainerLatent",
-           "nnDiffSegTrainerLatent_sd", "nnDiffSegTrainerGuided", "nnDiffSegTrainerGuided_xattn"]
+           "nnDiffSegTrainerLatent_sd", "nnDiffSegTrainerGuided", "nnDiffSegTrainerGuided_time"]

@@ -20,7 +20,7 @@ from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
-from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 PARTIAL_PREFIX = ".partial_"
 
@@ -227,7 +227,7 @@ def predict_entry() -> None:
     diffusion = parser.add_argument_group("diffusion trainers (refused by trainers that have no such setting)")
     diffusion.add_argument("--steps", type=int, default=None,
                            help="denoising steps (latent trainers: 1 = single step, the default; more runs DDIM; "
-                                "guided trainers: steps of --sampler, default 20)")
+                                "guided trainers: steps of --sampler, default 1)")
     diffusion.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), default=None,
                            help="guided trainers: the sampler (default ddim)")
     diffusion.add_argument("--num_samples", type=int, default=None,
@@ -244,7 +244,7 @@ def predict_entry() -> None:
 
     def main() -> int:
         if args.device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads())
         options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
                    "fusion": args.fusion, "seed": args.seed}
         failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,

@@ -1,7 +1,6 @@
 """``nnDiffSeg_train``: nnU-Net training for our trainers and nnunetv2's, with run-length overrides."""
 import argparse
 import json
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Optional, Type, Union
@@ -16,7 +15,7 @@ import nndiffseg.trainers
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.planning.planner import PLANS_NAME
-from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 # --num_epochs/--iters_per_epoch are remembered in the fold folder, so `--c` resumes the same schedule
 RUN_LENGTH_FILE = "nndiffseg_run_length.json"
@@ -173,7 +172,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
         torch.multiprocessing.spawn(_train_ddp, args=(num_gpus, *args), nprocs=num_gpus, join=True)
         return
     if device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(cpu_threads())
     elif device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
