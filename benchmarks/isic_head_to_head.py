@@ -163,7 +163,9 @@ def _report(args: argparse.Namespace, argv: list[str], training: dict, rows: lis
              f"predictor, batch 1, no mirroring, median over cases, preprocessing and export not timed.", "",
              "| model | sampler | cases | Dice | IoU | tIoU | s / image | x baseline | peak MiB (predict) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
+    order = [BASELINE, BASELINE_TIME, LATENT, GUIDED, GUIDED_TIME]
+    for r in sorted(rows, key=lambda r: (r["subset"], order.index(r["trainer"]), r["sampler"].split(":")[0],
+                                         int(r["sampler"].split(":")[1]) if ":" in r["sampler"] else 0)):
         lines.append(f"| {r['trainer']} | {r['sampler']} | {r['images']}{' (subset)' if r['subset'] else ''} | "
                      f"{r['dice']:.4f} | {r['iou']:.4f} | {r['tiou']:.4f} | {r['s_per_image']:.3f} | "
                      f"{r['s_per_image'] / base['s_per_image']:.1f} | {r['peak_mib']:.0f} |")

@@ -63,8 +63,9 @@ def predicted(guided):
 
 
 def test_guided_trainer_learns_toy_shapes(guided, predicted):
-    """Default prediction (DDIM-20, 5 samples, mean fusion) of the 4 test cases. Measured after 4 x 20
-    iterations: Dice 0.933 / 0.970 (mean 0.951); an all-foreground mask scores 0.15 / 0.13."""
+    """Default prediction (cross-attention text, one DDIM step, 5 samples, mean fusion) of the 4 test cases.
+    Measured after 4 x 20 iterations: Dice 0.961 / 0.973 (mean 0.967); an all-foreground mask scores
+    0.15 / 0.13."""
     dice = _mean_dice(predicted, guided["raw"])
     assert dice >= LEARNING_THRESHOLD, dice
 
