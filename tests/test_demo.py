@@ -20,6 +20,7 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     summary = json.loads((out / "predictions" / "summary.json").read_text())
     assert len(summary["cases"]) == 12
     assert len(list((out / "overlays").glob("*_overlay.png"))) == 12
+    assert len(list((out / "predictions" / "uncertainty").glob("*.png"))) == 12  # the guided trainer's spread
     assert (out / "nnUNet_raw" / "Dataset990_ISIC2016" / "dataset.json").is_file()
 
 

@@ -2,7 +2,7 @@
 
 Synthetic dermoscopy cases in the ISIC 2016 release layout -> nnDiffSeg_convert_isic ->
 nnDiffSeg_plan_and_preprocess -> nnDiffSeg_train (fold 0, a short run) -> nnDiffSeg_predict on the
-held-out test cases -> nnDiffSeg_evaluate -> overlay PNGs. Everything is written below one folder,
+held-out test cases (with uncertainty maps for the guided trainer) -> nnDiffSeg_evaluate -> overlay PNGs. Everything is written below one folder,
 including the nnU-Net folders, so the user's own nnUNet_raw/preprocessed/results are not touched.
 """
 import argparse
@@ -14,8 +14,10 @@ from pathlib import Path
 from nndiffseg.errors import NnDiffSegError, run_cli
 
 DATASET_ID = 990
-# The trainer the demo shows. It is nnU-Net's baseline until a diffusion trainer lands.
-DEMO_TRAINER = "nnUNetTrainer"
+# The trainer the demo shows: the guided diffusion trainer, which also writes uncertainty maps. Its text
+# encoder is a seeded random one, so the demo runs offline (CLIP ViT-B-32 would be a 600 MB download);
+# --clip_model ViT-B-32:openai embeds the real prompts.
+DEMO_TRAINER, DEMO_CLIP_MODEL = "nnDiffSegTrainerGuided", "random"
 DEMO_NUM_TRAIN, DEMO_NUM_TEST = 48, 12
 DEMO_EPOCHS, DEMO_ITERS_PER_EPOCH = 12, 25
 
@@ -26,7 +28,7 @@ def _step(title: str) -> None:
 
 def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAINER, device: str = "cpu",
              num_epochs: int = DEMO_EPOCHS, iters_per_epoch: int = DEMO_ITERS_PER_EPOCH,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, clip_model: str = DEMO_CLIP_MODEL) -> dict:
     """Run the demo below ``output_folder``; returns the evaluation summary."""
     out = Path(output_folder).resolve()
     if out.exists() and any(out.iterdir()):
@@ -43,8 +45,11 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     from nndiffseg.evaluation.evaluate import evaluate_folders, format_table
     from nndiffseg.inference.predict import predict_folder
     from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
-    from nndiffseg.run.train import train
+    from nndiffseg.run.train import find_trainer_class, train
+    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
     from nndiffseg.visualization.overlay import write_overlays
+
+    guided = issubclass(find_trainer_class(trainer), nnDiffSegTrainerGuided)
 
     start = time.time()
     _step(f"1/6 Synthetic dermoscopy data ({DEMO_NUM_TRAIN} training, {DEMO_NUM_TEST} test cases), ISIC 2016 layout")
@@ -58,12 +63,13 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     plans = plan_and_preprocess([DATASET_ID], ["2d"], num_processes=[1], num_processes_fingerprint=1)
 
     _step(f"4/6 nnDiffSeg_train {DATASET_ID} 2d 0 -tr {trainer} ({num_epochs} epochs x {iters_per_epoch} iterations)")
-    train(DATASET_ID, "2d", 0, trainer, plans, device, num_epochs=num_epochs, iters_per_epoch=iters_per_epoch)
+    train(DATASET_ID, "2d", 0, trainer, plans, device, num_epochs=num_epochs, iters_per_epoch=iters_per_epoch,
+          trainer_options={"clip_model": clip_model} if guided else None)
 
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"
     failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer, plans,
-                              folds=["0"], device=device, num_processes_export=0)
+                              folds=["0"], device=device, num_processes_export=0, save_uncertainty=guided)
     if failures:
         raise NnDiffSegError(f"prediction failed for {', '.join(failures)}")
 
@@ -78,6 +84,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     print(f"  predictions:  {predictions}")
     print(f"  summary:      {predictions / 'summary.json'}")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
+    if guided:
+        print(f"  uncertainty:  {predictions / 'uncertainty'} (spread of the samples per pixel, .npz and PNG)")
     print(f"  model:        {out / 'nnUNet_results'}")
     return summary
 
@@ -89,9 +97,12 @@ def demo_entry() -> None:
     parser.add_argument("-device", default="cpu", help="cpu (default), cuda or mps")
     parser.add_argument("--num_epochs", type=int, default=DEMO_EPOCHS)
     parser.add_argument("--iters_per_epoch", type=int, default=DEMO_ITERS_PER_EPOCH)
+    parser.add_argument("--clip_model", default=DEMO_CLIP_MODEL,
+                        help=f"guided trainers: nnDiffSeg_train --clip_model (default: {DEMO_CLIP_MODEL}, no download)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in the folder")
     args = parser.parse_args()
-    run_cli(lambda: run_demo(args.o, args.tr, args.device, args.num_epochs, args.iters_per_epoch, args.overwrite) and 0)
+    run_cli(lambda: run_demo(args.o, args.tr, args.device, args.num_epochs, args.iters_per_epoch, args.overwrite,
+                             args.clip_model) and 0)
 
 
 if __name__ == "__main__":
