@@ -97,4 +97,5 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
                           dataset_json, str(out), case, False)
     summary = evaluate_folders(str(labels), str(out), num_processes=1)
     return {"s_per_image": statistics.median(times[1:] or times), "dice": summary["mean"]["dice"],
-            "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(), "images": len(times)}
+            "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(),
+            "images": len(times)}

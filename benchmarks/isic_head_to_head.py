@@ -156,8 +156,8 @@ def _report(args: argparse.Namespace, argv: list[str], training: dict, rows: lis
              f"for the guided trainer's training time)")
     machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used, "
                f"Python {platform.python_version()}, torch {torch.__version__}")
-    lines = [f"## ISIC head to head ({args.budget} budget)", "",
-             "    python benchmarks/" + HERE.name + " " + " ".join(shlex.quote(a) for a in argv if a not in ("--report_again", "--resume")), "",
+    command = " ".join(shlex.quote(a) for a in argv if a not in ("--report_again", "--resume"))
+    lines = [f"## ISIC head to head ({args.budget} budget)", "", f"    python benchmarks/{HERE.name} {command}", "",
              f"{title}. Machine: {machine}. {wall / 60:.0f} min in all. Guided models: K = {args.samples} "
              f"samples, mean fusion, text from `--clip_model {args.clip_model}`. Seconds per image: nnU-Net's "
              f"predictor, batch 1, no mirroring, median over cases, preprocessing and export not timed.", "",
@@ -169,12 +169,12 @@ def _report(args: argparse.Namespace, argv: list[str], training: dict, rows: lis
         lines.append(f"| {r['trainer']} | {r['sampler']} | {r['images']}{' (subset)' if r['subset'] else ''} | "
                      f"{r['dice']:.4f} | {r['iou']:.4f} | {r['tiou']:.4f} | {r['s_per_image']:.3f} | "
                      f"{r['s_per_image'] / base['s_per_image']:.1f} | {r['peak_mib']:.0f} |")
-    lines += ["", "| trainer | epochs x iterations | s / train iter | x baseline | training wall time | peak MiB (train) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| trainer | epochs x iterations | s / train iter | x baseline | training wall time | "
+                  "peak MiB (train) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     base_iter = training[BASELINE]["s_per_iter"]
     for trainer, t in training.items():
-        lines.append(f"| {trainer} | {t.get('epochs', args.epochs)} x {args.iters} | {t['s_per_iter']:.3f} | {t['s_per_iter'] / base_iter:.2f} | "
-                     f"{t['wall_s'] / 60:.1f} min | {t['peak_mib']:.0f} |")
+        lines.append(f"| {trainer} | {t.get('epochs', args.epochs)} x {args.iters} | {t['s_per_iter']:.3f} | "
+                     f"{t['s_per_iter'] / base_iter:.2f} | {t['wall_s'] / 60:.1f} min | {t['peak_mib']:.0f} |")
     lines += ["", f"Sampler rule (fewest steps within {DICE_TOLERANCE * 100:.1f} Dice points of {args.reference} x "
                   f"{args.samples} on the same cases): **{chosen['sampler']}** (Dice {chosen['dice']:.4f}).", "",
               f"![Dice against seconds per image](isic_head_to_head_{args.budget}.png)"]

@@ -2,8 +2,9 @@
 
 Synthetic dermoscopy cases in the ISIC 2016 release layout -> nnDiffSeg_convert_isic ->
 nnDiffSeg_plan_and_preprocess -> nnDiffSeg_train (fold 0, a short run) -> nnDiffSeg_predict on the
-held-out test cases (with uncertainty maps for the guided trainer) -> nnDiffSeg_evaluate -> overlay PNGs. Everything is written below one folder,
-including the nnU-Net folders, so the user's own nnUNet_raw/preprocessed/results are not touched.
+held-out test cases (with uncertainty maps for the guided trainer) -> nnDiffSeg_evaluate -> overlay PNGs.
+Everything is written below one folder, including the nnU-Net folders, so the user's own
+nnUNet_raw/preprocessed/results are not touched.
 """
 import argparse
 import os
