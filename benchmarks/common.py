@@ -38,17 +38,21 @@ def run_child(script: Path, work: Path, *args, options: Sequence[str] = ()) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_mib() -> float:
+def peak_mib(device: str = "cpu") -> float:
+    """This process's peak memory: resident host memory, or on CUDA the GPU memory torch allocated."""
+    if device == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def train_timed(dataset_id: int, trainer: str, epochs: int, iters: int, plans: str = "nnDiffSegPlans",
-                options: Optional[dict] = None) -> dict:
+                options: Optional[dict] = None, device: str = "cpu") -> dict:
     from nndiffseg.run.train import train
     start = time.time()
-    train(dataset_id, "2d", 0, trainer, plans, device="cpu", num_epochs=epochs, iters_per_epoch=iters,
+    train(dataset_id, "2d", 0, trainer, plans, device=device, num_epochs=epochs, iters_per_epoch=iters,
           trainer_options=options or {})
-    return {"wall_s": time.time() - start, "peak_mib": peak_mib()}
+    return {"wall_s": time.time() - start, "peak_mib": peak_mib(device)}
 
 
 def seconds_per_train_iter(work: Path, dataset_name: str, trainer: str, iters: int,
@@ -61,7 +65,8 @@ def seconds_per_train_iter(work: Path, dataset_name: str, trainer: str, iters: i
 
 
 def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, trainer: str,
-                  options: Optional[dict] = None, plans: str = "nnDiffSegPlans", folds: Sequence = (0,)) -> dict:
+                  options: Optional[dict] = None, plans: str = "nnDiffSegPlans", folds: Sequence = (0,),
+                  device: str = "cpu") -> dict:
     """Predict every case of ``images`` with nnU-Net's predictor (batch 1, no mirroring), timing only the
     network part (preprocessing and export excluded); Dice from nnDiffSeg_evaluate against ``labels``."""
     import numpy as np
@@ -76,7 +81,7 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
     torch.set_num_threads(os.cpu_count() or 1)
     register_ext_trainer_dir()  # nnU-Net's predictor finds trainer classes by name
     folder = _resolve_model_folder(dataset_id, trainer, plans, "2d")
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), list(folds), "checkpoint_final.pth")
     apply_inference_options(predictor.network, trainer, options or {})
     dataset_json = load_json(str(folder / "dataset.json"))
@@ -97,5 +102,5 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
                           dataset_json, str(out), case, False)
     summary = evaluate_folders(str(labels), str(out), num_processes=1)
     return {"s_per_image": statistics.median(times[1:] or times), "dice": summary["mean"]["dice"],
-            "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(),
+            "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(device),
             "images": len(times)}

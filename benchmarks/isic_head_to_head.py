@@ -93,10 +93,10 @@ def _child(args: argparse.Namespace, work: Path) -> dict:
         trainer, epochs = BASELINE, int(rest[-1])
     if step == "train":
         options = {"clip_model": args.clip_model} if trainer in (GUIDED, GUIDED_TIME) else None
-        return train_timed(DATASET_ID, trainer, epochs, args.iters, options=options)
+        return train_timed(DATASET_ID, trainer, epochs, args.iters, options=options, device=args.device)
     images, labels, out, sampler = Path(rest[1]), Path(rest[2]), Path(rest[3]), rest[4]
     options = _sampler_options(sampler, args.samples) if trainer in (GUIDED, GUIDED_TIME) else None
-    return predict_timed(images, labels, out, DATASET_ID, trainer, options)
+    return predict_timed(images, labels, out, DATASET_ID, trainer, options, device=args.device)
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
@@ -154,7 +154,8 @@ def _report(args: argparse.Namespace, argv: list[str], training: dict, rows: lis
     title = (f"ISIC 2017 sample, max_size {args.max_size}, fold {args.fold} ({n_val} validation cases), "
              f"{args.epochs} x {args.iters} iterations per trainer ({args.budget} budget; nnUNetTrainer also "
              f"for the guided trainer's training time)")
-    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used, "
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU used"
+    machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {gpu}, "
                f"Python {platform.python_version()}, torch {torch.__version__}")
     command = " ".join(shlex.quote(a) for a in argv if a not in ("--report_again", "--resume"))
     lines = [f"## ISIC head to head ({args.budget} budget)", "", f"    python benchmarks/{HERE.name} {command}", "",
@@ -195,7 +196,7 @@ def _measure(args: argparse.Namespace, work: Path) -> tuple[dict, list[dict], fl
 
     forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size, "--fold",
                  args.fold, "--epochs", args.epochs, "--iters", args.iters, "--samples", args.samples,
-                 "--clip_model", args.clip_model]
+                 "--clip_model", args.clip_model, "--device", args.device]
     prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
     save()
     dataset, images, labels = Path(prepared["dataset"]), Path(prepared["images"]), Path(prepared["labels"])
@@ -247,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", default="cpu", help="name of this budget in the docs (cpu, gpu, ...)")
     parser.add_argument("--max_size", type=int, default=64, help="nnDiffSeg_convert_isic --max_size")
     parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda for the GPU budget (peak memory is then the GPU memory torch allocated)")
     parser.add_argument("--epochs", type=int, default=20, help="training budget, the same for every trainer")
     parser.add_argument("--iters", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--samples", type=int, default=5, help="samples per image (K) for the guided models")
