@@ -27,6 +27,17 @@ def make_work_dir(work: Path) -> None:
         (work / name).mkdir(parents=True)
 
 
+def prepare_synthetic(work: Path, dataset_id: int, size: int, num_train: int, num_test: int) -> dict:
+    """Synthetic dermoscopy cases at SIZE x SIZE in the ISIC 2016 layout, converted and planned."""
+    from nndiffseg.dataset_conversion.isic import convert_isic
+    from nndiffseg.demo.synthetic_dermoscopy import write_isic2016_layout
+    from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
+    source = write_isic2016_layout(work / "synthetic_isic2016", num_train, num_test, height=size, width=size)
+    dataset = convert_isic(source, dataset_id, num_processes=1)
+    plan_and_preprocess([dataset_id], ["2d"], num_processes=[2], num_processes_fingerprint=2)
+    return {"dataset": str(dataset)}
+
+
 def run_child(script: Path, work: Path, *args, options: Sequence[str] = ()) -> dict:
     """``script --work_dir WORK OPTIONS --_child ARGS`` in a fresh process; returns the JSON it prints last.
     OPTIONS are the parent's own command-line options, so that the child parses the same settings."""

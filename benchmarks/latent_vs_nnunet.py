@@ -21,20 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_work_dir, predict_timed, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+from common import (make_work_dir, predict_timed, prepare_synthetic, run_child,  # noqa: E402
+                    seconds_per_train_iter, train_timed)
 
 DATASET_ID = 981
 HERE = Path(__file__).resolve()
-
-
-def _prepare(work: Path, size: int, num_train: int, num_test: int) -> dict:
-    from nndiffseg.dataset_conversion.isic import convert_isic
-    from nndiffseg.demo.synthetic_dermoscopy import write_isic2016_layout
-    from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
-    source = write_isic2016_layout(work / "synthetic_isic2016", num_train, num_test, height=size, width=size)
-    dataset = convert_isic(source, DATASET_ID, num_processes=1)
-    plan_and_preprocess([DATASET_ID], ["2d"], num_processes=[2], num_processes_fingerprint=2)
-    return {"dataset": str(dataset)}
 
 
 # ---------------------------------------------------------------- the table
@@ -55,7 +46,7 @@ def main(argv=None) -> int:
     if args._child:
         step, *rest = args._child
         if step == "prepare":
-            result = _prepare(work, *map(int, rest))
+            result = prepare_synthetic(work, DATASET_ID, *map(int, rest))
         elif step == "train":
             options = {"sd_weights": "random"} if rest[0].endswith("_sd") else {}
             result = train_timed(DATASET_ID, rest[0], int(rest[1]), int(rest[2]), options=options)
