@@ -16,8 +16,8 @@ from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, uncertainty
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
-from nndiffseg.guided.sampling import sampling_scheduler, training_scheduler
 from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, GuidedSegmenter
+from nndiffseg.sampling import sampling_scheduler, training_scheduler
 from nndiffseg.guided.text_prior import (RANDOM_CLIP_CONFIG, class_prompts, embed_prompts, load_prompts_file,
                                          random_clip_model)
 from conftest import REPO_ROOT
@@ -263,8 +263,10 @@ class CountingPrior(nn.Module):
 def _segmenter(conditioning="time", num_classes=3, **settings) -> GuidedSegmenter:
     torch.manual_seed(0)
     text = embed_prompts([f"a medical image of class {c}" for c in range(num_classes)], "random")
-    return GuidedSegmenter(CountingPrior(1, num_classes), build_denoiser(num_classes, 1, TEXT_DIM, conditioning, TINY),
-                           text, **settings)
+    segmenter = GuidedSegmenter(CountingPrior(1, num_classes),
+                                build_denoiser(num_classes, 1, TEXT_DIM, conditioning, TINY), **settings)
+    segmenter.set_text_embeddings(text, "random")
+    return segmenter
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
@@ -288,29 +290,40 @@ def test_prior_runs_once_and_the_samples_are_one_batch(conditioning):
     assert segmenter.prior.calls == 1 and batches == [3 * 2] * 4
 
 
-def test_eval_forward_gives_log_fused_probabilities_and_keeps_the_uncertainty():
+def test_eval_forward_gives_log_fused_probabilities_and_train_forward_the_losses():
     segmenter = _segmenter(steps=2, num_samples=3, fusion="staple").eval()
     image = torch.randn(1, 1, 16, 16)
     scores = segmenter(image)
     assert scores.shape == (1, 3, 16, 16) and scores.min() >= np.log(PROBABILITY_FLOOR) - 1e-6
     samples = segmenter.sample(image)
     torch.testing.assert_close(scores.exp(), fuse(samples, "staple").clamp_min(PROBABILITY_FLOOR))
-    torch.testing.assert_close(segmenter.last_uncertainty, uncertainty(samples))
-    assert segmenter.predict_with_uncertainty(image)[1].shape == (1, 16, 16)
+    both = segmenter.predict_with_uncertainty(image)
+    torch.testing.assert_close(both[0], scores)
+    torch.testing.assert_close(both[1], uncertainty(samples))
     segmenter.train()
-    torch.testing.assert_close(segmenter(image), segmenter.prior(image))
+    labels = torch.randint(0, 3, (1, 1, 16, 16))
+    noise, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    losses = segmenter(image, labels, noise=noise, timesteps=t)
+    assert set(losses) == {"loss", "diffusion_loss", "prior_loss"}
+    torch.testing.assert_close(losses["loss"], segmenter.losses(image, labels, noise=noise, timesteps=t)["loss"])
+    with pytest.raises(ValueError, match="needs the target"):
+        segmenter(image)
 
 
 def test_text_embeddings_travel_in_the_state_dict():
     segmenter = _segmenter()
     state = segmenter.state_dict()
     assert torch.equal(state["text_embeddings"], segmenter.text_embeddings)
-    fresh = GuidedSegmenter(CountingPrior(1, 3), build_denoiser(3, 1, TEXT_DIM, "time", TINY),
-                            torch.zeros(3, TEXT_DIM))
+    assert state["_extra_state"]["config"]["clip_model"] == "random"
+    fresh = GuidedSegmenter(CountingPrior(1, 3), build_denoiser(3, 1, TEXT_DIM, "time", TINY))
     fresh.load_state_dict(state)
     assert torch.equal(fresh.text_embeddings, segmenter.text_embeddings)
-    with pytest.raises(ValueError, match=r"text embeddings of shape \(2, 64\), the denoiser expects \(3, 64\)"):
-        GuidedSegmenter(CountingPrior(1, 3), build_denoiser(3, 1, TEXT_DIM, "time", TINY), torch.zeros(2, TEXT_DIM))
+    assert fresh.config["clip_model"] == "random"
+    with pytest.raises(ValueError, match=r"text embeddings of shape \(2, 64\); the denoiser takes 3 classes"):
+        fresh.set_text_embeddings(torch.zeros(2, TEXT_DIM))
+    narrow = torch.randn(3, 16)  # a narrower CLIP is zero-padded
+    fresh.set_text_embeddings(narrow)
+    assert torch.equal(fresh.text_embeddings[:, :16], narrow) and not fresh.text_embeddings[:, 16:].any()
 
 
 def _grad_norm(module: nn.Module) -> float:
@@ -321,14 +334,15 @@ def _grad_norm(module: nn.Module) -> float:
 def test_training_loss_reaches_the_denoiser_and_the_prior(conditioning):
     segmenter = _segmenter(conditioning)
     image, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
-    losses = segmenter.training_loss(image, labels)
+    losses = segmenter(image, labels)
     assert set(losses) == {"loss", "diffusion_loss", "prior_loss"} and losses["prior_loss"] == 0
     losses["loss"].backward()
     # without its own loss, the prior learns from the diffusion loss alone (its probabilities are not detached)
     assert _grad_norm(segmenter.denoiser) > 0 and _grad_norm(segmenter.prior) > 0
     segmenter.zero_grad(set_to_none=True)
-    segmenter.detach_prior = True
-    segmenter.training_loss(image, labels)["loss"].backward()
+    segmenter.freeze_prior()
+    assert segmenter.config["freeze_prior"] is True
+    segmenter(image, labels)["loss"].backward()
     assert _grad_norm(segmenter.denoiser) > 0 and _grad_norm(segmenter.prior) == 0
 
 
@@ -344,7 +358,9 @@ def test_prior_loss_gets_the_deep_supervision_lists_and_its_weight():
         return sum(nn.functional.cross_entropy(o, t[:, 0]) for o, t in zip(output, target))
 
     torch.manual_seed(3)
-    losses = segmenter.training_loss(image, targets, prior_loss, prior_weight=10.0)
+    segmenter.set_prior_loss(prior_loss)
+    assert segmenter.config["prior_weight"] == 10.0 and "_prior_loss" not in dict(segmenter.named_modules())
+    losses = segmenter(image, targets)
     assert seen == [(2, 2)]
     torch.testing.assert_close(losses["loss"].detach(), losses["diffusion_loss"] + 10 * losses["prior_loss"])
     losses["loss"].backward()
@@ -357,7 +373,7 @@ class OracleDenoiser(nn.Module):
     def __init__(self, x0, scheduler, prediction_type):
         super().__init__()
         self.x0, self.scheduler, self.prediction_type = x0, scheduler, prediction_type
-        self.num_classes, self.text_dim = x0.shape[1], TEXT_DIM
+        self.num_classes, self.text_dim, self.conditioning = x0.shape[1], TEXT_DIM, "time"
 
     def forward(self, noisy, t, image, prior_probs, text_embeddings):
         a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -371,10 +387,9 @@ def test_diffusion_target_matches_the_prediction_type(prediction_type):
     labels = torch.randint(0, 3, (2, 1, 8, 8))
     scheduler = training_scheduler("cosine", prediction_type)
     oracle = OracleDenoiser(encode_labels(labels, 3), scheduler, prediction_type)
-    segmenter = GuidedSegmenter(CountingPrior(1, 3), oracle, torch.zeros(3, TEXT_DIM), schedule="cosine",
-                                prediction_type=prediction_type)
+    segmenter = GuidedSegmenter(CountingPrior(1, 3), oracle, schedule="cosine", prediction_type=prediction_type)
     torch.manual_seed(0)
-    assert segmenter.training_loss(torch.randn(2, 1, 8, 8), labels)["diffusion_loss"] < 1e-6
+    assert segmenter(torch.randn(2, 1, 8, 8), labels)["diffusion_loss"] < 1e-6
 
 
 def test_training_overfits_one_disc():
@@ -383,22 +398,23 @@ def test_training_overfits_one_disc():
     labels = torch.from_numpy(label)[None, None].long().repeat(4, 1, 1, 1)
     torch.manual_seed(0)
     prior = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
-    segmenter = GuidedSegmenter(prior, build_denoiser(2, 3, TEXT_DIM, "time", (16, 32)),
-                                embed_prompts(["background", "disc"], "random"))
+    segmenter = GuidedSegmenter(prior, build_denoiser(2, 3, TEXT_DIM, "time", (16, 32)))
+    segmenter.set_text_embeddings(embed_prompts(["background", "disc"], "random"))
 
     def held_loss():  # the same timesteps and noise before and after training
         torch.manual_seed(123)
         with torch.no_grad():
-            return np.mean([segmenter.training_loss(image, labels)["diffusion_loss"].item() for _ in range(8)])
+            return np.mean([segmenter.losses(image, labels)["diffusion_loss"].item() for _ in range(8)])
 
     def cross_entropy(output, target):
         return nn.functional.cross_entropy(output, target[:, 0])
 
     before = held_loss()
+    segmenter.set_prior_loss(cross_entropy)
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=1e-3)
     torch.manual_seed(1)
     for _ in range(100):
-        loss = segmenter.training_loss(image, labels, cross_entropy)
+        loss = segmenter(image, labels)
         optimizer.zero_grad()
         loss["loss"].backward()
         optimizer.step()
@@ -408,12 +424,13 @@ def test_training_overfits_one_disc():
 def test_inference_options_are_checked_before_they_are_set():
     segmenter = _segmenter()
     segmenter.set_inference_options(sampler="dpmsolver", steps=7, num_samples=2, fusion="staple", seed=3)
-    assert (segmenter.sampler, segmenter.steps, segmenter.num_samples, segmenter.fusion, segmenter.seed) == \
-        ("dpmsolver", 7, 2, "staple", 3)
+    assert [segmenter.setting(k) for k in ("sampler", "steps", "num_samples", "fusion", "seed")] == \
+        ["dpmsolver", 7, 2, "staple", 3]
     for bad, message in (({"steps": 0}, "sampling steps must be an integer"),
                          ({"sampler": "euler"}, "unknown sampler"),
                          ({"num_samples": 0}, "--num_samples must be at least 1"),
                          ({"fusion": "vote"}, "unknown fusion")):
         with pytest.raises(ValueError, match=message):
             segmenter.set_inference_options(**bad)
-    assert (segmenter.sampler, segmenter.steps, segmenter.num_samples) == ("dpmsolver", 7, 2)  # unchanged
+    assert [segmenter.setting(k) for k in ("sampler", "steps", "num_samples")] == ["dpmsolver", 7, 2]  # unchanged
+    assert segmenter.config["steps"] == 50  # the checkpoint's setting is not changed by an override

@@ -76,7 +76,7 @@ def segmenter():
 def test_clean_latent_inverts_the_schedulers_noising(segmenter):
     z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 999])
-    noisy = segmenter.scheduler.add_noise(z0, noise, t)
+    noisy = segmenter.train_scheduler.add_noise(z0, noise, t)
     torch.testing.assert_close(segmenter._clean_latent(noisy, noise, t), z0, rtol=1e-4, atol=1e-4)
 
 
@@ -85,7 +85,7 @@ def test_prediction_is_deterministic_and_shaped_as_class_scores(segmenter):
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         first, second = segmenter(x), segmenter(x)
-        segmenter.inference_steps = 3
+        segmenter.set_inference_options(steps=3)
         ddim = segmenter(x)
     assert first.shape == (2, 3, 64, 64) and torch.equal(first, second)
     assert not torch.equal(first, ddim)
@@ -99,7 +99,7 @@ def test_training_reduces_the_loss_and_leaves_the_mask_autoencoder_frozen(segmen
     torch.manual_seed(1)
     losses = []
     for _ in range(30):
-        loss = segmenter.training_loss(x, y)["loss"]
+        loss = segmenter(x, y)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -159,7 +159,7 @@ def learn_toy_shapes(mask_autoencoder) -> list:
 
     def loss():
         model.train()
-        return model.training_loss(*_toy_batch(rng, 4))["loss"]
+        return model(*_toy_batch(rng, 4))["loss"]
 
     _fit([p for p in model.parameters() if p.requires_grad], loss, LEARNING_STEPS, LEARNING_LR)
     model.eval()
@@ -201,8 +201,9 @@ def test_single_step_segmenter_learns_toy_shapes(fine_tuned_mask_autoencoder):
 
 
 def test_inference_steps_are_set_by_option_and_checked(segmenter):
-    assert segmenter.inference_option_names == ("steps",)
+    assert segmenter.inference_option_names == ("steps", "sampler", "seed")
     segmenter.set_inference_options(steps=10)
-    assert segmenter.inference_steps == 10
-    with pytest.raises(ValueError, match="--steps must be between 1 and 1000"):
+    assert segmenter.setting("steps") == 10 and segmenter.config["steps"] == 1
+    with pytest.raises(ValueError, match="sampling steps must be an integer from 1 to 1000"):
         segmenter.set_inference_options(steps=0)
+    assert segmenter.setting("steps") == 10

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import numpy as np
-from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from PIL import Image
 
 
@@ -30,6 +29,7 @@ def write_toy_dataset(raw: Path, dataset_id: int, num_train: int = 10, num_test:
             image, label = toy_case(rng, height, width, num_classes)
             Image.fromarray(image).save(folder / f"images{split}" / f"toy_{split}{i:03d}_0000.png")
             Image.fromarray(label).save(folder / f"labels{split}" / f"toy_{split}{i:03d}.png")
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json  # head tests run without it
     labels = {"background": 0, **{f"class{c}": c for c in range(1, num_classes + 1)}}
     generate_dataset_json(str(folder), {0: "R", 1: "G", 2: "B"}, labels, num_train, ".png", dataset_name=folder.name)
     return folder

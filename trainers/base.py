@@ -1,13 +1,46 @@
-"""The common base of nndiffseg's trainers: the place where nnU-Net's training loop meets the heads."""
+"""The common base of nndiffseg's trainers: the place where nnU-Net's training loop meets the heads.
+
+``nnDiffSegTrainer`` is nnU-Net's trainer restricted to 2D configurations, with what every nndiffseg run
+shares: method options recorded in the fold folder (so ``--c``, ours or stock ``nnUNetv2_train``, resumes with
+the first run's options and run length), an optional seed (a seeded run resumed with ``--c`` ends with the
+same weights as an uninterrupted one), and DDP that also runs on the CPU (gloo). ``nnDiffSegHeadTrainer``
+adapts the loop to a diffusion head: batch in, ``network(data, target)`` -> losses, loss out.
+"""
+import json
+import os
+import random
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+import torch.distributed as dist
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nndiffseg
+from nndiffseg.errors import NnDiffSegError
+from nndiffseg.evaluation.counts import hard_counts
+
+# what a run was started with, in its fold folder: --c restores it
+RUN_RECORD = "nndiffseg_run.json"
+# nnU-Net runs 250 training and 50 validation iterations per epoch; shortened runs keep that ratio
+NNUNET_VAL_TO_TRAIN_ITERS = 50 / 250
+RUN_LENGTH = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+
+
+def seed_everything(seed: int, *stream: int) -> None:
+    """Python's, numpy's and torch's generators from ``seed`` and the stream (epoch, rank, ...)."""
+    state = np.random.SeedSequence([seed, *[s + 1 for s in stream]]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    torch.manual_seed(int(state[1]))
 
 
 class nnDiffSegTrainer(nnUNetTrainer):
@@ -17,37 +50,184 @@ class nnDiffSegTrainer(nnUNetTrainer):
     replace the network and the steps. ``__init__`` keeps nnU-Net's signature: nnU-Net saves the init
     arguments from it and rebuilds the trainer from them.
     """
+    option_names: tuple = ("seed",)  # method options nnDiffSeg_train may pass (see nndiffseg.registry)
+    head_class: Optional[type] = None  # the diffusion head a trainer builds (None: nnU-Net's U-Net)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        continuing = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        patch_size = self.configuration_manager.patch_size
+        if len(patch_size) != 2:
+            raise NnDiffSegError(
+                f"{self.__class__.__name__} supports 2D configurations only, but configuration "
+                f"'{configuration}' has a {len(patch_size)}D patch size {list(patch_size)}. "
+                f"Train the '2d' configuration instead (nnDiffSeg_train DATASET 2d FOLD ...).")
+        if self.is_ddp and device.type == "cpu":  # nnU-Net assumes one GPU per rank; gloo runs on the CPU
+            self.device, self.grad_scaler = device, None
+        self.continuing = continuing
+        self.seed: Optional[int] = None
+        self.options: dict = {}
+        self._run_configured = False
+
+    # ---- options and run length, recorded for --c
+    def configure_run(self, options: Optional[dict] = None, run_length: Optional[dict] = None) -> None:
+        """Method options (already checked against ``option_names``) and run length overrides (num_epochs,
+        num_iterations_per_epoch, num_val_iterations_per_epoch; None keeps the trainer's). A continued run takes
+        the recorded ones: a method option that differs from the record is refused (the checkpoint was made
+        with it), a run length given again replaces the recorded one. Must run before ``initialize``."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        run_length = {k: v for k, v in (run_length or {}).items() if v is not None}
+        record_file = Path(self.output_folder) / RUN_RECORD
+        if self.continuing and record_file.is_file():
+            record = json.loads(record_file.read_text())
+            recorded = record.get("options", {})
+            changed = [f"--{k} {v} (the run has {recorded.get(k)!r})" for k, v in options.items()
+                       if recorded.get(k) != v]
+            if changed:
+                raise NnDiffSegError(f"--c resumes with the options the run was started with; drop "
+                                     f"{', '.join(changed)} or start a new run in another fold folder")
+            options = recorded
+            run_length = {**record.get("run_length", {}), **run_length}
+        if "num_iterations_per_epoch" in run_length and "num_val_iterations_per_epoch" not in run_length:
+            run_length["num_val_iterations_per_epoch"] = max(
+                1, round(run_length["num_iterations_per_epoch"] * NNUNET_VAL_TO_TRAIN_ITERS))
+        for name, value in run_length.items():
+            if name not in RUN_LENGTH:
+                raise ValueError(f"unknown run length setting {name}")
+            setattr(self, name, int(value))
+        for name, value in options.items():
+            if name not in self.option_names:
+                raise NnDiffSegError(f"{self.__class__.__name__} takes no --{name}")
+            setattr(self, name, value)
+        self.options = options
+        if self.local_rank == 0:
+            os.makedirs(self.output_folder, exist_ok=True)
+            record_file.write_text(json.dumps({"trainer": self.__class__.__name__, "options": options,
+                                               "run_length": {k: getattr(self, k) for k in RUN_LENGTH}}, indent=2))
+        self._run_configured = True
+
+    # ---- nnU-Net's initialize, with the network prepared (weights frozen) before compiling and DDP wrapping
+    def initialize(self) -> None:
+        if self.was_initialized:
+            raise RuntimeError("initialize() called twice")
+        if not self._run_configured:  # stock nnUNetv2_train: restore a continued run's record
+            self.configure_run()
+        if self.seed is not None:
+            seed_everything(self.seed, 0, self.local_rank)
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                       self.num_input_channels,
+                                                       self.label_manager.num_segmentation_heads,
+                                                       self.enable_deep_supervision).to(self.device)
+        self.prepare_network(self.network)
+        if self._do_i_compile():
+            self.print_to_log_file("Using torch.compile...")
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
+            self.network = DDP(self.network, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.loss = self._build_loss()
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+        self.after_initialize()
+        self.logger.update_config({"hparas": {
+            "initial_lr": self.initial_lr, "weight_decay": self.weight_decay,
+            "oversample_foreground_percent": self.oversample_foreground_percent,
+            "probabilistic_oversampling": self.probabilistic_oversampling,
+            "num_iterations_per_epoch": self.num_iterations_per_epoch,
+            "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch, "num_epochs": self.num_epochs,
+            "enable_deep_supervision": self.enable_deep_supervision,
+            "batch_size": self.configuration_manager.batch_size, "nndiffseg_options": self.options}})
+
+    def prepare_network(self, network: nn.Module) -> None:
+        """Called on the freshly built network, before compiling, the optimizer and DDP wrapping."""
+
+    def after_initialize(self) -> None:
+        """Called once the network, optimizer and nnU-Net's loss exist."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The network without its DDP and torch.compile wrappers."""
+        module = self.network.module if isinstance(self.network, DDP) else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    # ---- seeded runs and DDP checks
+    def on_train_start(self) -> None:
+        if self.seed is not None:
+            seed_everything(self.seed, 1, self.local_rank)
+        super().on_train_start()
+        self.print_to_log_file(f"nndiffseg {nndiffseg.__version__}, trainer {self.__class__.__name__}"
+                               f"{', options ' + json.dumps(self.options) if self.options else ''}")
+
+    def on_epoch_start(self) -> None:
+        if self.seed is not None:  # each epoch's batches and noise depend on the seed, epoch and rank alone
+            seed_everything(self.seed, 2, self.current_epoch, self.local_rank)
+        super().on_epoch_start()
+
+    def on_train_end(self) -> None:
+        if self.is_ddp:
+            self.check_ranks_agree()
+        super().on_train_end()
+
+    def check_ranks_agree(self) -> None:
+        """Every rank must hold the same parameters and buffers after training (DDP averages the gradients
+        of calls through its forward only); a RuntimeError says which differ."""
+        state = [v for v in self.module.state_dict().values() if isinstance(v, torch.Tensor)]
+        fingerprint = torch.stack([v.detach().double().sum() for v in state] +
+                                  [v.detach().double().abs().sum() for v in state]).cpu()
+        everyone = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, fingerprint.to(self.device))
+        if any(not torch.equal(everyone[0].cpu(), other.cpu()) for other in everyone[1:]):
+            raise RuntimeError("DDP: the ranks' parameters differ after training")
+        self.print_to_log_file(f"DDP: parameters and buffers identical on all {dist.get_world_size()} ranks")
+
+
+class nnDiffSegHeadTrainer(nnDiffSegTrainer):
+    """Adapts nnU-Net's loop to a diffusion head (``nndiffseg.head.DiffusionHead``): the head computes its own
+    losses in ``forward`` (train mode), nnU-Net's predictor gets class scores from it (eval mode)."""
+    mirroring_at_prediction = True  # nnDiffSeg_predict's and the final validation's default
+    initial_lr_default = 1e-3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        patch_size = self.configuration_manager.patch_size
-        if len(patch_size) != 2:
-            raise RuntimeError(
-                f"{self.__class__.__name__} supports 2D configurations only, but configuration "
-                f"'{configuration}' has a {len(patch_size)}D patch size {list(patch_size)}. "
-                f"Train the '2d' configuration instead (nnDiffSeg_train DATASET 2d FOLD ...).")
+        self.initial_lr = self.initial_lr_default
+        self.weight_decay = 1e-2
 
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self.print_to_log_file(f"nndiffseg {nndiffseg.__version__}, trainer {self.__class__.__name__}")
+    def prepare_network(self, network: nn.Module) -> None:
+        if self.label_manager.has_regions:
+            raise NnDiffSegError(f"{self.__class__.__name__} does not support region-based training (dataset.json "
+                                 f"labels given as lists of values); train nnUNetTrainer for this dataset")
+        if self.label_manager.has_ignore_label:
+            network.register_to_config(ignore_label=int(self.label_manager.ignore_label))
 
-    # ---- shared by the diffusion trainers
-    option_names: tuple = ()  # method options nnDiffSeg_train may pass (e.g. --sd_weights)
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    def set_options(self, **options) -> None:
-        """Options from nnDiffSeg_train; stock nnUNetv2_train uses the defaults."""
-        for name, value in options.items():
-            if value is None:
-                continue
-            if name not in self.option_names:
-                raise ValueError(f"{self.__class__.__name__} has no option --{name}")
-            setattr(self, name, value)
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        pass  # no deep supervision heads, unless the head holds an nnU-Net network (the guided prior)
 
-    def _module(self) -> nn.Module:
-        return self.network.module if self.is_ddp else self.network
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.network(data, target)["loss"]  # through DDP's forward: gradients are averaged
         params = [p for p in self.network.parameters() if p.requires_grad]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -59,15 +239,27 @@ class nnDiffSegTrainer(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
 
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+    def validation_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        head = self.module
+        full = target[0] if isinstance(target, list) else target
+        with torch.no_grad(), self._autocast():
+            loss = head.losses(data, target)["loss"]
+            labels = head.validation_labels(data, full)
+        ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
+        tp, fp, fn = hard_counts(labels, full, self.label_manager.num_segmentation_heads, ignore)
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's final validation; without mirroring where the trainer predicts without it by default
+        (nnDiffSeg_predict --enable_tta turns it on for prediction)."""
+        axes = self.inference_allowed_mirroring_axes
+        if not self.mirroring_at_prediction:
+            self.inference_allowed_mirroring_axes = None
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
 
-def hard_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-                mask: Optional[torch.Tensor] = None):
-    """nnU-Net's tp/fp/fn per foreground class, from label maps (B, H, W) against (B, 1, H, W) or (B, H, W)."""
-    pred = nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 1)
-    ref = target if target.ndim == 4 else target[:, None]
-    tp, fp, fn, _ = get_tp_fp_fn_tn(pred, ref, axes=[0, 2, 3], mask=mask)
-    return tp[1:].detach().cpu().numpy(), fp[1:].detach().cpu().numpy(), fn[1:].detach().cpu().numpy()

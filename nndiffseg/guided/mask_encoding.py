@@ -7,17 +7,25 @@ one-hot probability, so sampled masks stay as decided as the model made them and
 samples (not a softmax temperature chosen here) is what expresses uncertainty. A pixel where every
 channel is at -1 (no class claimed) becomes uniform.
 """
+from typing import Optional
+
 import torch
 
 _EPS = 1e-6
 
 
-def encode_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, 1, H, W) or (B, H, W) integer labels -> (B, num_classes, H, W) one-hot in {-1, 1}."""
+def encode_labels(labels: torch.Tensor, num_classes: int, ignore_label: Optional[int] = None) -> torch.Tensor:
+    """(B, 1, H, W) or (B, H, W) integer labels -> (B, num_classes, H, W) one-hot in {-1, 1}. nnU-Net's -1
+    (outside the nonzero crop) is background; pixels at ``ignore_label`` are 0 in every channel (no class
+    claimed nor denied: the losses leave them out)."""
     if labels.ndim == 4:
         labels = labels[:, 0]
-    one_hot = torch.nn.functional.one_hot(labels.long().clamp_min(0), num_classes)
-    return one_hot.permute(0, 3, 1, 2).float() * 2 - 1
+    labels = labels.long()
+    ignored = labels == ignore_label if ignore_label is not None else None
+    if ignored is not None:
+        labels = labels.masked_fill(ignored, 0)
+    one_hot = torch.nn.functional.one_hot(labels.clamp_min(0), num_classes).permute(0, 3, 1, 2).float() * 2 - 1
+    return one_hot if ignored is None else one_hot.masked_fill(ignored[:, None], 0.0)
 
 
 def mask_to_probabilities(mask: torch.Tensor) -> torch.Tensor:

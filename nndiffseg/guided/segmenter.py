@@ -2,20 +2,20 @@
 
 A conditional DDPM over the mask (one-hot over all classes, in [-1, 1]). The denoiser is conditioned on
 the image, on a spatial prior (class probabilities from a segmentation network, in nndiffseg the U-Net
-nnU-Net planned) and on a semantic prior (CLIP text embeddings of one prompt per class, a buffer saved
-with the weights).
+nnU-Net planned) and on a semantic prior (CLIP text embeddings of one prompt per class, zero-padded to the
+denoiser's text width and saved with the weights, so prediction loads no CLIP).
 
-Training: t uniform over the 1000 steps, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; loss = MSE of the
-denoiser's output against eps, x0 or v (the prediction type) + prior_weight x the prior's own loss
-(nnU-Net's Dice + CE in the trainer). The prior's probabilities reach the denoiser undetached, as in
-GuidedDiff, which trains both end to end: the diffusion loss also teaches the prior to give the
-denoiser useful guidance, while its own loss keeps it a segmenter (``detach_prior=True`` cuts that path,
-for comparison).
+Training (``forward`` in train mode): t uniform over the 1000 steps, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps;
+loss = MSE of the denoiser's output against eps, x0 or v (the prediction type), over the labelled pixels
+(nnU-Net's ignore label is left out) + prior_weight x the prior's own loss (``prior_loss``: nnU-Net's
+Dice + CE with deep supervision, set by the trainer). The prior's probabilities reach the denoiser
+undetached, as in GuidedDiff, which trains both end to end; a frozen prior (``freeze_prior``) gets neither
+its own loss nor the diffusion loss's gradient.
 Prediction: the prior and the text condition are computed once per image; K samples run as one batch
 through DDPM / DDIM / DPM-Solver++ from seeded noise; the samples are fused (mean or STAPLE) and their
 spread is the uncertainty.
 """
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,61 +23,94 @@ from torch import nn
 from nndiffseg.guided.denoiser import GuidedDenoiser
 from nndiffseg.guided.fusion import FUSIONS, fuse, uncertainty
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
-from nndiffseg.guided.sampling import NUM_TRAIN_TIMESTEPS, sampling_scheduler, training_scheduler
+from nndiffseg.head import DiffusionHead
+from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, denoise, sampling_scheduler,
+                                training_scheduler)
 
 # The fused probabilities leave as their logarithm, so nnU-Net's softmax gives them back; the floor keeps
 # one sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.
 PROBABILITY_FLOOR = 1e-4
+DEFAULTS = dict(prediction_type="epsilon", schedule="linear", sampler="ddim", steps=50, num_samples=5,
+                fusion="mean", seed=0, prior_weight=10.0, freeze_prior=False, ignore_label=None, clip_model=None,
+                prompts=None)
 
 
-class GuidedSegmenter(nn.Module):
+class GuidedSegmenter(DiffusionHead):
+    architecture_settings = ("num_classes", "conditioning", "text_dim")
     inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed")
+    has_uncertainty = True
 
-    def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, text_embeddings: torch.Tensor,
-                 schedule: str = "linear", prediction_type: str = "epsilon", sampler: str = "ddim",
-                 steps: int = 50, num_samples: int = 5, fusion: str = "mean", seed: int = 0,
-                 detach_prior: bool = False):
+    def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, **settings):
+        unknown = set(settings) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"GuidedSegmenter got unknown settings {sorted(unknown)}")
         super().__init__()
-        expected = (denoiser.num_classes, denoiser.text_dim)
-        if tuple(text_embeddings.shape) != expected:
-            raise ValueError(f"text embeddings of shape {tuple(text_embeddings.shape)}, the denoiser expects "
-                             f"{expected} (num_classes, text_dim)")
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion '{fusion}', choose one of {', '.join(FUSIONS)}")
         self.prior = prior
         self.denoiser = denoiser
-        self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
-        self.num_classes = denoiser.num_classes
-        self.schedule, self.prediction_type = schedule, prediction_type
-        self.scheduler = training_scheduler(schedule, prediction_type)
-        self.sampler, self.steps, self.num_samples = sampler, steps, num_samples
-        self.fusion, self.seed, self.detach_prior = fusion, seed, detach_prior
-        self._samplers = {}
-        self._sampling_scheduler(sampler, steps)  # a bad name or step count fails here, not at prediction
-        self.last_uncertainty: Optional[torch.Tensor] = None
+        self.register_buffer("text_embeddings", torch.zeros(denoiser.num_classes, denoiser.text_dim))
+        self._prior_loss: Optional[Callable] = None
+        self._schedulers: dict = {}
+        self.register_to_config(num_classes=denoiser.num_classes, conditioning=denoiser.conditioning,
+                               text_dim=denoiser.text_dim, **{**DEFAULTS, **settings})
 
-    def set_inference_options(self, sampler: Optional[str] = None, steps: Optional[int] = None,
-                              num_samples: Optional[int] = None, fusion: Optional[str] = None,
-                              seed: Optional[int] = None) -> None:
-        """Prediction settings (nnDiffSeg_predict --sampler/--steps/--num_samples/--fusion/--seed); a bad value
-        raises ValueError before anything is predicted."""
-        sampler = self.sampler if sampler is None else sampler
-        steps = self.steps if steps is None else steps
-        self._sampling_scheduler(sampler, steps)
-        if num_samples is not None and num_samples < 1:
-            raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
-        if fusion is not None and fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion '{fusion}', choose one of {', '.join(FUSIONS)}")
-        self.sampler, self.steps = sampler, steps
-        self.num_samples = self.num_samples if num_samples is None else num_samples
-        self.fusion = self.fusion if fusion is None else fusion
-        self.seed = self.seed if seed is None else seed
+    def check_config(self, config: Mapping) -> None:
+        check_schedule(config["schedule"], config["prediction_type"])
+        check_sampler(config["sampler"], config["steps"])
+        if isinstance(config["num_samples"], bool) or not isinstance(config["num_samples"], int) \
+                or config["num_samples"] < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {config['num_samples']}")
+        if config["fusion"] not in FUSIONS:
+            raise ValueError(f"unknown fusion '{config['fusion']}', choose one of {', '.join(FUSIONS)}")
 
-    def _sampling_scheduler(self, sampler: str, steps: int):
-        key = (sampler, steps)
-        if key not in self._samplers:
-            self._samplers[key] = sampling_scheduler(self.scheduler, sampler, steps)
-        return self._samplers[key]
+    @property
+    def num_classes(self) -> int:
+        return self._config["num_classes"]
+
+    @property
+    def train_scheduler(self):
+        return self._scheduler("train", self._config["schedule"], self._config["prediction_type"])
+
+    def _scheduler(self, *key):
+        if key not in self._schedulers:
+            if key[0] == "train":
+                self._schedulers[key] = training_scheduler(key[1], key[2])
+            else:
+                self._schedulers[key] = sampling_scheduler(self._scheduler("train", *key[1:3]), key[3], key[4])
+        return self._schedulers[key]
+
+    def sampling_scheduler(self, sampler: str, steps: int):
+        return self._scheduler("sample", self._config["schedule"], self._config["prediction_type"], sampler, steps)
+
+    # ---- set up by the trainer
+    def set_text_embeddings(self, embeddings: torch.Tensor, clip_model: Optional[str] = None,
+                            prompts: Optional[Sequence[str]] = None) -> None:
+        """(num_classes, D) text features, zero-padded to the denoiser's text width; the padded inputs meet
+        weights that never get a gradient, so any CLIP width up to it gives the same network."""
+        expected = (self.num_classes, self.denoiser.text_dim)
+        if embeddings.ndim != 2 or embeddings.shape[0] != expected[0] or embeddings.shape[1] > expected[1]:
+            raise ValueError(f"text embeddings of shape {tuple(embeddings.shape)}; the denoiser takes "
+                             f"{expected[0]} classes of at most {expected[1]} features")
+        padded = torch.zeros(expected, device=self.text_embeddings.device)
+        padded[:, :embeddings.shape[1]] = embeddings.to(padded.device, torch.float32)
+        self.text_embeddings.copy_(padded)
+        self.register_to_config(clip_model=clip_model, prompts=list(prompts) if prompts is not None else None)
+
+    def set_prior_loss(self, loss: Optional[Callable]) -> None:
+        """The prior's own loss, ``loss(prior_output, target)`` (nnU-Net's, deep supervision included); kept
+        out of the module tree, so it is neither a submodule nor saved."""
+        self.__dict__["_prior_loss"] = loss
+
+    def load_prior_state(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Weights of a trained segmentation network of the prior's architecture; ValueError if they do not fit."""
+        try:
+            self.prior.load_state_dict(state_dict)
+        except RuntimeError as e:
+            raise ValueError(str(e).splitlines()[0]) from None
+
+    def freeze_prior(self) -> None:
+        """Keep the prior as it is: no gradient, no loss of its own (call before the optimizer is built)."""
+        self.prior.requires_grad_(False)
+        self.register_to_config(freeze_prior=True)
 
     def _run_prior(self, image: torch.Tensor):
         """(the prior's output as it is, its full-resolution logits): under deep supervision the output is a
@@ -90,32 +123,37 @@ class GuidedSegmenter(nn.Module):
         return output, logits
 
     # ---- training
-    def training_loss(self, image: torch.Tensor, labels, prior_loss_fn: Optional[Callable] = None,
-                      prior_weight: float = 10.0) -> dict:
-        """``labels``: (B, 1, H, W) integer labels, or nnU-Net's deep-supervision list of them (the first at
-        full resolution), which goes as it is to ``prior_loss_fn(prior_output, labels)``."""
-        full_labels = labels[0] if isinstance(labels, (list, tuple)) else labels
-        x0 = encode_labels(full_labels, self.num_classes).to(image.dtype)
+    def losses(self, image: torch.Tensor, target: Union[torch.Tensor, Sequence[torch.Tensor]],
+               noise: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None) -> dict:
+        """``target``: (B, 1, H, W) integer labels, or nnU-Net's deep-supervision list of them (the first at
+        full resolution), which goes as it is to the prior's loss. ``noise`` and ``timesteps`` default to
+        fresh draws."""
+        labels = target[0] if isinstance(target, (list, tuple)) else target
+        x0 = encode_labels(labels, self.num_classes, self._config["ignore_label"]).to(image.dtype)
         prior_output, prior_logits = self._run_prior(image)
         prior_probs = torch.softmax(prior_logits, dim=1)
-        if self.detach_prior:
+        frozen = self._config["freeze_prior"]
+        if frozen:
             prior_probs = prior_probs.detach()
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        prediction = self.denoiser(noisy, t, image, prior_probs, self.text_embeddings)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "sample":
-            target = x0
+        noise = torch.randn_like(x0) if noise is None else noise
+        if timesteps is None:
+            timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=x0.device)
+        scheduler = self.train_scheduler
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        prediction = self.denoiser(noisy, timesteps, image, prior_probs, self.text_embeddings)
+        kind = self._config["prediction_type"]
+        goal = noise if kind == "epsilon" else x0 if kind == "sample" else scheduler.get_velocity(x0, noise, timesteps)
+        squared = (prediction.float() - goal.float()) ** 2
+        valid = self.valid_mask(labels)
+        if valid is None:
+            diffusion_loss = squared.mean()
         else:
-            target = self.scheduler.get_velocity(x0, noise, t)
-        diffusion_loss = nn.functional.mse_loss(prediction, target)
+            diffusion_loss = (squared * valid).sum() / (valid.sum() * squared.shape[1]).clamp_min(1)
         loss = diffusion_loss
         prior_loss = torch.zeros((), device=image.device)
-        if prior_loss_fn is not None:
-            prior_loss = prior_loss_fn(prior_output, labels)
-            loss = loss + prior_weight * prior_loss
+        if self._prior_loss is not None and not frozen:
+            prior_loss = self._prior_loss(prior_output, target)
+            loss = loss + self._config["prior_weight"] * prior_loss
         return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "prior_loss": prior_loss.detach()}
 
     # ---- prediction
@@ -123,11 +161,11 @@ class GuidedSegmenter(nn.Module):
     def sample(self, image: torch.Tensor, num_samples: Optional[int] = None, sampler: Optional[str] = None,
                steps: Optional[int] = None, seed: Optional[int] = None) -> torch.Tensor:
         """(K, B, num_classes, H, W) class probabilities of K samples for each image; the defaults are the
-        segmenter's settings. The same seed gives the same samples."""
-        num_samples = self.num_samples if num_samples is None else num_samples
-        sampler = self.sampler if sampler is None else sampler
-        steps = self.steps if steps is None else steps
-        seed = self.seed if seed is None else seed
+        settings in force. The same seed gives the same samples."""
+        num_samples = self.setting("num_samples") if num_samples is None else num_samples
+        sampler = self.setting("sampler") if sampler is None else sampler
+        steps = self.setting("steps") if steps is None else steps
+        seed = self.setting("seed") if seed is None else seed
         batch = image.shape[0]
         _, prior_logits = self._run_prior(image)
         # the K samples of every image form one batch, sample-major: row k * B + b is sample k of image b
@@ -137,25 +175,17 @@ class GuidedSegmenter(nn.Module):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (num_samples * batch, self.num_classes) + tuple(image.shape[2:])
         x = torch.randn(shape, generator=generator).to(device=image.device, dtype=image.dtype)
-        scheduler = self._sampling_scheduler(sampler, steps)
-        scheduler.set_timesteps(steps, device=image.device)  # also resets DPM-Solver++'s history
-        for t in scheduler.timesteps:
-            x = scheduler.step(self.denoiser.predict(x, t, condition, text), t, x, generator=generator).prev_sample
+        x = denoise(self.sampling_scheduler(sampler, steps),
+                    lambda x_t, t: self.denoiser.predict(x_t, t, condition, text), x, generator)
         return mask_to_probabilities(x).reshape((num_samples, batch) + x.shape[1:])
 
     def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores (B, num_classes, H, W), uncertainty (B, H, W)) with the segmenter's settings; the
+        """(class scores (B, num_classes, H, W), uncertainty (B, H, W)) with the settings in force; the
         scores are the log of the fused probabilities, floored at PROBABILITY_FLOOR."""
         samples = self.sample(image)
-        fused = fuse(samples, self.fusion)
+        fused = fuse(samples, self.setting("fusion"))
         return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty(samples)
 
-    def forward(self, image: torch.Tensor):
-        """In eval mode: class scores (B, num_classes, H, W) for nnU-Net's predictor (its softmax gives the
-        fused probabilities back); the samples' uncertainty (B, H, W) is kept in ``last_uncertainty``.
-        In train mode: the prior's output as it is (a list under deep supervision), which nnU-Net's loss and
-        online evaluation understand; training itself goes through ``training_loss``."""
-        if self.training:
-            return self.prior(image)
-        scores, self.last_uncertainty = self.predict_with_uncertainty(image)
-        return scores
+    def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One sample per patch with the configured sampler (K samples would make epochs long)."""
+        return self.sample(image, num_samples=1)[0].argmax(1)

@@ -20,6 +20,7 @@ from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
+from nndiffseg.registry import PREDICT, check_options, find_trainer_class
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 PARTIAL_PREFIX = ".partial_"
@@ -84,19 +85,13 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
-def apply_inference_options(network: torch.nn.Module, trainer: str, options: dict) -> None:
-    options = {k: v for k, v in options.items() if v is not None}
-    if not options:
-        return
-    accepted = getattr(network, "inference_option_names", ())
-    refused = [k for k in options if k not in accepted]
-    if refused:
-        raise NnDiffSegError(f"{trainer} takes no {', '.join('--' + k for k in refused)}"
-                             + (f" (it takes {', '.join('--' + k for k in accepted)})" if accepted else ""))
-    try:
-        network.set_inference_options(**options)
-    except ValueError as e:
-        raise NnDiffSegError(str(e)) from None
+def apply_inference_options(network: torch.nn.Module, options: dict) -> None:
+    """Prediction options (already checked by name in nndiffseg.registry) override the checkpoint's settings."""
+    if options:
+        try:
+            network.set_inference_options(**options)
+        except ValueError as e:
+            raise NnDiffSegError(str(e)) from None
 
 
 def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, configuration: str,
@@ -119,6 +114,12 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         raise NnDiffSegError("the output folder must differ from the input folder")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    trainer_class = find_trainer_class(trainer)
+    options = check_options(trainer_class, inference_options or {}, PREDICT)
+    head_class = getattr(trainer_class, "head_class", None)
+    if save_uncertainty and not getattr(head_class, "has_uncertainty", False):
+        raise NnDiffSegError(f"{trainer} draws no samples, so it has no uncertainty to save (--save_uncertainty is "
+                             f"for the guided diffusion trainers)")
     model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)
     folds = _check_folds(model_folder, [str(f) for f in folds] if folds else None, checkpoint_name)
 
@@ -138,18 +139,14 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
             print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
 
     if use_tta is None:
-        from nndiffseg.run.train import find_trainer_class
-        use_tta = getattr(find_trainer_class(trainer), "mirroring_at_prediction", True)
+        use_tta = getattr(trainer_class, "mirroring_at_prediction", True)
     register_ext_trainer_dir()
     predictor_class = UncertaintyPredictor if save_uncertainty else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                    checkpoint_name)
-    apply_inference_options(predictor.network, trainer, inference_options or {})
-    if save_uncertainty and not hasattr(predictor.network, "last_uncertainty"):
-        raise NnDiffSegError(f"{trainer} draws no samples, so it has no uncertainty to save (--save_uncertainty is "
-                             f"for the guided diffusion trainers)")
+    apply_inference_options(predictor.network, options)
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -167,13 +164,15 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                 data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                                                 predictor.configuration_manager, dataset_json)
                 if save_uncertainty:
-                    predictor.start_case()
-                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
+                    logits, uncertainty = predictor.predict_logits_and_uncertainty(torch.from_numpy(data))
+                    logits = logits.numpy()
+                else:
+                    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
                 args = (logits, properties, *export_args, case, save_probabilities)
                 if pool is None or save_uncertainty:  # the uncertainty picture draws the exported labels
                     export_atomically(*args)
                     if save_uncertainty:
-                        export_uncertainty(predictor.case_uncertainty(), properties, predictor.configuration_manager,
+                        export_uncertainty(uncertainty, properties, predictor.configuration_manager,
                                            predictor.plans_manager, files, output_path, case)
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))

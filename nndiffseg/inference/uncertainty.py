@@ -1,14 +1,19 @@
-"""Uncertainty maps of the sampling networks (the guided trainers), stitched over nnU-Net's sliding window
-and written in the image's own geometry."""
+"""Uncertainty maps of the sampling heads (the guided trainers): class scores and the samples' spread from one
+call per tile (``DiffusionHead.predict_with_uncertainty``), stitched over nnU-Net's sliding window (its tile
+steps and Gaussian weighting, from nnunetv2's public helpers), averaged over mirrorings and folds, and
+written in the image's own geometry."""
+import itertools
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+from nnunetv2.utilities.helpers import dummy_context
 from PIL import Image
 
 from nndiffseg.visualization.overlay import save_overlay
@@ -16,43 +21,63 @@ from nndiffseg.visualization.overlay import save_overlay
 UNCERTAINTY_FOLDER = "uncertainty"
 
 
+@torch.inference_mode()
+def sliding_window_with_uncertainty(head: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+                                    step_size: float = 0.5, mirror_axes: Optional[Sequence[int]] = None,
+                                    use_gaussian: bool = True, device: torch.device = torch.device("cpu")):
+    """(scores (C, *spatial), uncertainty (*spatial)) for a preprocessed image (channels, *spatial), with
+    2D patches over a (channels, slices, H, W) image slice by slice, as nnU-Net's predictor does."""
+    data, revert = pad_nd_image(image, patch_size, "constant", {"value": 0}, True, None)
+    spatial = data.shape[1:]
+    tile_grid = spatial[-len(patch_size):]
+    steps = compute_steps_for_sliding_window(tile_grid, patch_size, step_size)
+    leading = [range(n) for n in spatial[:len(spatial) - len(patch_size)]]
+    weight = compute_gaussian(tuple(patch_size), sigma_scale=1. / 8, value_scaling_factor=10, dtype=torch.float32,
+                              device=torch.device("cpu")) if use_gaussian else torch.ones(tuple(patch_size))
+    axes = [a + 2 for a in (mirror_axes or ())]
+    flips = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+    scores = uncertainty = None
+    hits = torch.zeros(spatial)
+    for position in itertools.product(*leading, *steps):
+        lead, corner = position[:len(leading)], position[len(leading):]
+        where = (*lead, *[slice(c, c + p) for c, p in zip(corner, patch_size)])
+        tile = data[(slice(None), *where)][None].to(device)
+        tile_scores, tile_spread = head.predict_with_uncertainty(tile)
+        for flip in flips:
+            flipped_scores, flipped_spread = head.predict_with_uncertainty(torch.flip(tile, flip))
+            tile_scores = tile_scores + torch.flip(flipped_scores, flip)
+            tile_spread = tile_spread + torch.flip(flipped_spread, [a - 1 for a in flip])
+        tile_scores, tile_spread = tile_scores[0].float().cpu(), tile_spread[0].float().cpu()
+        if scores is None:
+            scores = torch.zeros((tile_scores.shape[0], *spatial))
+            uncertainty = torch.zeros(spatial)
+        scores[(slice(None), *where)] += tile_scores / (len(flips) + 1) * weight
+        uncertainty[where] += tile_spread / (len(flips) + 1) * weight
+        hits[where] += weight
+    scores, uncertainty = scores / hits, uncertainty / hits
+    return scores[(slice(None), *revert[1:])], uncertainty[tuple(revert[1:])]
+
+
 class UncertaintyPredictor(nnUNetPredictor):
-    """nnU-Net's predictor that also stitches a diffusion network's per-tile uncertainty (``last_uncertainty``,
-    the spread of its samples, from the unmirrored pass) into one map per image, averaged over overlapping
-    tiles and over folds. ``start_case`` resets it; ``case_uncertainty`` returns it in preprocessed space."""
+    """nnU-Net's predictor, plus ``predict_logits_and_uncertainty`` for heads that draw samples."""
 
-    def start_case(self) -> None:
-        self._sum = self._hits = None
-
-    def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
-        self._tile_sum, self._tile_hits = torch.zeros(data.shape[1:]), torch.zeros(data.shape[1:])
-        self._slicers = list(slicers)
-        return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
-
-    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        first = []
-        hook = self.network.register_forward_hook(
-            lambda module, inputs, output: first.append(module.last_uncertainty) if not first else None)
-        try:
-            prediction = super()._internal_maybe_mirror_and_predict(x)
-        finally:
-            hook.remove()
-        where = self._slicers.pop(0)[1:]
-        self._tile_sum[where] += first[0][0].float().cpu()
-        self._tile_hits[where] += 1
-        return prediction
-
-    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        logits = super().predict_sliding_window_return_logits(input_image)
-        _, unpad = pad_nd_image(torch.zeros((1, *input_image.shape[1:])), self.configuration_manager.patch_size,
-                                "constant", {"value": 0}, True, None)
-        fold_map = (self._tile_sum / self._tile_hits.clamp_min(1))[tuple(unpad[1:])]
-        self._sum = fold_map if self._sum is None else self._sum + fold_map
-        self._hits = 1 if self._hits is None else self._hits + 1
-        return logits
-
-    def case_uncertainty(self) -> np.ndarray:
-        return (self._sum / self._hits).numpy()
+    @torch.inference_mode()
+    def predict_logits_and_uncertainty(self, data: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(scores (C, *spatial), uncertainty (*spatial)) of a preprocessed image in preprocessed space, each the
+        mean over the folds' models (the spread across folds is not added: it is not the samples' spread)."""
+        self.network = self.network.to(self.device).eval()
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        scores = uncertainty = None
+        for params in self.list_of_parameters:
+            getattr(self.network, "_orig_mod", self.network).load_state_dict(params)
+            with torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context():
+                fold_scores, fold_uncertainty = sliding_window_with_uncertainty(
+                    self.network, data, self.configuration_manager.patch_size, self.tile_step_size, mirror_axes,
+                    self.use_gaussian, self.device)
+            scores = fold_scores if scores is None else scores + fold_scores
+            uncertainty = fold_uncertainty if uncertainty is None else uncertainty + fold_uncertainty
+        n = len(self.list_of_parameters)
+        return scores / n, (uncertainty / n).numpy()
 
 
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,

@@ -3,31 +3,86 @@
 Loss: L1 reconstruction of the one-hot mask in [-1, 1], cross-entropy of the decoded class scores (the
 segmentation is read by argmax over them, so their margins are what matters), and a KL term of weight 1e-6.
 This is Stable Diffusion's autoencoder loss with the perceptual and adversarial terms, which suit
-photographs rather than masks, replaced by the cross-entropy.
+photographs rather than masks, replaced by the cross-entropy. Pixels at nnU-Net's ignore label are left out
+of the reconstruction and cross-entropy terms.
 """
+from typing import Optional
+
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
 
+from nndiffseg.head import DiffusionHead
+from nndiffseg.latent.autoencoders import widen_first_conv
 from nndiffseg.latent.mask_encoding import decoded_to_scores, encode_labels
 
 KL_WEIGHT = 1e-6
 
 
 def mask_autoencoder_loss(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int,
-                          kl_weight: float = KL_WEIGHT) -> dict:
-    target = encode_labels(labels, num_classes)
+                          kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None) -> dict:
+    target = encode_labels(labels, num_classes, ignore_label)
     posterior = autoencoder.encode(target).latent_dist
     reconstruction = autoencoder.decode(posterior.sample()).sample
-    rec_loss = torch.nn.functional.l1_loss(reconstruction, target)
-    ce = torch.nn.functional.cross_entropy(decoded_to_scores(reconstruction, num_classes),
-                                           (labels[:, 0] if labels.ndim == 4 else labels).long())
+    flat = (labels[:, 0] if labels.ndim == 4 else labels).long()
+    if ignore_label is None:
+        rec_loss = nn.functional.l1_loss(reconstruction, target)
+        ce = nn.functional.cross_entropy(decoded_to_scores(reconstruction, num_classes), flat.clamp_min(0))
+    else:
+        valid = (flat != ignore_label).unsqueeze(1).float()
+        error = (reconstruction - target).abs() * valid
+        rec_loss = error.sum() / (valid.sum() * error.shape[1]).clamp_min(1)
+        ce = nn.functional.cross_entropy(decoded_to_scores(reconstruction, num_classes), flat.clamp_min(0)
+                                         .masked_fill(flat == ignore_label, -100), ignore_index=-100)
+        ce = torch.nan_to_num(ce)  # a batch without any labelled pixel
     kl = posterior.kl().mean()
     return {"loss": rec_loss + ce + kl_weight * kl, "reconstruction_loss": rec_loss.detach(),
             "cross_entropy": ce.detach(), "kl": kl.detach()}
 
 
 @torch.no_grad()
-def reconstruct_labels(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def reconstruct_labels(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int,
+                       ignore_label: Optional[int] = None) -> torch.Tensor:
     """decode(encode(mask)) as a label map (B, H, W), through the posterior mode as at segmentation time."""
-    latents = autoencoder.encode(encode_labels(labels, num_classes)).latent_dist.mode()
+    latents = autoencoder.encode(encode_labels(labels, num_classes, ignore_label)).latent_dist.mode()
     return decoded_to_scores(autoencoder.decode(latents).sample, num_classes).argmax(1)
+
+
+class MaskAutoencoderHead(DiffusionHead):
+    """The mask autoencoder stage of the latent method as a head: in train mode ``forward(image, target)``
+    returns the autoencoder's losses on the target (the image is not used); it reconstructs label maps and
+    cannot segment images, so eval-mode prediction is refused."""
+    architecture_settings = ("num_classes", "preset")
+
+    def __init__(self, autoencoder: AutoencoderKL, num_classes: int, preset: Optional[str] = None,
+                 kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.register_to_config(num_classes=num_classes, preset=preset, kl_weight=kl_weight,
+                                ignore_label=ignore_label)
+
+    @property
+    def num_classes(self) -> int:
+        return self._config["num_classes"]
+
+    def load_pretrained(self, pretrained: AutoencoderKL) -> None:
+        """Stable Diffusion's autoencoder (3 channels) into this one: its first convolution widened with zeros
+        for more mask channels, its last one replaced by this decoder's when the channel counts differ."""
+        pretrained.encoder.conv_in = widen_first_conv(pretrained.encoder.conv_in, self.autoencoder.config.in_channels)
+        if pretrained.decoder.conv_out.out_channels != self.autoencoder.decoder.conv_out.out_channels:
+            pretrained.decoder.conv_out = self.autoencoder.decoder.conv_out
+        self.autoencoder.load_state_dict(pretrained.state_dict())
+
+    def losses(self, image: torch.Tensor, target: torch.Tensor, **unused) -> dict:
+        return mask_autoencoder_loss(self.autoencoder, target, self.num_classes, self._config["kl_weight"],
+                                     self._config["ignore_label"])
+
+    def reconstruct(self, labels: torch.Tensor) -> torch.Tensor:
+        return reconstruct_labels(self.autoencoder, labels, self.num_classes, self._config["ignore_label"])
+
+    def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(target)
+
+    def predict_with_uncertainty(self, image: torch.Tensor):
+        raise RuntimeError("nnDiffSegTrainerMaskVAE trains the mask autoencoder of nnDiffSegTrainerLatent; it does "
+                           "not segment images. Predict with the nnDiffSegTrainerLatent model.")

@@ -1,40 +1,20 @@
 """``nnDiffSeg_train``: nnU-Net training for our trainers and nnunetv2's, with run-length overrides."""
 import argparse
-import json
 import os
 from pathlib import Path
-from typing import Optional, Type, Union
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
-from nnunetv2.run.run_training import (cleanup_ddp, find_free_network_port, maybe_load_checkpoint, setup_ddp)
+from nnunetv2.run.run_training import find_free_network_port, maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-import nndiffseg.trainers
 from nndiffseg.errors import NnDiffSegError, run_cli
-from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.registry import TRAIN, check_options, find_trainer_class
 from nndiffseg.planning.planner import PLANS_NAME
+from nndiffseg.trainers.base import NNUNET_VAL_TO_TRAIN_ITERS, RUN_LENGTH
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
-
-# --num_epochs/--iters_per_epoch are remembered in the fold folder, so `--c` resumes the same schedule
-RUN_LENGTH_FILE = "nndiffseg_run_length.json"
-# nnU-Net runs 250 training and 50 validation iterations per epoch; shortened runs keep that ratio
-NNUNET_VAL_TO_TRAIN_ITERS = 50 / 250
-
-
-def find_trainer_class(name: str) -> Type[nnUNetTrainer]:
-    """nndiffseg.trainers first, then nnunetv2 (and any nnUNet_extTrainer folders)."""
-    cls = getattr(nndiffseg.trainers, name, None)
-    if cls is not None:
-        return cls
-    register_ext_trainer_dir()
-    try:
-        return recursive_find_trainer_class_by_name(name)
-    except RuntimeError:
-        raise NnDiffSegError(f"trainer '{name}' not found in nndiffseg.trainers ({', '.join(nndiffseg.trainers.__all__)}) "
-                             f"nor in nnunetv2.training.nnUNetTrainer (e.g. nnUNetTrainer)") from None
-
 
 def parse_fold(fold: Union[int, str]) -> Union[int, str]:
     if fold == "all":
@@ -72,45 +52,23 @@ def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold:
     return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
 
 
-def apply_run_length(trainer: nnUNetTrainer, num_epochs: Optional[int], iters_per_epoch: Optional[int],
-                     val_iters_per_epoch: Optional[int], continue_training: bool) -> None:
-    """Shorten (or lengthen) a run without a new trainer class; must happen before trainer.initialize(),
-    which builds the learning-rate schedule from num_epochs."""
-    record = Path(trainer.output_folder) / RUN_LENGTH_FILE
-    saved = json.loads(record.read_text()) if continue_training and record.is_file() else {}
-    num_epochs = num_epochs if num_epochs is not None else saved.get("num_epochs")
-    iters_per_epoch = iters_per_epoch if iters_per_epoch is not None else saved.get("iters_per_epoch")
-    if val_iters_per_epoch is None:
-        val_iters_per_epoch = saved.get("val_iters_per_epoch")
-    if val_iters_per_epoch is None and iters_per_epoch is not None:
-        val_iters_per_epoch = max(1, round(iters_per_epoch * NNUNET_VAL_TO_TRAIN_ITERS))
-    for value, flag in ((num_epochs, "--num_epochs"), (iters_per_epoch, "--iters_per_epoch"),
-                        (val_iters_per_epoch, "--val_iters_per_epoch")):
+def configure_run(trainer: nnUNetTrainer, options: dict, run_length: dict) -> None:
+    """Method options and run length: recorded in the fold folder by our trainers (``--c`` restores them);
+    a stock nnU-Net trainer takes the run length only, and nothing is recorded for it."""
+    for flag, value in run_length.items():
         if value is not None and value < 1:
-            raise NnDiffSegError(f"{flag} must be at least 1, got {value}")
-    if num_epochs is not None:
-        trainer.num_epochs = num_epochs
-    if iters_per_epoch is not None:
-        trainer.num_iterations_per_epoch = iters_per_epoch
-    if val_iters_per_epoch is not None:
-        trainer.num_val_iterations_per_epoch = val_iters_per_epoch
-    if num_epochs is not None or iters_per_epoch is not None:
-        os.makedirs(trainer.output_folder, exist_ok=True)
-        record.write_text(json.dumps({"num_epochs": trainer.num_epochs,
-                                      "iters_per_epoch": trainer.num_iterations_per_epoch,
-                                      "val_iters_per_epoch": trainer.num_val_iterations_per_epoch}, indent=2))
-
-
-def apply_trainer_options(trainer: nnUNetTrainer, options: dict) -> None:
-    """Method options such as --sd_weights go to trainers that declare them (``option_names``)."""
-    given = {k: v for k, v in options.items() if v is not None}
-    accepted = getattr(trainer, "option_names", ())
-    unknown = [k for k in given if k not in accepted]
-    if unknown:
-        raise NnDiffSegError(f"{trainer.__class__.__name__} takes no {', '.join('--' + k for k in unknown)}"
-                             f"{' (it takes ' + ', '.join('--' + k for k in accepted) + ')' if accepted else ''}")
-    if given:
-        trainer.set_options(**given)
+            raise NnDiffSegError(f"--{flag} must be at least 1, got {value}")
+    lengths = dict(zip(RUN_LENGTH, (run_length.get("num_epochs"), run_length.get("iters_per_epoch"),
+                                    run_length.get("val_iters_per_epoch"))))
+    if hasattr(trainer, "configure_run"):
+        trainer.configure_run(options, lengths)
+        return
+    if lengths["num_iterations_per_epoch"] is not None and lengths["num_val_iterations_per_epoch"] is None:
+        lengths["num_val_iterations_per_epoch"] = max(
+            1, round(lengths["num_iterations_per_epoch"] * NNUNET_VAL_TO_TRAIN_ITERS))
+    for name, value in lengths.items():
+        if value is not None:
+            setattr(trainer, name, value)
 
 
 def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
@@ -118,8 +76,7 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
                        export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
     trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                             continue_training, device)
-    apply_trainer_options(trainer, trainer_options)
-    apply_run_length(trainer, *run_length, continue_training=continue_training)
+    configure_run(trainer, trainer_options, run_length)
     trainer.disable_checkpointing = disable_checkpointing
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
     if device.type == "cuda":
@@ -133,12 +90,17 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
 
 
 def _train_ddp(rank: int, world_size: int, *args) -> None:
-    setup_ddp(rank, world_size)
-    torch.cuda.set_device(torch.device("cuda", rank))
+    """One DDP rank: nccl with one GPU per rank, or gloo on the CPU (args[5] is the device)."""
+    device: torch.device = args[5]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(max(1, cpu_threads() // world_size))
     try:
         _train_one_process(*args)
     finally:
-        cleanup_ddp()
+        dist.destroy_process_group()
 
 
 def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
@@ -159,17 +121,23 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
         raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
-    find_trainer_class(trainer_name)  # fail before any work if the name is wrong
-    run_length = (num_epochs, iters_per_epoch, val_iters_per_epoch)
+    options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
+    run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
+                  "val_iters_per_epoch": val_iters_per_epoch}
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
             continue_training, only_run_validation, val_with_best, disable_checkpointing,
-            export_validation_probabilities, pretrained_weights, run_length, trainer_options or {})
+            export_validation_probabilities, pretrained_weights, run_length, options)
     if num_gpus > 1:
-        if device != "cuda":
-            raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda")
+        if device not in ("cuda", "cpu"):
+            raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
+        if device == "cuda" and torch.cuda.device_count() < num_gpus:
+            raise NnDiffSegError(f"-num_gpus {num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         os.environ["MASTER_ADDR"] = "localhost"
         os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
-        torch.multiprocessing.spawn(_train_ddp, args=(num_gpus, *args), nprocs=num_gpus, join=True)
+        try:
+            torch.multiprocessing.spawn(_train_ddp, args=(num_gpus, *args), nprocs=num_gpus, join=True)
+        except torch.multiprocessing.ProcessRaisedException as e:  # the rank's own traceback was printed above
+            raise NnDiffSegError(f"a DDP process failed: {str(e).strip().splitlines()[-1]}") from None
         return
     if device == "cpu":
         torch.set_num_threads(cpu_threads())
@@ -189,7 +157,9 @@ def train_entry() -> None:
     parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
     parser.add_argument("-p", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
-    parser.add_argument("-num_gpus", type=int, default=1, help="GPUs for DDP training (default: 1)")
+    parser.add_argument("-num_gpus", type=int, default=1,
+                        help="DDP processes (default: 1): one per GPU with -device cuda, or N CPU processes on "
+                             "gloo with -device cpu (a multi-process check without GPUs)")
     parser.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from")
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val", action="store_true", help="only run the final validation")
@@ -202,7 +172,12 @@ def train_entry() -> None:
     parser.add_argument("--val_iters_per_epoch", type=int, default=None,
                         help="validation iterations per epoch (default: the trainer's 50, or iters_per_epoch/5 "
                              "when --iters_per_epoch is given)")
-    method = parser.add_argument_group("method options (only for the trainers that take them)")
+    method = parser.add_argument_group("method options (only for the trainers that take them; --c restores the "
+                                       "first run's)")
+    method.add_argument("--seed", type=int, default=None,
+                        help="nndiffseg trainers: seed the network's initialisation and each epoch's batches and "
+                             "noise; a seeded run resumed with --c ends with the same weights as an uninterrupted "
+                             "one (default: unseeded, as nnU-Net)")
     method.add_argument("--sd_weights", default=None,
                         help="latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or "
                              "'random' (default: the _sd trainers load stable-diffusion-v1-5, the compact ones "
@@ -222,7 +197,7 @@ def train_entry() -> None:
     method.add_argument("--freeze_prior", action="store_const", const=True, default=None,
                         help="guided trainers: keep the --prior U-Net frozen")
     args = parser.parse_args()
-    options = {"sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
+    options = {"seed": args.seed, "sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
                "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
     run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
                           args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
