@@ -89,12 +89,13 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
     from nndiffseg.ext_trainer import register_ext_trainer_dir
     from nndiffseg.inference.predict import (_resolve_model_folder, apply_inference_options, export_atomically,
                                              group_input_files)
+    from nndiffseg.registry import PREDICT, check_options, find_trainer_class
     torch.set_num_threads(os.cpu_count() or 1)
     register_ext_trainer_dir()  # nnU-Net's predictor finds trainer classes by name
     folder = _resolve_model_folder(dataset_id, trainer, plans, "2d")
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), list(folds), "checkpoint_final.pth")
-    apply_inference_options(predictor.network, trainer, options or {})
+    apply_inference_options(predictor.network, check_options(find_trainer_class(trainer), options or {}, PREDICT))
     dataset_json = load_json(str(folder / "dataset.json"))
     cases, _ = group_input_files(images, dataset_json["file_ending"])
     out.mkdir(parents=True, exist_ok=True)

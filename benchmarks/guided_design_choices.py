@@ -51,16 +51,18 @@ def run_variant(prediction_type: str, conditioning: str, iters: int) -> list:
                           True, torch.nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None,
                           torch.nn.LeakyReLU, {"inplace": True})
     model = GuidedSegmenter(prior, build_denoiser(3, 3, 1024, conditioning, "small", (64, 64)),
-                            torch.nn.functional.normalize(torch.randn(3, 1024), dim=1), prediction_type=prediction_type)
+                            prediction_type=prediction_type)
+    model.set_text_embeddings(torch.nn.functional.normalize(torch.randn(3, 1024), dim=1))
     prior_loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                                 weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    model.set_prior_loss(prior_loss)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-2)
     rng = np.random.default_rng(1)
     test_images, test_labels = _toy_batch(np.random.default_rng(9), 16)
     rows, start = [], time.time()
     for it in range(1, iters + 1):
         model.train()
-        loss = model.training_loss(*_toy_batch(rng, 2), prior_loss, 10.0)["loss"]
+        loss = model(*_toy_batch(rng, 2))["loss"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12)

@@ -38,3 +38,21 @@ def crash_after_first_epoch(trainer: str, dataset_id: int, fold: int, options: d
             pass
         log.seek(0)
         assert returncode == 3, log.read()[-3000:]
+
+
+def uninterrupted_results(root, env: dict) -> dict:
+    """The env for a second nnUNet_results folder beside ``root``'s: the same fold trained there without the
+    crash is the reference a resumed run must reproduce."""
+    from pathlib import Path
+    folder = Path(root) / "nnUNet_results_uninterrupted"
+    folder.mkdir(exist_ok=True)
+    return {**env, "nnUNet_results": str(folder)}
+
+
+def assert_same_weights(resumed: dict, uninterrupted: dict) -> None:
+    """Every tensor of two checkpoints' network weights is equal (both runs seeded, on the CPU)."""
+    import torch
+    a, b = resumed["network_weights"], uninterrupted["network_weights"]
+    assert set(a) == set(b)
+    differ = [k for k, v in a.items() if isinstance(v, torch.Tensor) and not torch.allclose(v, b[k], rtol=0, atol=1e-6)]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"

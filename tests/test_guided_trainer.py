@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cli import assert_refused, nnunet_folders, run_tool
-from resume import crash_after_first_epoch
+from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
 from toy_data import write_toy_dataset
 
 DATASET_ID = 41
@@ -89,6 +89,32 @@ def test_stock_predict_gives_the_same_seeded_output(guided, predicted):
         assert set(np.unique(ours)) <= {0, 1, 2}
 
 
+_PREDICT_WITH_OTHER_DEFAULTS = """
+import sys
+from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
+from nndiffseg.inference.predict import predict_folder
+nnDiffSegTrainerGuided.head_settings = dict(prediction_type="epsilon", schedule="cosine", sampler="ddpm", steps=3,
+                                            num_samples=2, fusion="staple", prior_weight=1.0)
+failures = predict_folder(sys.argv[1], sys.argv[2], sys.argv[3], "2d", "nnDiffSegTrainerGuided", folds=["0"],
+                          device="cpu", num_processes_export=0)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_changed_class_defaults_do_not_change_what_the_saved_model_predicts(guided, predicted):
+    """Every head setting of the trainer class changed after training (prediction type, schedule, sampler,
+    steps, samples, fusion): the checkpoint's own settings are used, so the label maps stay the same."""
+    import subprocess
+    import sys
+    out = guided["root"] / "other_defaults"
+    result = subprocess.run([sys.executable, "-c", _PREDICT_WITH_OTHER_DEFAULTS, guided["raw"] / "imagesTs", out,
+                             str(DATASET_ID)], env={**__import__("os").environ, **guided["env"]}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for f in sorted(predicted.glob("*.png")):
+        np.testing.assert_array_equal(np.array(Image.open(out / f.name)), np.array(Image.open(f)))
+
+
 def test_sampler_options_and_staple_fusion_run(guided, predicted):
     out = guided["root"] / "dpm_staple"
     _predict(guided, out, "--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
@@ -130,6 +156,30 @@ def _load_trained_network(guided):
     return predictor
 
 
+def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
+    """--save_uncertainty predicts through one call per tile that returns scores and spread together; its
+    stitching (tile steps, Gaussian weights, mirroring) gives nnU-Net's own predictor's logits."""
+    from nndiffseg.inference.uncertainty import UncertaintyPredictor
+    from nndiffseg.ext_trainer import register_ext_trainer_dir
+    register_ext_trainer_dir()
+    predictor = UncertaintyPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"),
+                                     allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(guided["model"]), [0], "checkpoint_final.pth")
+    predictor.network.set_inference_options(num_samples=2)
+    reader = predictor.plans_manager.image_reader_writer_class()
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    image = sorted((guided["raw"] / "imagesTs").glob("*_0000.png"))[0]
+    data, properties = reader.read_images([str(image)])
+    data, _, _ = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
+                                           predictor.configuration_manager, predictor.dataset_json)
+    data = torch.from_numpy(data)
+    scores, uncertainty = predictor.predict_logits_and_uncertainty(data)
+    reference = predictor.predict_logits_from_preprocessed_data(data)
+    assert scores.shape == reference.shape and uncertainty.shape == tuple(data.shape[1:])
+    torch.testing.assert_close(scores, reference.float(), atol=2e-2, rtol=1e-2)  # nnU-Net sums in float16
+    assert uncertainty.min() >= 0 and uncertainty.max() > 0
+
+
 def test_few_step_ddim_stays_close_to_ddpm_1000(guided):
     """DDIM-10 against DDPM-1000, one sample each, on 2 test images (batched, zero-padded to the patch):
     the label maps agree to a Dice of at least DDIM_TOLERANCE per class, and their Dice with the reference
@@ -155,20 +205,31 @@ def test_few_step_ddim_stays_close_to_ddpm_1000(guided):
         assert abs(_dice(ddim, reference, c) - _dice(ddpm, reference, c)) <= 0.05
 
 
-def test_interrupted_run_resumed_with_c_ends_where_an_uninterrupted_one_would(guided):
+def test_interrupted_run_resumed_with_c_ends_with_the_weights_of_an_uninterrupted_one(guided):
+    """A seeded run killed after epoch 0, resumed with --c alone (the seed and --clip_model come from the run's
+    record; the embeddings from the checkpoint), ends with the same weights as the seeded run never
+    interrupted; --c with an option that differs from the record is refused before anything is written."""
     fold = guided["model"] / "fold_1"
-    crash_after_first_epoch("nnDiffSegTrainerGuided", DATASET_ID, 1, {"clip_model": "random"}, guided["env"])
+    options = {"clip_model": "random", "seed": 5}
+    crash_after_first_epoch("nnDiffSegTrainerGuided", DATASET_ID, 1, options, guided["env"])
     interrupted = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    # --c with a CLIP model that cannot load: the embeddings must come from the checkpoint, not from CLIP
+    changed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
+                       "--c", "--clip_model", "ViT-B-32:/no/such/weights.bin", env=guided["env"], check=False)
+    assert_refused(changed, ["--c resumes with the options the run was started with", "--clip_model"])
     resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
-                       "--c", "--clip_model", "ViT-B-32:/no/such/weights.bin", env=guided["env"])
+                       "--c", env=guided["env"])
     assert "class prompts embedded" not in resumed.stdout
+    reference_env = uninterrupted_results(guided["root"], guided["env"])
+    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
+             "--num_epochs", 2, "--iters_per_epoch", 2, "--clip_model", "random", "--seed", 5, env=reference_env)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    reference = torch.load(guided["root"] / "nnUNet_results_uninterrupted" / guided["raw"].name / guided["model"].name /
+                           "fold_1" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert interrupted["current_epoch"] == 1 and final["current_epoch"] == 2
-    np.testing.assert_allclose(final["logging"]["lrs"], [1e-3 * (1 - e / 2) ** 0.9 for e in range(2)], rtol=1e-6)
-    assert {int(s["step"]) for s in final["optimizer_state"]["state"].values()} == {4}
     assert torch.equal(final["network_weights"]["text_embeddings"], interrupted["network_weights"]["text_embeddings"])
-    assert interrupted["network_weights"]["text_embeddings"].abs().sum() > 0
+    assert not torch.equal(final["network_weights"]["prior.encoder.stages.0.0.convs.0.conv.weight"],
+                           interrupted["network_weights"]["prior.encoder.stages.0.0.convs.0.conv.weight"])
+    assert_same_weights(final, reference)
 
 
 def test_prior_from_a_finished_nnunet_fold_stays_frozen(guided):

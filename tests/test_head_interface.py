@@ -23,9 +23,11 @@ from nndiffseg.sampling import SAMPLERS, denoise, sampling_scheduler, training_s
 TEXT_DIM = 16
 
 
-def test_heads_and_tests_helpers_import_without_nnunet():
+def test_heads_and_their_tests_import_nothing_of_nnunet():
+    """The heads, and the head tests with their helpers, run where nnU-Net is not installed."""
     code = ("import sys, nndiffseg.head, nndiffseg.sampling, nndiffseg.latent.segmenter, "
-            "nndiffseg.latent.mask_autoencoder, nndiffseg.guided.segmenter, nndiffseg.evaluation.counts, toy_data; "
+            "nndiffseg.latent.mask_autoencoder, nndiffseg.guided.segmenter, nndiffseg.evaluation.counts, "
+            "toy_data, test_head_interface, test_guided_heads, test_latent_heads; "
             "sys.exit('nnunetv2' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT / "tests").returncode == 0
 

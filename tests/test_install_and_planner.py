@@ -75,7 +75,8 @@ def test_base_trainer_rejects_3d_configurations(toy_fingerprint):
     plans["configurations"]["3d_fullres"] = {**plans["configurations"]["2d"], "patch_size": [8, 64, 64],
                                              "spacing": [1.0, 1.0, 1.0]}
     dataset_json = load_json(Path(os.environ["nnUNet_raw"]) / "Dataset021_Toy" / "dataset.json")
-    with pytest.raises(RuntimeError, match="supports 2D configurations only.*'3d_fullres'.*Train the '2d'"):
+    from nndiffseg.errors import NnDiffSegError
+    with pytest.raises(NnDiffSegError, match="supports 2D configurations only.*'3d_fullres'.*Train the '2d'"):
         nnDiffSegTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
 
 

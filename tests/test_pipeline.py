@@ -45,8 +45,9 @@ def test_plans_tile_the_latent_grid(toy):
 def test_training_honours_run_length_and_learns(toy):
     fold = toy["model"] / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    record = json.loads((fold / "nndiffseg_run_length.json").read_text())
-    assert record == {"num_epochs": 3, "iters_per_epoch": 10, "val_iters_per_epoch": 2}
+    record = json.loads((fold / "nndiffseg_run.json").read_text())
+    assert record["run_length"] == {"num_epochs": 3, "num_iterations_per_epoch": 10,
+                                    "num_val_iterations_per_epoch": 2}
     assert "Epoch 2" in toy["train_log"] and "Epoch 3" not in toy["train_log"]
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     # discs cover 3-15 % of a toy image: an all-foreground mask scores Dice < 0.3

@@ -101,10 +101,12 @@ class nnDiffSegTrainer(nnUNetTrainer):
                 raise NnDiffSegError(f"{self.__class__.__name__} takes no --{name}")
             setattr(self, name, value)
         self.options = options
-        if self.local_rank == 0:
+        if self.local_rank == 0:  # written whole under another name, then renamed: other ranks may be reading it
             os.makedirs(self.output_folder, exist_ok=True)
-            record_file.write_text(json.dumps({"trainer": self.__class__.__name__, "options": options,
-                                               "run_length": {k: getattr(self, k) for k in RUN_LENGTH}}, indent=2))
+            partial = record_file.with_name(f".partial_{RUN_RECORD}")
+            partial.write_text(json.dumps({"trainer": self.__class__.__name__, "options": options,
+                                           "run_length": {k: getattr(self, k) for k in RUN_LENGTH}}, indent=2))
+            os.replace(partial, record_file)
         self._run_configured = True
 
     # ---- nnU-Net's initialize, with the network prepared (weights frozen) before compiling and DDP wrapping

@@ -46,7 +46,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     from nndiffseg.evaluation.evaluate import evaluate_folders, format_table
     from nndiffseg.inference.predict import predict_folder
     from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
-    from nndiffseg.run.train import find_trainer_class, train
+    from nndiffseg.registry import find_trainer_class
+    from nndiffseg.run.train import train
     from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
     from nndiffseg.visualization.overlay import write_overlays
 

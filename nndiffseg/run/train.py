@@ -76,6 +76,8 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
                        export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
     trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                             continue_training, device)
+    if only_run_validation and hasattr(trainer, "continuing"):
+        trainer.continuing = True  # --val keeps the run's record: its options are the checkpoint's
     configure_run(trainer, trainer_options, run_length)
     trainer.disable_checkpointing = disable_checkpointing
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
