@@ -131,7 +131,11 @@ class nnDiffSegTrainer(nnUNetTrainer):
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
-            self.network = DDP(self.network, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+            # buffers (text embeddings, the latent scale) are equal on every rank and never trained: no broadcast
+            # at each forward, which would also deadlock the final validation, where ranks predict different
+            # numbers of cases
+            self.network = DDP(self.network, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
@@ -257,11 +261,12 @@ class nnDiffSegHeadTrainer(nnDiffSegTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation; without mirroring where the trainer predicts without it by default
         (nnDiffSeg_predict --enable_tta turns it on for prediction)."""
-        axes = self.inference_allowed_mirroring_axes
+        axes, network = self.inference_allowed_mirroring_axes, self.network
         if not self.mirroring_at_prediction:
             self.inference_allowed_mirroring_axes = None
+        self.network = self.module  # prediction needs no DDP; each rank predicts its own share of the cases
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
-            self.inference_allowed_mirroring_axes = axes
+            self.inference_allowed_mirroring_axes, self.network = axes, network
 
