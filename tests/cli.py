@@ -18,9 +18,10 @@ MODULES = {
 
 def nnunet_folders(root: Path) -> dict:
     """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results below ``root``, as the env for run_tool;
-    augmentation runs in the main process (nnUNet_n_proc_DA=0): a worker process would only add its start-up
-    time and compete for the 2 cores."""
-    env = {"nnUNet_n_proc_DA": "0"}
+    augmentation runs in the main process (nnUNet_n_proc_DA=0) and nnU-Net's final validation exports with one
+    worker (nnUNet_def_n_proc=1): more worker processes would only add their start-up time and compete for the
+    2 cores."""
+    env = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)

@@ -34,3 +34,14 @@ def isic2017_sample() -> Path:
         pytest.skip(f"real ISIC sample not found at {ISIC2017_SAMPLE} (it sits beside the repository in CI; "
                     f"set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
     return ISIC2017_SAMPLE
+
+
+# The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
+# collection order, so a long module collected last would run alone at the end.
+LONGEST_FIRST = ("test_guided_trainer.py", "test_isic_sample_pipeline.py", "test_demo.py", "test_latent_trainers.py",
+                 "test_ddp.py", "test_ignore_label_and_regions.py", "test_latent_heads.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept otherwise

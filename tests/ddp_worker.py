@@ -24,15 +24,13 @@ def _autoencoder():
                          norm_num_groups=4, layers_per_block=1)
 
 
-def build_head(kind: str, freeze_prior: bool = False) -> nn.Module:
+def build_head(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "guided":
         prior = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
         head = GuidedSegmenter(prior, build_guided_denoiser(3, 1, 16, "cross_attention", (8, 16)),
                                prediction_type="sample")
         head.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0].long()))
-        if freeze_prior:
-            head.freeze_prior()
         return head
     return LatentSegmenter(_autoencoder(), _autoencoder(), build_latent_denoiser("compact"), 3, 1)
 
@@ -63,12 +61,12 @@ def train(network: nn.Module, kind: str, rank: int, world_size: int) -> None:
         optimizer.step()
 
 
-def run_rank(rank: int, world_size: int, kind: str, freeze_prior: bool, out_folder: str) -> None:
+def run_rank(rank: int, world_size: int, kind: str, out_folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
-        head = build_head(kind, freeze_prior)
+        head = build_head(kind)
         if kind == "latent":  # each rank sees only its own masks; the scale must be the global one
             labels = next(batches(kind))[1]
             share = BATCH // world_size
@@ -79,8 +77,8 @@ def run_rank(rank: int, world_size: int, kind: str, freeze_prior: bool, out_fold
         dist.destroy_process_group()
 
 
-def run_single(kind: str, freeze_prior: bool) -> dict:
-    head = build_head(kind, freeze_prior)
+def run_single(kind: str) -> dict:
+    head = build_head(kind)
     if kind == "latent":
         head.calibrate_mask_latent_scale([next(batches(kind))[1]])
     train(head, kind, 0, 1)

@@ -180,8 +180,8 @@ def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
     assert uncertainty.min() >= 0 and uncertainty.max() > 0
 
 
-def test_few_step_ddim_stays_close_to_ddpm_1000(guided):
-    """DDIM-10 against DDPM-1000, one sample each, on 2 test images (batched, zero-padded to the patch):
+def test_few_step_ddim_stays_close_to_a_long_ddpm_chain(guided):
+    """DDIM-10 against DDPM-250, one sample each, on 2 test images (batched, zero-padded to the patch):
     the label maps agree to a Dice of at least DDIM_TOLERANCE per class, and their Dice with the reference
     differs by at most 0.05."""
     predictor = _load_trained_network(guided)
@@ -197,7 +197,7 @@ def test_few_step_ddim_stays_close_to_ddpm_1000(guided):
     network = predictor.network.eval()
     with torch.no_grad():
         x = torch.stack(images).float()
-        ddpm = network.sample(x, 1, "ddpm", 1000)[0].argmax(1)[:, :48].numpy()
+        ddpm = network.sample(x, 1, "ddpm", 250)[0].argmax(1)[:, :48].numpy()
         ddim = network.sample(x, 1, "ddim", 10)[0].argmax(1)[:, :48].numpy()
     reference = np.stack(labels)
     for c in (1, 2):
@@ -230,22 +230,3 @@ def test_interrupted_run_resumed_with_c_ends_with_the_weights_of_an_uninterrupte
     assert not torch.equal(final["network_weights"]["prior.encoder.stages.0.0.convs.0.conv.weight"],
                            interrupted["network_weights"]["prior.encoder.stages.0.0.convs.0.conv.weight"])
     assert_same_weights(final, reference)
-
-
-def test_prior_from_a_finished_nnunet_fold_stays_frozen(guided):
-    """--prior CHECKPOINT --freeze_prior: the prior starts from an nnUNetTrainer fold of the same plans and is
-    not changed by training; --freeze_prior alone is refused."""
-    short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
-    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 2, "-tr", "nnUNetTrainer", *short, env=guided["env"])
-    prior_file = guided["model"].parent / "nnUNetTrainer__nnDiffSegPlans__2d" / "fold_2" / "checkpoint_final.pth"
-    refused = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 3, "-tr", "nnDiffSegTrainerGuided", *short,
-                       "--clip_model", "random", "--freeze_prior", env=guided["env"], check=False)
-    assert_refused(refused, ["--freeze_prior needs --prior CHECKPOINT"])
-    log = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 2, "-tr", "nnDiffSegTrainerGuided", *short, "--clip_model",
-                   "random", "--prior", prior_file, "--freeze_prior", env=guided["env"]).stdout
-    assert f"prior initialised from {prior_file} (nnUNetTrainer), frozen" in log
-    prior = torch.load(prior_file, map_location="cpu", weights_only=False)["network_weights"]
-    guided_weights = torch.load(guided["model"] / "fold_2" / "checkpoint_final.pth", map_location="cpu",
-                                weights_only=False)["network_weights"]
-    for key, value in prior.items():
-        assert torch.equal(guided_weights["prior." + key], value), key

@@ -43,6 +43,46 @@ def seed_everything(seed: int, *stream: int) -> None:
     torch.manual_seed(int(state[1]))
 
 
+def configure_run(trainer: nnUNetTrainer, options: Optional[dict], run_length: Optional[dict],
+                  continuing: bool) -> dict:
+    """Set a trainer's method options and run length overrides (num_epochs, num_iterations_per_epoch,
+    num_val_iterations_per_epoch; None keeps the trainer's) and record both in its fold folder. A continued
+    run takes the recorded ones: a method option that differs from the record is refused (the checkpoint
+    was made with it), a run length given again replaces the recorded one. Returns the options in force.
+    Works for any nnU-Net trainer (a stock one takes no method options)."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    run_length = {k: v for k, v in (run_length or {}).items() if v is not None}
+    record_file = Path(trainer.output_folder) / RUN_RECORD
+    if continuing and record_file.is_file():
+        record = json.loads(record_file.read_text())
+        recorded = record.get("options", {})
+        changed = [f"--{k} {v} (the run has {recorded.get(k)!r})" for k, v in options.items() if recorded.get(k) != v]
+        if changed:
+            raise NnDiffSegError(f"--c resumes with the options the run was started with; drop "
+                                 f"{', '.join(changed)} or start a new run in another fold folder")
+        options = recorded
+        run_length = {**record.get("run_length", {}), **run_length}
+    if "num_iterations_per_epoch" in run_length and "num_val_iterations_per_epoch" not in run_length:
+        run_length["num_val_iterations_per_epoch"] = max(
+            1, round(run_length["num_iterations_per_epoch"] * NNUNET_VAL_TO_TRAIN_ITERS))
+    for name, value in run_length.items():
+        if name not in RUN_LENGTH:
+            raise ValueError(f"unknown run length setting {name}")
+        setattr(trainer, name, int(value))
+    accepted = getattr(trainer, "option_names", ())
+    for name, value in options.items():
+        if name not in accepted:
+            raise NnDiffSegError(f"{trainer.__class__.__name__} takes no --{name}")
+        setattr(trainer, name, value)
+    if trainer.local_rank == 0:  # written whole under another name, then renamed: other ranks may be reading it
+        os.makedirs(trainer.output_folder, exist_ok=True)
+        partial = record_file.with_name(f".partial_{RUN_RECORD}")
+        partial.write_text(json.dumps({"trainer": trainer.__class__.__name__, "options": options,
+                                       "run_length": {k: getattr(trainer, k) for k in RUN_LENGTH}}, indent=2))
+        os.replace(partial, record_file)
+    return options
+
+
 class nnDiffSegTrainer(nnUNetTrainer):
     """nnU-Net's trainer restricted to 2D configurations, the base every nndiffseg trainer derives from.
 
@@ -72,41 +112,9 @@ class nnDiffSegTrainer(nnUNetTrainer):
 
     # ---- options and run length, recorded for --c
     def configure_run(self, options: Optional[dict] = None, run_length: Optional[dict] = None) -> None:
-        """Method options (already checked against ``option_names``) and run length overrides (num_epochs,
-        num_iterations_per_epoch, num_val_iterations_per_epoch; None keeps the trainer's). A continued run takes
-        the recorded ones: a method option that differs from the record is refused (the checkpoint was made
-        with it), a run length given again replaces the recorded one. Must run before ``initialize``."""
-        options = {k: v for k, v in (options or {}).items() if v is not None}
-        run_length = {k: v for k, v in (run_length or {}).items() if v is not None}
-        record_file = Path(self.output_folder) / RUN_RECORD
-        if self.continuing and record_file.is_file():
-            record = json.loads(record_file.read_text())
-            recorded = record.get("options", {})
-            changed = [f"--{k} {v} (the run has {recorded.get(k)!r})" for k, v in options.items()
-                       if recorded.get(k) != v]
-            if changed:
-                raise NnDiffSegError(f"--c resumes with the options the run was started with; drop "
-                                     f"{', '.join(changed)} or start a new run in another fold folder")
-            options = recorded
-            run_length = {**record.get("run_length", {}), **run_length}
-        if "num_iterations_per_epoch" in run_length and "num_val_iterations_per_epoch" not in run_length:
-            run_length["num_val_iterations_per_epoch"] = max(
-                1, round(run_length["num_iterations_per_epoch"] * NNUNET_VAL_TO_TRAIN_ITERS))
-        for name, value in run_length.items():
-            if name not in RUN_LENGTH:
-                raise ValueError(f"unknown run length setting {name}")
-            setattr(self, name, int(value))
-        for name, value in options.items():
-            if name not in self.option_names:
-                raise NnDiffSegError(f"{self.__class__.__name__} takes no --{name}")
-            setattr(self, name, value)
-        self.options = options
-        if self.local_rank == 0:  # written whole under another name, then renamed: other ranks may be reading it
-            os.makedirs(self.output_folder, exist_ok=True)
-            partial = record_file.with_name(f".partial_{RUN_RECORD}")
-            partial.write_text(json.dumps({"trainer": self.__class__.__name__, "options": options,
-                                           "run_length": {k: getattr(self, k) for k in RUN_LENGTH}}, indent=2))
-            os.replace(partial, record_file)
+        """Method options (already checked against ``option_names``) and run length overrides, recorded in the
+        fold folder (see ``configure_run``). Must run before ``initialize``."""
+        self.options = configure_run(self, options, run_length, self.continuing)
         self._run_configured = True
 
     # ---- nnU-Net's initialize, with the network prepared (weights frozen) before compiling and DDP wrapping

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import open_clip
 import torch
 
 from nndiffseg.errors import NnDiffSegError
@@ -75,8 +74,9 @@ def load_prompts_file(path) -> dict:
     return prompts
 
 
-def random_clip_model() -> open_clip.CLIP:
+def random_clip_model() -> "open_clip.CLIP":
     """The tiny text encoder behind ``clip_model="random"``: the same weights on every call."""
+    import open_clip
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random stream
         torch.manual_seed(RANDOM_SEED)
         return open_clip.CLIP(**RANDOM_CLIP_CONFIG)
@@ -84,6 +84,7 @@ def random_clip_model() -> open_clip.CLIP:
 
 def _clip_source(clip_model: str) -> tuple[str, Optional[str], str]:
     """(model name for open_clip, its ``pretrained`` argument, a description) for a ``clip_model`` string."""
+    import open_clip  # here, not at the top: every nnDiffSeg_ process imports this module, few load CLIP
     if clip_model.startswith(_SCHEMAS):
         return clip_model, None, f"'{clip_model}'"
     if Path(clip_model).is_dir():
@@ -112,6 +113,7 @@ def _clip_source(clip_model: str) -> tuple[str, Optional[str], str]:
 
 def _load_clip(clip_model: str):
     """(model, tokenizer) for a ``clip_model`` string; see the module docstring."""
+    import open_clip
     if clip_model == RANDOM:
         context_length = RANDOM_CLIP_CONFIG["text_cfg"]["context_length"]
         return random_clip_model(), open_clip.SimpleTokenizer(context_length=context_length)

@@ -223,19 +223,21 @@ def predict_entry() -> None:
                           "diffusion trainers)")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
-    diffusion = parser.add_argument_group("diffusion trainers (refused by trainers that have no such setting)")
+    diffusion = parser.add_argument_group("diffusion trainers: override the settings saved in the checkpoint for "
+                                          "this run (refused by trainers that have no such setting)")
     diffusion.add_argument("--steps", type=int, default=None,
-                           help="denoising steps (latent trainers: 1 = single step, the default; more runs DDIM; "
-                                "guided trainers: steps of --sampler, default 1)")
+                           help="denoising steps of --sampler (the checkpoint's: 1 for both diffusion trainers; "
+                                "latent trainers: one DDIM step is the single step)")
     diffusion.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), default=None,
-                           help="guided trainers: the sampler (default ddim)")
+                           help="the sampler (the checkpoint's: ddim)")
     diffusion.add_argument("--num_samples", type=int, default=None,
-                           help="guided trainers: samples per image, fused (default 5)")
+                           help="guided trainers: samples per image, fused (the checkpoint's: 5)")
     diffusion.add_argument("--fusion", choices=("mean", "staple"), default=None,
-                           help="guided trainers: how the samples are fused (default mean; staple: SimpleITK's STAPLE)")
+                           help="guided trainers: how the samples are fused (the checkpoint's: mean; staple: "
+                                "SimpleITK's STAPLE)")
     diffusion.add_argument("--seed", type=int, default=None,
-                           help="guided trainers: seed of the sampling noise (default 0; the same seed gives the "
-                                "same output)")
+                           help="seed of the sampling noise (the checkpoint's: 0; the same seed gives the same "
+                                "output)")
     diffusion.add_argument("--save_uncertainty", action="store_true",
                            help="guided trainers: write the per-pixel spread of the samples to OUT/uncertainty/CASE.npz, "
                                 "and for 2D images a PNG with the prediction and the uncertainty map")

@@ -11,9 +11,9 @@ from nnunetv2.run.run_training import find_free_network_port, maybe_load_checkpo
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nndiffseg.errors import NnDiffSegError, run_cli
-from nndiffseg.registry import TRAIN, check_options, find_trainer_class
 from nndiffseg.planning.planner import PLANS_NAME
-from nndiffseg.trainers.base import NNUNET_VAL_TO_TRAIN_ITERS, RUN_LENGTH
+from nndiffseg.registry import TRAIN, check_options, find_trainer_class
+from nndiffseg.trainers.base import RUN_LENGTH, configure_run
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 def parse_fold(fold: Union[int, str]) -> Union[int, str]:
@@ -52,23 +52,13 @@ def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold:
     return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
 
 
-def configure_run(trainer: nnUNetTrainer, options: dict, run_length: dict) -> None:
-    """Method options and run length: recorded in the fold folder by our trainers (``--c`` restores them);
-    a stock nnU-Net trainer takes the run length only, and nothing is recorded for it."""
+def check_run_length(run_length: dict) -> dict:
+    """nnDiffSeg_train's run length flags as the trainer attributes they set (None: the trainer's)."""
     for flag, value in run_length.items():
         if value is not None and value < 1:
             raise NnDiffSegError(f"--{flag} must be at least 1, got {value}")
-    lengths = dict(zip(RUN_LENGTH, (run_length.get("num_epochs"), run_length.get("iters_per_epoch"),
-                                    run_length.get("val_iters_per_epoch"))))
-    if hasattr(trainer, "configure_run"):
-        trainer.configure_run(options, lengths)
-        return
-    if lengths["num_iterations_per_epoch"] is not None and lengths["num_val_iterations_per_epoch"] is None:
-        lengths["num_val_iterations_per_epoch"] = max(
-            1, round(lengths["num_iterations_per_epoch"] * NNUNET_VAL_TO_TRAIN_ITERS))
-    for name, value in lengths.items():
-        if value is not None:
-            setattr(trainer, name, value)
+    return dict(zip(RUN_LENGTH, (run_length.get("num_epochs"), run_length.get("iters_per_epoch"),
+                                 run_length.get("val_iters_per_epoch"))))
 
 
 def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
@@ -76,9 +66,13 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
                        export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
     trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                             continue_training, device)
-    if only_run_validation and hasattr(trainer, "continuing"):
-        trainer.continuing = True  # --val keeps the run's record: its options are the checkpoint's
-    configure_run(trainer, trainer_options, run_length)
+    # our trainers record their options and run length, stock ones their run length: --c and --val restore them
+    continuing = continue_training or only_run_validation
+    if hasattr(trainer, "continuing"):
+        trainer.continuing = continuing
+        trainer.configure_run(trainer_options, check_run_length(run_length))
+    else:
+        configure_run(trainer, trainer_options, check_run_length(run_length), continuing)
     trainer.disable_checkpointing = disable_checkpointing
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
     if device.type == "cuda":
