@@ -44,4 +44,6 @@ def check_options(trainer_class: type, options: dict, kind: str) -> dict:
     if unknown:
         takes = f" (it takes {', '.join('--' + k for k in accepted)})" if accepted else ""
         raise NnDiffSegError(f"{trainer_class.__name__} takes no {', '.join('--' + k for k in unknown)}{takes}")
+    if kind == TRAIN and hasattr(trainer_class, "check_method_options"):
+        trainer_class.check_method_options(given)
     return given

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ddp_worker
-from cli import assert_refused, nnunet_folders, run_tool
+from cli import nnunet_folders, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 61
@@ -51,7 +51,7 @@ def test_nndiffseg_train_runs_ddp_on_gloo_with_two_cpu_processes_and_a_frozen_pr
     """nnU-Net's DDP path through nnDiffSeg_train, with --prior CHECKPOINT --freeze_prior: the prior starts
     from an nnUNetTrainer fold of the same plans and stays unchanged; it is frozen before the network is
     wrapped (frozen afterwards, DDP waits for gradients that never come); the ranks end identical (checked and
-    logged at the end of training). --freeze_prior without --prior is refused."""
+    logged at the end of training). (--freeze_prior without --prior is refused: test_guided_trainer.)"""
     import torch
     env = nnunet_folders(tmp_path)
     # 11 cases: fold 0 validates 3, so the two ranks predict different numbers of cases in the final
@@ -62,9 +62,6 @@ def test_nndiffseg_train_runs_ddp_on_gloo_with_two_cpu_processes_and_a_frozen_pr
     run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnUNetTrainer", *short, env=env)
     results = tmp_path / "nnUNet_results" / raw.name
     prior = results / "nnUNetTrainer__nnDiffSegPlans__2d" / "fold_0" / "checkpoint_final.pth"
-    refused = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", *short,
-                       "--clip_model", "random", "--freeze_prior", env=env, check=False)
-    assert_refused(refused, ["--freeze_prior needs --prior CHECKPOINT"])
     result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerGuided", *short,
                       "-num_gpus", 2, "--clip_model", "random", "--prior", prior, "--freeze_prior",
                       env={**env, "MASTER_PORT": _free_port(), "nnUNet_def_n_proc": "1"})

@@ -128,6 +128,16 @@ def test_bad_sampler_options_are_refused_before_anything_is_written(guided):
     assert not out.exists()
 
 
+def test_freeze_prior_without_a_prior_is_refused_before_any_work():
+    from nndiffseg.errors import NnDiffSegError
+    from nndiffseg.registry import TRAIN, check_options
+    from nndiffseg.trainers import nnDiffSegTrainerGuided
+    with pytest.raises(NnDiffSegError, match="--freeze_prior needs --prior CHECKPOINT"):
+        check_options(nnDiffSegTrainerGuided, {"freeze_prior": True, "clip_model": "random"}, TRAIN)
+    assert check_options(nnDiffSegTrainerGuided, {"freeze_prior": True, "prior": "p.pth", "seed": None}, TRAIN) == \
+        {"freeze_prior": True, "prior": "p.pth"}
+
+
 def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided):
     spread, single = guided["root"] / "uncertainty3", guided["root"] / "uncertainty1"
     _predict(guided, spread, "--save_uncertainty", "--num_samples", 3, "--steps", 10)

@@ -1,6 +1,7 @@
 """nnU-Net's ignore label with the diffusion trainers (it crashed guided training and, with 3 classes or more,
 the latent head), and region-based datasets, which they refuse at train start."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -58,13 +59,17 @@ def test_latent_trainer_trains_with_an_ignore_label_and_three_classes(ignore_dat
     assert set(_validation_summary(ignore_dataset, "nnDiffSegTrainerLatent")["mean"]) == {"1", "2"}
 
 
-def test_region_based_datasets_are_refused_at_train_start(tmp_path):
-    env = nnunet_folders(tmp_path)
-    raw = write_toy_dataset(tmp_path / "nnUNet_raw", REGIONS_ID, num_train=6, num_test=1, num_classes=2)
-    _relabel(raw, {"background": 0, "lesion": [1, 2], "core": 2}, {"regions_class_order": [1, 2]})
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", REGIONS_ID, "-np", 1, "-npfp", 1, env=env)
-    result = run_tool("nnDiffSeg_train", REGIONS_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SHORT, env=env,
-                      check=False)
+def test_region_based_datasets_are_refused_at_train_start(ignore_dataset):
+    """The ignore dataset's preprocessed data under another ID, its dataset.json made region-based (nnU-Net's
+    planning does not look at the regions, so no second planning is needed)."""
+    preprocessed = ignore_dataset["root"] / "nnUNet_preprocessed"
+    source, name = preprocessed / ignore_dataset["raw"].name, f"Dataset{REGIONS_ID:03d}_Regions"
+    shutil.copytree(source, preprocessed / name)
+    plans_file = preprocessed / name / "nnDiffSegPlans.json"
+    plans_file.write_text(plans_file.read_text().replace(ignore_dataset["raw"].name, name))
+    _relabel(preprocessed / name, {"background": 0, "lesion": [1, 2], "core": 2}, {"regions_class_order": [1, 2]})
+    result = run_tool("nnDiffSeg_train", REGIONS_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SHORT,
+                      env=ignore_dataset["env"], check=False)
     assert_refused(result, ["does not support region-based training", "train nnUNetTrainer"])
-    fold = tmp_path / "nnUNet_results" / raw.name / "nnDiffSegTrainerLatent__nnDiffSegPlans__2d" / "fold_0"
+    fold = ignore_dataset["root"] / "nnUNet_results" / name / "nnDiffSegTrainerLatent__nnDiffSegPlans__2d" / "fold_0"
     assert not list(fold.glob("checkpoint*.pth"))

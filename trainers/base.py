@@ -189,14 +189,17 @@ class nnDiffSegTrainer(nnUNetTrainer):
 
     def check_ranks_agree(self) -> None:
         """Every rank must hold the same parameters and buffers after training (DDP averages the gradients
-        of calls through its forward only); a RuntimeError says which differ."""
-        state = [v for v in self.module.state_dict().values() if isinstance(v, torch.Tensor)]
-        fingerprint = torch.stack([v.detach().double().sum() for v in state] +
-                                  [v.detach().double().abs().sum() for v in state]).cpu()
+        of calls through its forward only); a RuntimeError names the tensors that differ."""
+        state = {k: v for k, v in self.module.state_dict().items() if isinstance(v, torch.Tensor)}
+        keys = list(state)
+        fingerprint = torch.stack([v.detach().double().sum() for v in state.values()] +
+                                  [v.detach().double().abs().sum() for v in state.values()]).to(self.device)
         everyone = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, fingerprint.to(self.device))
-        if any(not torch.equal(everyone[0].cpu(), other.cpu()) for other in everyone[1:]):
-            raise RuntimeError("DDP: the ranks' parameters differ after training")
+        dist.all_gather(everyone, fingerprint)
+        differ = sorted({keys[i % len(keys)] for other in everyone[1:]
+                         for i in torch.nonzero(other.cpu() != everyone[0].cpu()).flatten().tolist()})
+        if differ:
+            raise RuntimeError(f"DDP: the ranks' weights differ after training: {', '.join(differ[:5])}")
         self.print_to_log_file(f"DDP: parameters and buffers identical on all {dist.get_world_size()} ranks")
 
 

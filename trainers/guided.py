@@ -54,6 +54,13 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
         self.freeze_prior = False
 
     @classmethod
+    def check_method_options(cls, options: dict) -> None:
+        """Combinations refused before any work (nndiffseg.registry)."""
+        if options.get("freeze_prior") and not options.get("prior"):
+            raise NnDiffSegError("--freeze_prior needs --prior CHECKPOINT (a finished nnUNetTrainer fold of this "
+                                 "dataset and plans): a frozen random prior guides nothing")
+
+    @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
@@ -69,9 +76,7 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     def prepare_network(self, network: GuidedSegmenter) -> None:
         super().prepare_network(network)
         if self.freeze_prior:
-            if self.prior is None:
-                raise NnDiffSegError("--freeze_prior needs --prior CHECKPOINT (a finished nnUNetTrainer fold of this "
-                                     "dataset and plans): a frozen random prior guides nothing")
+            self.check_method_options({"freeze_prior": True, "prior": self.prior})
             network.freeze_prior()
 
     def after_initialize(self) -> None:
