@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from nndiffseg.guided.mask_encoding import encode_labels as one_hot_mask
+
 # decoded channels live in about [-1, 1]; scaling them makes softmax probabilities reflect the margin
 SCORE_SHARPNESS = 5.0
 
@@ -19,18 +21,11 @@ def mask_channels(num_classes: int) -> int:
 
 
 def encode_labels(labels: torch.Tensor, num_classes: int, ignore_label: Optional[int] = None) -> torch.Tensor:
-    """(B, 1, H, W) or (B, H, W) integer labels -> (B, mask_channels, H, W) one-hot in {-1, 1}. nnU-Net's -1
-    (outside the nonzero crop) is background; pixels at ``ignore_label`` are 0 in every channel (the losses
-    leave them out)."""
-    if labels.ndim == 4:
-        labels = labels[:, 0]
-    labels = labels.long()
-    ignored = labels == ignore_label if ignore_label is not None else None
-    if ignored is not None:
-        labels = labels.masked_fill(ignored, 0)
-    one_hot = torch.nn.functional.one_hot(labels.clamp_min(0), mask_channels(num_classes))
-    one_hot = one_hot.permute(0, 3, 1, 2).float() * 2 - 1
-    return one_hot if ignored is None else one_hot.masked_fill(ignored[:, None], 0.0)
+    """(B, 1, H, W) or (B, H, W) integer labels -> (B, mask_channels, H, W) one-hot in {-1, 1}: the guided
+    head's encoding over ``mask_channels(num_classes)`` channels, so the padding channels are -1 everywhere.
+    nnU-Net's -1 (outside the nonzero crop) is background; pixels at ``ignore_label`` are 0 in every channel
+    (the losses leave them out)."""
+    return one_hot_mask(labels, mask_channels(num_classes), ignore_label)
 
 
 def decoded_to_scores(decoded: torch.Tensor, num_classes: int) -> torch.Tensor:
