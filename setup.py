@@ -35,8 +35,9 @@ setup(
         "Pillow",
         "tqdm",
         "matplotlib",
+        "scikit-learn",  # AUROC in nnDiffSeg_evaluate (also a dependency of nnunetv2)
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "scikit-image"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.6", "scikit-image"]},
     entry_points={
         "console_scripts": [
             "nnDiffSeg_plan_and_preprocess = nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",

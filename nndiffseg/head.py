@@ -31,6 +31,8 @@ class DiffusionHead(nn.Module):
     # settings nnDiffSeg_predict may override (--steps, --sampler, ...)
     inference_option_names: tuple = ()
     has_uncertainty: bool = False  # True for heads whose samples spread (predict_with_uncertainty's second value)
+    # settings added after checkpoints were first saved, with the values that reproduce those checkpoints
+    added_settings: Mapping[str, Any] = {}
 
     def __init__(self):
         super().__init__()
@@ -69,7 +71,7 @@ class DiffusionHead(nn.Module):
         return {"head": type(self).__name__, "config": dict(self._config)}
 
     def set_extra_state(self, state: dict) -> None:
-        config = dict(state["config"])
+        config = {**self.added_settings, **state["config"]}
         different = [f"{k}={config.get(k)!r} (this build: {self._config.get(k)!r})"
                      for k in self.architecture_settings if config.get(k) != self._config.get(k)]
         if state.get("head") != type(self).__name__ or different:

@@ -46,11 +46,22 @@ def training_scheduler(schedule: str = "linear", prediction_type: str = "epsilon
                          clip_sample=False, **SCHEDULES[schedule])
 
 
+def check_start(strength: float, eta: float) -> None:
+    """``strength`` in (0, 1]; ``eta`` (DDIM's noise level; the other samplers have their own) in [0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"the start strength must be in (0, 1] (1: from pure noise), got {strength!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+
+
 def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str = "ddim", steps: int = 50,
-                       clip: Optional[float] = 1.0) -> SchedulerMixin:
-    """A sampler on ``train_scheduler``'s noise schedule and prediction type, with ``set_timesteps(steps)``
-    already called (call it again before reusing the sampler: DPM-Solver++ keeps state across steps)."""
+                       clip: Optional[float] = 1.0, strength: float = 1.0) -> SchedulerMixin:
+    """A sampler on ``train_scheduler``'s noise schedule and prediction type, with its timesteps set
+    (``denoise`` sets them again: DPM-Solver++ keeps state across steps). ``strength`` < 1 starts part way
+    (SDEdit, diffusers' img2img): the grid is laid out for about ``steps / strength`` steps and only its last
+    ``steps`` run, from ``start_timestep`` (about strength x 1000)."""
     check_sampler(sampler, steps)
+    check_start(strength, 0.0)
     config = train_scheduler.config
     clipping = dict(clip_sample=clip is not None, clip_sample_range=clip or 1.0)
     if sampler == "ddpm":
@@ -62,15 +73,26 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, sampler: str = "ddim", st
                                                             thresholding=clip is not None,
                                                             sample_max_value=clip or 1.0,
                                                             timestep_spacing="trailing", final_sigmas_type="zero")
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(max(steps, round(steps / strength)))
+    scheduler.nndiffseg_steps = steps
     return scheduler
 
 
+def start_timestep(scheduler: SchedulerMixin) -> int:
+    """The timestep the first step starts from (999 when sampling from pure noise)."""
+    return int(scheduler.timesteps[-scheduler.nndiffseg_steps])
+
+
 def denoise(scheduler: SchedulerMixin, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The reverse process from ``x`` (noise at the first timestep) over ``scheduler.timesteps``;
-    ``model(x_t, t)`` returns what the scheduler's prediction type names (noise, clean sample or velocity)."""
+            x: torch.Tensor, generator: Optional[torch.Generator] = None, eta: float = 0.0) -> torch.Tensor:
+    """The reverse process from ``x`` (noised to ``start_timestep(scheduler)``) over the scheduler's steps;
+    ``model(x_t, t)`` returns what the scheduler's prediction type names (noise, clean sample or velocity).
+    ``eta``: DDIM's noise level (0: deterministic; 1: as DDPM's ancestral steps)."""
     scheduler.set_timesteps(scheduler.num_inference_steps, device=x.device)  # also resets DPM-Solver++'s history
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=generator).prev_sample
+    options = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    timesteps = scheduler.timesteps[-scheduler.nndiffseg_steps:]
+    if hasattr(scheduler, "set_begin_index"):  # multistep solvers find their place in the grid by it
+        scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
+    for t in timesteps:
+        x = scheduler.step(model(x, t), t, x, generator=generator, **options).prev_sample
     return x

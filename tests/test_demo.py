@@ -19,6 +19,10 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     assert "mean Dice on 12 held-out cases" in result.stdout
     summary = json.loads((out / "predictions" / "summary.json").read_text())
     assert len(summary["cases"]) == 12
+    auroc = summary["uncertainty"]["spread"]["all_labels"]["pixel_auroc"]
+    assert f"with AUROC {auroc:.3f}" in result.stdout
+    assert summary["calibration"]["mean"]["ece"] is not None
+    assert (out / "predictions" / "summary_figures" / "risk_coverage.png").is_file()
     assert len(list((out / "overlays").glob("*_overlay.png"))) == 12
     assert len(list((out / "predictions" / "uncertainty").glob("*.png"))) == 12  # the guided trainer's spread
     assert (out / "nnUNet_raw" / "Dataset990_ISIC2016" / "dataset.json").is_file()

@@ -203,9 +203,10 @@ def make_folders(root: Path, ending: str, maps: dict | None = None) -> tuple[Pat
 
 
 def _add_clutter(folder: Path) -> None:
-    """Files the evaluation must ignore: stale summary, npz/pkl, PNG overlays in a subfolder."""
+    """Files the evaluation must ignore: stale summary, npz of no case, pkl, PNG overlays in a subfolder
+    (probabilities of the cases themselves are scored: tests/test_uncertainty_metrics.py)."""
     (folder / "summary.json").write_text("{\"stale\": true}")
-    np.savez(folder / "case_a.npz", probabilities=np.zeros(3))
+    np.savez(folder / "case_zz.npz", probabilities=np.zeros(3))
     (folder / "case_a.pkl").write_bytes(b"not an image")
     (folder / "overlays").mkdir()
     Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(folder / "overlays" / "case_zzz.png")

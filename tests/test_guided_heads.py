@@ -429,8 +429,46 @@ def test_inference_options_are_checked_before_they_are_set():
     for bad, message in (({"steps": 0}, "sampling steps must be an integer"),
                          ({"sampler": "euler"}, "unknown sampler"),
                          ({"num_samples": 0}, "--num_samples must be at least 1"),
-                         ({"fusion": "vote"}, "unknown fusion")):
+                         ({"fusion": "vote"}, "unknown fusion"),
+                         ({"strength": 0}, "start strength must be in"),
+                         ({"eta": 1.5}, "eta must be in"),
+                         ({"eta": 0.5}, "the dpmsolver sampler takes none")):
         with pytest.raises(ValueError, match=message):
             segmenter.set_inference_options(**bad)
     assert [segmenter.setting(k) for k in ("sampler", "steps", "num_samples")] == ["dpmsolver", 7, 2]  # unchanged
     assert segmenter.config["steps"] == 50  # the checkpoint's setting is not changed by an override
+
+
+# ---- do the samples carry doubt? A denoiser that knows the answer's distribution exactly
+def _posterior_mean_denoiser(segmenter: GuidedSegmenter, foreground_probability: torch.Tensor):
+    """x0 prediction E[x0 | x_t] for masks whose pixels are foreground with the given probability,
+    independently: x0 = (-1, +1) for foreground and (+1, -1) for background, x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    alphas = segmenter.train_scheduler.alphas_cumprod
+
+    def predict(x_t, t, condition, text):
+        a = alphas[int(t)]
+        logit = torch.logit(foreground_probability) + 2 * a.sqrt() * (x_t[:, 1] - x_t[:, 0]) / (1 - a)
+        p = torch.sigmoid(logit)[:, None]
+        return torch.cat([1 - 2 * p, 2 * p - 1], dim=1)
+    return predict
+
+
+def test_stochastic_samplers_draw_masks_that_split_where_the_answer_is_uncertain():
+    """Left half: foreground with probability 0.5; right half: 0.99. An x0 model answers the posterior mean, so
+    one deterministic DDIM step from pure noise returns nearly the same soft mask for every sample (the
+    spread then comes only from how a trained network reacts to the noise); DDIM with eta = 1 over 5 steps
+    draws whole masks that split the left half and agree on the right."""
+    probability = torch.full((1, 16, 16), 0.99)
+    probability[:, :, :8] = 0.5
+    segmenter = _segmenter(num_classes=2, prediction_type="sample", sampler="ddim", steps=5, eta=1.0).eval()
+    segmenter.denoiser.predict = _posterior_mean_denoiser(segmenter, probability)
+    image = torch.zeros(1, 1, 16, 16)
+    labels = segmenter.sample(image, num_samples=8)[:, 0].argmax(1)  # (K, H, W)
+    agree = (labels == labels[0]).all(0)
+    assert agree[:, 8:].float().mean() >= 0.9, agree[:, 8:].float().mean()
+    assert agree[:, :8].float().mean() <= 0.1, agree[:, :8].float().mean()  # 8 fair coins agree with p 1/128
+    assert 0.35 <= labels[:, :, :8].float().mean() <= 0.65
+    _, spread = segmenter.predict_with_uncertainty(image)
+    assert spread[0, :, :8].mean() > 0.3 and spread[0, :, 8:].mean() < 0.05  # at most 0.5: half say each
+    deterministic = segmenter.sample(image, num_samples=8, sampler="ddim", steps=1, eta=0.0)[:, 0]
+    assert (deterministic.std(0) < 0.05).all()

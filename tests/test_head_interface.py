@@ -18,7 +18,7 @@ from nndiffseg.guided.segmenter import GuidedSegmenter
 from nndiffseg.latent.autoencoders import build_denoiser as build_latent_denoiser
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoderHead
 from nndiffseg.latent.segmenter import LatentSegmenter
-from nndiffseg.sampling import SAMPLERS, denoise, sampling_scheduler, training_scheduler
+from nndiffseg.sampling import SAMPLERS, denoise, sampling_scheduler, start_timestep, training_scheduler
 
 TEXT_DIM = 16
 
@@ -58,6 +58,29 @@ def test_every_sampler_recovers_the_oracles_clean_sample_from_the_last_timestep(
     noise = torch.randn(x0.shape, generator=generator)
     result = denoise(scheduler, _oracle(x0, train, prediction_type), noise, generator)
     torch.testing.assert_close(result, x0, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("strength", [0.3, 0.5])
+def test_a_part_way_start_runs_its_steps_from_there_and_recovers_the_oracles_sample(sampler, strength):
+    """strength < 1 (SDEdit): x0's noised version at about strength x 1000, then the sampler's last steps; with
+    DDIM's eta = 1 too (ancestral noise, none at the last step)."""
+    train = training_scheduler("linear", "sample")
+    scheduler = sampling_scheduler(train, sampler, 3, 1.0, strength)
+    start = start_timestep(scheduler)
+    assert abs(start - strength * 1000) <= 1000 / len(scheduler.timesteps)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+    x = train.add_noise(x0, torch.randn(x0.shape, generator=generator), torch.tensor([start] * 2))
+    seen = []
+    oracle = _oracle(x0, train, "sample")
+    result = denoise(scheduler, lambda x_t, t: seen.append(int(t)) or oracle(x_t, t), x, generator,
+                     eta=1.0 if sampler == "ddim" else 0.0)
+    assert len(seen) == 3 and seen[0] == start
+    # DDIM's last step lands on t = 0 rather than the clean sample when its stride does not divide the
+    # trailing grid (here 166): eta = 1 then adds noise of std sqrt(beta_0) = 0.01 there
+    tolerance = 0.05 if sampler == "ddim" else 2e-3
+    torch.testing.assert_close(result, x0, atol=tolerance, rtol=0)
 
 
 class TextlessPrior(nn.Module):
@@ -125,6 +148,19 @@ def test_prediction_options_override_the_checkpoint_and_survive_loading_further_
     assert head.setting("steps") == 3 and head.setting("num_samples") == 1 and head.config["steps"] == 2
     with pytest.raises(ValueError, match="takes no option prior_weight"):
         head.set_inference_options(prior_weight=1.0)
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_loads_with_the_value_that_reproduces_it():
+    trained = _guided(steps=2, num_samples=2).eval()
+    image = torch.randn(1, 1, 16, 16)
+    expected = trained(image)
+    state = trained.state_dict()
+    for added in ("eta", "strength"):  # settings added after the first checkpoints were saved
+        del state["_extra_state"]["config"][added]
+    rebuilt = _guided(eta=0.5, strength=0.4).eval()
+    rebuilt.load_state_dict(state)
+    assert rebuilt.setting("eta") == 0.0 and rebuilt.setting("strength") == 1.0
+    torch.testing.assert_close(rebuilt(image), expected)
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_by_name():

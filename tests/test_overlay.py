@@ -169,3 +169,17 @@ def test_write_overlays_single_channel_dataset_shows_channel_0(tmp_path):
     assert _panel_top(picture[:, :50], overlay_contours(channel0, prediction)) is not None
     with pytest.raises(NnDiffSegError, match="2D image files"):
         write_overlays(images, predictions, tmp_path / "out", file_ending=".nii.gz")
+
+
+def test_small_pictures_are_enlarged_by_whole_pixels(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    prediction = _square((30, 50), 5, 5, 10)
+    uncertainty = np.random.default_rng(1).random((30, 50))
+    save_overlay(tmp_path / "big.png", image, prediction, uncertainty=uncertainty, min_panel_width=120)
+    picture = np.asarray(Image.open(tmp_path / "big.png"))
+    factor = 3  # the smallest whole factor that makes 50 px at least 120 px
+    assert picture.shape[1] == 2 * 50 * factor + 4
+    expected = overlay_contours(image, prediction).repeat(factor, axis=0).repeat(factor, axis=1)
+    assert np.array_equal(picture[:30 * factor, :50 * factor], expected)
+    heat = uncertainty_panel(uncertainty).repeat(factor, axis=0).repeat(factor, axis=1)
+    assert np.array_equal(picture[:30 * factor, 50 * factor + 4:], heat)

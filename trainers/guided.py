@@ -19,7 +19,7 @@ from torch import nn
 from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
-from nndiffseg.guided.segmenter import GuidedSegmenter
+from nndiffseg.guided.segmenter import SAMPLING_DEFAULTS, GuidedSegmenter
 from nndiffseg.guided.text_prior import class_prompts, embed_prompts, load_prompts_file
 from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
@@ -38,10 +38,11 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     denoiser_size = "small"
     # the head's settings for a new run; a trained checkpoint carries its own and predicts with those.
     # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300
-    # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). One DDIM
-    # step: on the real ISIC sample Dice fell with every added step (benchmarks/isic_head_to_head.py).
-    head_settings = dict(prediction_type="sample", schedule="linear", sampler="ddim", steps=1, num_samples=5,
-                         fusion="mean", prior_weight=10.0)
+    # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). Sampling
+    # (SAMPLING_DEFAULTS, one DDIM step x 3 samples): on the real ISIC sample every stochastic or multi-step
+    # sampler lost Dice, and 3 samples are what fits 10x nnU-Net's time (benchmarks/guided_uncertainty.py).
+    head_settings = dict(prediction_type="sample", schedule="linear", fusion="mean", prior_weight=10.0,
+                         **SAMPLING_DEFAULTS)
     option_names = ("seed", "clip_model", "prompts", "prior", "freeze_prior")
     mirroring_at_prediction = False  # 4x the cost in 2D for K samples x S steps
 

@@ -43,7 +43,7 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     # imported after the nnU-Net folders are set, as nnU-Net's modules read them
     from nndiffseg.dataset_conversion.isic import convert_isic
     from nndiffseg.demo.synthetic_dermoscopy import write_isic2016_layout
-    from nndiffseg.evaluation.evaluate import evaluate_folders, format_table
+    from nndiffseg.evaluation.evaluate import FIGURES_FOLDER, evaluate_folders, format_table, format_uncertainty_table
     from nndiffseg.inference.predict import predict_folder
     from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
     from nndiffseg.registry import find_trainer_class
@@ -71,7 +71,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"
     failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer, plans,
-                              folds=["0"], device=device, num_processes_export=0, save_uncertainty=guided)
+                              folds=["0"], device=device, save_probabilities=True, num_processes_export=0,
+                              save_uncertainty=guided)
     if failures:
         raise NnDiffSegError(f"prediction failed for {', '.join(failures)}")
 
@@ -79,12 +80,17 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     summary = evaluate_folders(str(dataset / "labelsTs"), str(predictions), str(predictions / "summary.json"),
                                num_processes=1)
     print(format_table(summary))
+    print(format_uncertainty_table(summary))
     overlays = write_overlays(dataset / "imagesTs", predictions, out / "overlays", reference_folder=dataset / "labelsTs")
 
     print(f"\nDemo finished in {time.time() - start:.0f} s.")
-    print(f"  mean Dice on {len(summary['cases'])} held-out cases: {summary['mean']['dice']:.3f}")
+    source = "spread" if guided else "entropy"
+    detection = summary["uncertainty"][source]["all_labels"]
+    print(f"  mean Dice on {len(summary['cases'])} held-out cases: {summary['mean']['dice']:.3f}; the uncertainty "
+          f"({'spread of the samples' if guided else 'entropy of the softmax'}) tells wrong pixels from right ones "
+          f"with AUROC {detection['pixel_auroc']:.3f} (0.5: chance, 1: perfect)")
     print(f"  predictions:  {predictions}")
-    print(f"  summary:      {predictions / 'summary.json'}")
+    print(f"  summary:      {predictions / 'summary.json'} (figures: {predictions / FIGURES_FOLDER})")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
     if guided:
         print(f"  uncertainty:  {predictions / 'uncertainty'} (spread of the samples per pixel, .npz and PNG)")

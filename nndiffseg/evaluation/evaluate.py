@@ -1,9 +1,13 @@
 """Evaluate a folder of predicted label maps against a folder of reference label maps.
 
-``nnDiffSeg_evaluate -ref GT_FOLDER -pred PRED_FOLDER [-o summary.json] [-l LABEL ...] [-np N]``
+``nnDiffSeg_evaluate -ref GT_FOLDER -pred PRED_FOLDER [-o summary.json] [-l LABEL ...] [-unc FOLDER] [-np N]``
 
 Scores Dice, IoU and tolerant IoU (see :mod:`nndiffseg.evaluation.metrics`) per case and foreground
-class, writes a ``summary.json`` (NaN as ``null``) and prints a table.
+class, writes a ``summary.json`` (NaN as ``null``) and prints a table. Where the prediction folder holds
+nnU-Net's probabilities (``--save_probabilities``: CASE.npz) and/or nnDiffSeg_predict's uncertainty maps
+(``uncertainty/CASE.npz``), it also scores calibration and failure detection
+(:mod:`nndiffseg.evaluation.uncertainty_metrics`) and draws them as ``summary_figures/calibration.png`` and
+``summary_figures/risk_coverage.png`` beside the summary.
 """
 import argparse
 import contextlib
@@ -21,11 +25,14 @@ from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determin
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
+from nndiffseg.evaluation.uncertainty_evaluation import (UNCERTAINTY_FOLDER, case_uncertainty_data, find_case_files,
+                                                         summarize_uncertainty)
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
 SUPPORTED_ENDINGS: tuple[str, ...] = tuple(sorted({e.lower() for rw in LIST_OF_IO_CLASSES
                                                    for e in rw.supported_file_endings}, key=len, reverse=True))
 SUMMARY_FILE_NAME = "summary.json"
+FIGURES_FOLDER = "summary_figures"  # calibration.png and risk_coverage.png, beside the summary
 _MAX_NAMES_IN_MESSAGE = 10
 
 
@@ -114,7 +121,7 @@ def _read_label_map(reader: Type[BaseReaderWriter], file: str) -> tuple[np.ndarr
 
 
 def _evaluate_case(job: tuple) -> dict[str, Any]:
-    case, ref_file, ref_reader, pred_file, pred_reader, labels = job
+    case, ref_file, ref_reader, pred_file, pred_reader, labels, probability_file, uncertainty_file = job
     ref, ref_values = _read_label_map(ref_reader, ref_file)
     pred, pred_values = _read_label_map(pred_reader, pred_file)
     if ref.shape != pred.shape:
@@ -124,7 +131,8 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     # Without explicit labels, score what occurs in this case; the caller fills in the labels that
     # occur elsewhere only, whose metrics here are NaN by definition (empty in both maps).
     metrics = compute_case_metrics(pred, ref, present if labels is None else labels)
-    return {"case": case, "present": present, "metrics": metrics}
+    return {"case": case, "present": present, "metrics": metrics,
+            **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file)}
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -170,7 +178,8 @@ def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
 
 def evaluate_folders(reference_folder: str, prediction_folder: str, output_file: Optional[str] = None,
                      labels: Optional[Iterable[int]] = None,
-                     num_processes: int = default_num_processes()) -> dict[str, Any]:
+                     num_processes: int = default_num_processes(), uncertainty_folder: Optional[str] = None,
+                     plots: bool = True) -> dict[str, Any]:
     """Score every prediction in ``prediction_folder`` against the same-named reference and write a summary.
 
     Case files are matched by name (file name minus its ending); files with other endings and subfolders
@@ -178,6 +187,11 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     Per class, metrics are averaged over cases ignoring NaN (class empty in both maps); ``mean`` averages
     the per-class values over classes, again ignoring NaN. The summary is written to ``output_file``
     (default ``prediction_folder/summary.json``) with NaN as ``null``; the returned dict keeps NaN floats.
+
+    Probabilities (``prediction_folder/CASE.npz``, nnU-Net's ``--save_probabilities``) and uncertainty maps
+    (``uncertainty_folder/CASE.npz``, default ``prediction_folder/uncertainty``) are used when every case has
+    one: the summary then holds ``calibration`` and ``uncertainty`` blocks, and with ``plots`` the reliability
+    diagram and risk-coverage curve are written to ``summary_figures/`` beside it.
 
     Raises NnDiffSegError for missing or extra cases, empty folders, unreadable files and shape mismatches,
     before anything is written.
@@ -198,8 +212,15 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     def reader(file: str) -> Type[BaseReaderWriter]:
         return readers[split_case_name(os.path.basename(file))[1]]
 
+    if uncertainty_folder is not None and not os.path.isdir(uncertainty_folder):
+        raise NnDiffSegError(f"uncertainty folder not found: {uncertainty_folder}")
+    probability_files = find_case_files(prediction_folder, cases, "probability") or {}
+    uncertainty_files = find_case_files(uncertainty_folder or os.path.join(prediction_folder, UNCERTAINTY_FOLDER),
+                                        cases, "uncertainty") or {}
+    if uncertainty_folder is not None and not uncertainty_files:
+        raise NnDiffSegError(f"no uncertainty maps (CASE.npz) in {uncertainty_folder}")
     jobs = [(c, os.path.abspath(reference[c]), reader(reference[c]), os.path.abspath(prediction[c]),
-             reader(prediction[c]), labels) for c in cases]
+             reader(prediction[c]), labels, probability_files.get(c), uncertainty_files.get(c)) for c in cases]
     if num_processes == 1 or len(jobs) == 1:
         results = [_evaluate_case(job) for job in jobs]
     else:
@@ -217,12 +238,14 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     case_entries = []
     for r in results:
         metrics = {str(label): dict(r["metrics"].get(label, nan_metrics)) for label in labels}
+        uncertainty = {"mean_uncertainty": r["mean_uncertainty"]} if r["mean_uncertainty"] else {}
         case_entries.append({
             "case": r["case"],
             "reference_file": os.path.abspath(reference[r["case"]]),
             "prediction_file": os.path.abspath(prediction[r["case"]]),
             "metrics": metrics,
             "mean": {m: _nanmean(metrics[str(label)][m] for label in labels) for m in METRIC_NAMES},
+            **uncertainty,
         })
     per_class = {str(label): {m: _nanmean(c["metrics"][str(label)][m] for c in case_entries) for m in METRIC_NAMES}
                  for label in labels}
@@ -237,9 +260,19 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
                     for label in labels},
         "reference_folder": os.path.abspath(reference_folder),
         "prediction_folder": os.path.abspath(prediction_folder),
+        **summarize_uncertainty(results, case_entries, labels),
     }
     if output_file is None:
         output_file = os.path.join(prediction_folder, SUMMARY_FILE_NAME)
+    if plots and ("calibration" in summary or "uncertainty" in summary):
+        from nndiffseg.visualization.uncertainty_plots import plot_reliability, plot_risk_coverage
+        # a folder of their own: beside PNG label maps they would pass for cases of the prediction folder
+        folder = os.path.join(os.path.dirname(os.path.abspath(output_file)), FIGURES_FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        if "calibration" in summary:
+            plot_reliability(summary, os.path.join(folder, "calibration.png"))
+        if "uncertainty" in summary:
+            plot_risk_coverage(summary, os.path.join(folder, "risk_coverage.png"))
     _write_json_atomically(summary, output_file)
     return summary
 
@@ -263,24 +296,53 @@ def format_table(summary: dict[str, Any]) -> str:
                       rule, line("mean", summary["mean"])])
 
 
+def format_uncertainty_table(summary: dict[str, Any]) -> str:
+    """Calibration per class and failure detection per uncertainty source; empty without either."""
+    lines = []
+    if "calibration" in summary:
+        lines += ["", f"{'calibration':<16}{'ECE':>8}{'Brier':>8}"]
+        rows = [(f"class {k}", v) for k, v in summary["calibration"]["per_class"].items()]
+        lines += [f"{name:<16}{_fmt(v['ece']):>8}{_fmt(v['brier']):>8}"
+                  for name, v in rows + [("mean", summary["calibration"]["mean"])]]
+    if "uncertainty" in summary:
+        header = ("pixel AUROC", "overlap", "Spearman", "AURC")
+        lines += ["", f"{'failure detection':<24}" + "".join(f"{h:>12}" for h in header)]
+        for source, block in summary["uncertainty"].items():
+            for name, values in [*block["per_class"].items(), ("all labels", block["all_labels"])]:
+                label = f"{source}, {'class ' + name if name != 'all labels' else name}"
+                lines.append(f"{label:<24}" + "".join(f"{_fmt(values[m]):>12}" for m in
+                                                      ("pixel_auroc", "uncertainty_error_overlap", "case_spearman",
+                                                       "aurc")))
+    return "\n".join(lines)
+
+
 def evaluate_entry() -> None:
     parser = argparse.ArgumentParser(
         prog="nnDiffSeg_evaluate",
-        description="Dice, IoU and tolerant IoU (3x3 tolerance) of predicted label maps against references. "
-                    "Files are matched by case name (file name minus its ending).")
+        description="Dice, IoU and tolerant IoU (3x3 tolerance) of predicted label maps against references; with "
+                    "probabilities or uncertainty maps also calibration (ECE, Brier) and failure detection (pixel "
+                    "AUROC, uncertainty-error overlap, case Spearman, AURC). Files are matched by case name (file "
+                    "name minus its ending).")
     parser.add_argument("-ref", required=True, help="folder with the reference (ground truth) label maps")
     parser.add_argument("-pred", required=True, help="folder with the predicted label maps")
     parser.add_argument("-o", default=None,
                         help=f"output JSON file (default: PRED_FOLDER/{SUMMARY_FILE_NAME})")
     parser.add_argument("-l", type=int, nargs="+", default=None,
                         help="foreground labels to score (default: every label > 0 found in any file)")
+    parser.add_argument("-unc", default=None,
+                        help=f"folder of uncertainty maps CASE.npz (default: PRED_FOLDER/{UNCERTAINTY_FOLDER} when it "
+                             f"exists). Probabilities are read from PRED_FOLDER/CASE.npz (--save_probabilities) when "
+                             f"every case has them")
+    parser.add_argument("--no_plots", action="store_true",
+                        help=f"do not draw {FIGURES_FOLDER}/calibration.png and risk_coverage.png beside the summary")
     parser.add_argument("-np", type=int, default=default_num_processes(),
                         help="processes for reading and scoring (default: min(4, CPU count)); 1 = sequential")
     args = parser.parse_args()
 
     def main() -> int:
-        summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np)
+        summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np, args.unc, not args.no_plots)
         print(format_table(summary))
+        print(format_uncertainty_table(summary))
         output = args.o if args.o is not None else os.path.join(args.pred, SUMMARY_FILE_NAME)
         print(f"\nSummary written to {output}")
         return 0

@@ -24,20 +24,24 @@ from nndiffseg.guided.denoiser import GuidedDenoiser
 from nndiffseg.guided.fusion import FUSIONS, fuse, uncertainty
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.head import DiffusionHead
-from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, denoise, sampling_scheduler,
-                                training_scheduler)
+from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, check_start, denoise,
+                                sampling_scheduler, start_timestep, training_scheduler)
 
 # The fused probabilities leave as their logarithm, so nnU-Net's softmax gives them back; the floor keeps
 # one sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.
 PROBABILITY_FLOOR = 1e-4
+# The sampling nnDiffSegTrainerGuided trains new models with (chosen by measurement: docs/benchmarks.md,
+# "Guided uncertainty"); a checkpoint keeps the settings it was trained with.
+SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3)
 DEFAULTS = dict(prediction_type="epsilon", schedule="linear", sampler="ddim", steps=50, num_samples=5,
-                fusion="mean", seed=0, prior_weight=10.0, freeze_prior=False, ignore_label=None, clip_model=None,
-                prompts=None)
+                fusion="mean", seed=0, eta=0.0, strength=1.0, prior_weight=10.0, freeze_prior=False,
+                ignore_label=None, clip_model=None, prompts=None)
 
 
 class GuidedSegmenter(DiffusionHead):
     architecture_settings = ("num_classes", "conditioning", "text_dim")
-    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed")
+    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed", "eta", "strength")
+    added_settings = {"eta": 0.0, "strength": 1.0}
     has_uncertainty = True
 
     def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, **settings):
@@ -56,11 +60,21 @@ class GuidedSegmenter(DiffusionHead):
     def check_config(self, config: Mapping) -> None:
         check_schedule(config["schedule"], config["prediction_type"])
         check_sampler(config["sampler"], config["steps"])
+        check_start(config["strength"], config["eta"])
         if isinstance(config["num_samples"], bool) or not isinstance(config["num_samples"], int) \
                 or config["num_samples"] < 1:
             raise ValueError(f"--num_samples must be at least 1, got {config['num_samples']}")
         if config["fusion"] not in FUSIONS:
             raise ValueError(f"unknown fusion '{config['fusion']}', choose one of {', '.join(FUSIONS)}")
+
+    def set_inference_options(self, **options) -> None:
+        """As the base class; an explicit ``eta`` > 0 needs DDIM (the checkpoint's own eta is simply not used by
+        the other samplers: DDPM's steps are ancestral, DPM-Solver++'s deterministic)."""
+        sampler = options.get("sampler") or self.setting("sampler")
+        eta = options.get("eta")
+        if isinstance(eta, (int, float)) and 0 < eta <= 1 and sampler != "ddim":
+            raise ValueError(f"eta is DDIM's noise level; the {sampler} sampler takes none (use --sampler ddim)")
+        super().set_inference_options(**options)
 
     @property
     def num_classes(self) -> int:
@@ -75,11 +89,12 @@ class GuidedSegmenter(DiffusionHead):
             if key[0] == "train":
                 self._schedulers[key] = training_scheduler(key[1], key[2])
             else:
-                self._schedulers[key] = sampling_scheduler(self._scheduler("train", *key[1:3]), key[3], key[4])
+                self._schedulers[key] = sampling_scheduler(self._scheduler("train", *key[1:3]), *key[3:])
         return self._schedulers[key]
 
-    def sampling_scheduler(self, sampler: str, steps: int):
-        return self._scheduler("sample", self._config["schedule"], self._config["prediction_type"], sampler, steps)
+    def sampling_scheduler(self, sampler: str, steps: int, strength: float = 1.0):
+        return self._scheduler("sample", self._config["schedule"], self._config["prediction_type"], sampler, steps,
+                               1.0, strength)
 
     # ---- set up by the trainer
     def set_text_embeddings(self, embeddings: torch.Tensor, clip_model: Optional[str] = None,
@@ -159,30 +174,47 @@ class GuidedSegmenter(DiffusionHead):
     # ---- prediction
     @torch.no_grad()
     def sample(self, image: torch.Tensor, num_samples: Optional[int] = None, sampler: Optional[str] = None,
-               steps: Optional[int] = None, seed: Optional[int] = None) -> torch.Tensor:
+               steps: Optional[int] = None, seed: Optional[int] = None, eta: Optional[float] = None,
+               strength: Optional[float] = None) -> torch.Tensor:
         """(K, B, num_classes, H, W) class probabilities of K samples for each image; the defaults are the
-        settings in force. The same seed gives the same samples."""
+        settings in force. The same seed gives the same samples. ``strength`` < 1 starts from the prior's
+        probabilities (as a mask in [-1, 1]) noised to about strength x 1000 instead of from pure noise."""
         num_samples = self.setting("num_samples") if num_samples is None else num_samples
         sampler = self.setting("sampler") if sampler is None else sampler
         steps = self.setting("steps") if steps is None else steps
         seed = self.setting("seed") if seed is None else seed
+        eta = self.setting("eta") if eta is None else eta
+        strength = self.setting("strength") if strength is None else strength
+        check_sampler(sampler, steps)
+        check_start(strength, eta)
         batch = image.shape[0]
         _, prior_logits = self._run_prior(image)
+        prior_probs = torch.softmax(prior_logits, dim=1)
         # the K samples of every image form one batch, sample-major: row k * B + b is sample k of image b
-        condition = torch.cat([image, torch.softmax(prior_logits, dim=1)], dim=1).repeat(num_samples, 1, 1, 1)
+        condition = torch.cat([image, prior_probs], dim=1).repeat(num_samples, 1, 1, 1)
         text = self.denoiser.text_condition(self.text_embeddings, num_samples * batch)
         # noise drawn on the CPU: the same seed gives the same samples on any device
         generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (num_samples * batch, self.num_classes) + tuple(image.shape[2:])
         x = torch.randn(shape, generator=generator).to(device=image.device, dtype=image.dtype)
-        x = denoise(self.sampling_scheduler(sampler, steps),
-                    lambda x_t, t: self.denoiser.predict(x_t, t, condition, text), x, generator)
+        scheduler = self.sampling_scheduler(sampler, steps, strength)
+        if strength < 1:
+            start = torch.full((shape[0],), start_timestep(scheduler), device=image.device)
+            x = scheduler.add_noise((2 * prior_probs - 1).repeat(num_samples, 1, 1, 1), x, start)
+        x = denoise(scheduler, lambda x_t, t: self.denoiser.predict(x_t, t, condition, text), x, generator, eta)
         return mask_to_probabilities(x).reshape((num_samples, batch) + x.shape[1:])
 
     def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class scores (B, num_classes, H, W), uncertainty (B, H, W)) with the settings in force; the
         scores are the log of the fused probabilities, floored at PROBABILITY_FLOOR."""
-        samples = self.sample(image)
+        return self.scores_and_uncertainty(self.predict_samples(image))
+
+    def predict_samples(self, image: torch.Tensor) -> torch.Tensor:
+        """(K, B, num_classes, H, W) class probabilities of the K samples, with the settings in force."""
+        return self.sample(image)
+
+    def scores_and_uncertainty(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``predict_with_uncertainty`` makes of the samples: log fused probabilities and their spread."""
         fused = fuse(samples, self.setting("fusion"))
         return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty(samples)
 

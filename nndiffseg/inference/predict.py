@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
-from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_uncertainty
+from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
 from nndiffseg.registry import PREDICT, check_options, find_trainer_class
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
@@ -99,13 +99,14 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: Optional[bool] = None,
                    tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
                    num_processes_export: int = 2, inference_options: Optional[dict] = None,
-                   save_uncertainty: bool = False) -> Dict[str, str]:
+                   save_uncertainty: bool = False, save_samples: bool = False) -> Dict[str, str]:
     """Predict every case in ``input_folder`` into ``output_folder``; returns {case: error} for the cases
     that failed (empty when all worked). ``use_tta`` None: the trainer's default (mirroring for nnU-Net's
     trainers; off for the iterative diffusion trainers, where it costs 4x). ``inference_options`` (e.g.
     {"steps": 10}) go to a diffusion network's ``set_inference_options``; networks without it refuse them.
     ``save_uncertainty``: also write the samples' spread per pixel (networks that sample: the guided
-    trainers) under ``uncertainty/``."""
+    trainers) under ``uncertainty/``; ``save_samples``: also each sample's label map, as the prediction folders
+    ``samples/sample_K/``."""
     check_nnunet_paths("nnUNet_results")
     input_path, output_path = Path(input_folder), Path(output_folder)
     if not input_path.is_dir():
@@ -117,9 +118,11 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     trainer_class = find_trainer_class(trainer)
     options = check_options(trainer_class, inference_options or {}, PREDICT)
     head_class = getattr(trainer_class, "head_class", None)
-    if save_uncertainty and not getattr(head_class, "has_uncertainty", False):
-        raise NnDiffSegError(f"{trainer} draws no samples, so it has no uncertainty to save (--save_uncertainty is "
-                             f"for the guided diffusion trainers)")
+    for flag, wanted in (("--save_uncertainty", save_uncertainty), ("--save_samples", save_samples)):
+        if wanted and not getattr(head_class, "has_uncertainty", False):
+            raise NnDiffSegError(f"{trainer} draws no samples, so it has no {flag[7:]} to save ({flag} is for the "
+                                 f"guided diffusion trainers)")
+    sampling = save_uncertainty or save_samples
     model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)
     folds = _check_folds(model_folder, [str(f) for f in folds] if folds else None, checkpoint_name)
 
@@ -141,7 +144,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     if use_tta is None:
         use_tta = getattr(trainer_class, "mirroring_at_prediction", True)
     register_ext_trainer_dir()
-    predictor_class = UncertaintyPredictor if save_uncertainty else nnUNetPredictor
+    predictor_class = UncertaintyPredictor if sampling else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
@@ -163,13 +166,17 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                          f"({', '.join(dataset_json['channel_names'].values())})")
                 data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                                                 predictor.configuration_manager, dataset_json)
-                if save_uncertainty:
-                    logits, uncertainty = predictor.predict_logits_and_uncertainty(torch.from_numpy(data))
+                if sampling:
+                    logits, uncertainty, samples = predictor.predict_logits_and_uncertainty(torch.from_numpy(data),
+                                                                                            save_samples)
                     logits = logits.numpy()
                 else:
                     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
                 args = (logits, properties, *export_args, case, save_probabilities)
-                if pool is None or save_uncertainty:  # the uncertainty picture draws the exported labels
+                if pool is None or sampling:  # the uncertainty picture draws the exported labels
+                    if save_samples:  # before the label map, whose presence marks the case done
+                        export_samples(samples, properties, predictor.configuration_manager, predictor.plans_manager,
+                                       dataset_json, output_path, case)
                     export_atomically(*args)
                     if save_uncertainty:
                         export_uncertainty(uncertainty, properties, predictor.configuration_manager,
@@ -226,18 +233,27 @@ def predict_entry() -> None:
     diffusion = parser.add_argument_group("diffusion trainers: override the settings saved in the checkpoint for "
                                           "this run (refused by trainers that have no such setting)")
     diffusion.add_argument("--steps", type=int, default=None,
-                           help="denoising steps of --sampler (the checkpoint's: 1 for both diffusion trainers; "
-                                "latent trainers: one DDIM step is the single step)")
+                           help="denoising steps of --sampler (the checkpoint's; new models of both diffusion "
+                                "trainers: 1; latent trainers: one DDIM step is the single step)")
     diffusion.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), default=None,
-                           help="the sampler (the checkpoint's: ddim)")
+                           help="the sampler (the checkpoint's; new models: ddim)")
     diffusion.add_argument("--num_samples", type=int, default=None,
-                           help="guided trainers: samples per image, fused (the checkpoint's: 5)")
+                           help="guided trainers: samples per image, fused (the checkpoint's; new models: 3)")
     diffusion.add_argument("--fusion", choices=("mean", "staple"), default=None,
                            help="guided trainers: how the samples are fused (the checkpoint's: mean; staple: "
                                 "SimpleITK's STAPLE)")
+    diffusion.add_argument("--eta", type=float, default=None,
+                           help="guided trainers: DDIM's noise level, 0 (deterministic) to 1 (ancestral, as DDPM) "
+                                "(the checkpoint's)")
+    diffusion.add_argument("--strength", type=float, default=None,
+                           help="guided trainers: start from the prior's mask noised to about STRENGTH x 1000 "
+                                "instead of from pure noise (1) (the checkpoint's)")
     diffusion.add_argument("--seed", type=int, default=None,
                            help="seed of the sampling noise (the checkpoint's: 0; the same seed gives the same "
                                 "output)")
+    diffusion.add_argument("--save_samples", action="store_true",
+                           help="guided trainers: also write each sample's label map; OUT/samples/sample_K/ is then a "
+                                "prediction folder per sample (K = 0 .. num_samples - 1, times the folds)")
     diffusion.add_argument("--save_uncertainty", action="store_true",
                            help="guided trainers: write the per-pixel spread of the samples to OUT/uncertainty/CASE.npz, "
                                 "and for 2D images a PNG with the prediction and the uncertainty map")
@@ -247,10 +263,11 @@ def predict_entry() -> None:
         if args.device == "cpu":
             torch.set_num_threads(cpu_threads())
         options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
-                   "fusion": args.fusion, "seed": args.seed}
+                   "fusion": args.fusion, "seed": args.seed, "eta": args.eta, "strength": args.strength}
         failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
                                   False if args.disable_tta else (True if args.enable_tta else None), args.step_size, args.save_probabilities,
-                                  args.continue_prediction, args.nps, options, args.save_uncertainty)
+                                  args.continue_prediction, args.nps, options, args.save_uncertainty,
+                                  args.save_samples)
         return 1 if failures else 0
 
     run_cli(main)

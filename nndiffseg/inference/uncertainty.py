@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from nnunetv2.utilities.helpers import dummy_context
@@ -19,14 +20,26 @@ from PIL import Image
 from nndiffseg.visualization.overlay import save_overlay
 
 UNCERTAINTY_FOLDER = "uncertainty"
+MIN_PANEL_WIDTH = 400  # small images are enlarged in the uncertainty picture so that it can be read
+SAMPLES_FOLDER = "samples"  # samples/sample_K/CASE<ending>: each sample folder is a prediction folder of its own
+
+
+def _tile_prediction(head: torch.nn.Module, tile: torch.Tensor, keep_samples: bool):
+    """(scores, spread, samples or None) of one tile: the samples' probabilities (K, B, C, *tile) too when asked."""
+    if not keep_samples:
+        return (*head.predict_with_uncertainty(tile), None)
+    samples = head.predict_samples(tile)
+    return (*head.scores_and_uncertainty(samples), samples)
 
 
 @torch.inference_mode()
 def sliding_window_with_uncertainty(head: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int],
                                     step_size: float = 0.5, mirror_axes: Optional[Sequence[int]] = None,
-                                    use_gaussian: bool = True, device: torch.device = torch.device("cpu")):
-    """(scores (C, *spatial), uncertainty (*spatial)) for a preprocessed image (channels, *spatial), with
-    2D patches over a (channels, slices, H, W) image slice by slice, as nnU-Net's predictor does."""
+                                    use_gaussian: bool = True, device: torch.device = torch.device("cpu"),
+                                    keep_samples: bool = False):
+    """(scores (C, *spatial), uncertainty (*spatial), samples (K, C, *spatial) or None) for a preprocessed
+    image (channels, *spatial), with 2D patches over a (channels, slices, H, W) image slice by slice, as nnU-Net's
+    predictor does. Sample k is stitched from every tile's sample k (weighted and mirrored as the scores)."""
     data, revert = pad_nd_image(image, patch_size, "constant", {"value": 0}, True, None)
     spatial = data.shape[1:]
     tile_grid = spatial[-len(patch_size):]
@@ -36,48 +49,61 @@ def sliding_window_with_uncertainty(head: torch.nn.Module, image: torch.Tensor, 
                               device=torch.device("cpu")) if use_gaussian else torch.ones(tuple(patch_size))
     axes = [a + 2 for a in (mirror_axes or ())]
     flips = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-    scores = uncertainty = None
+    scores = uncertainty = samples = None
     hits = torch.zeros(spatial)
     for position in itertools.product(*leading, *steps):
         lead, corner = position[:len(leading)], position[len(leading):]
         where = (*lead, *[slice(c, c + p) for c, p in zip(corner, patch_size)])
         tile = data[(slice(None), *where)][None].to(device)
-        tile_scores, tile_spread = head.predict_with_uncertainty(tile)
+        tile_scores, tile_spread, tile_samples = _tile_prediction(head, tile, keep_samples)
         for flip in flips:
-            flipped_scores, flipped_spread = head.predict_with_uncertainty(torch.flip(tile, flip))
+            flipped_scores, flipped_spread, flipped_samples = _tile_prediction(head, torch.flip(tile, flip),
+                                                                               keep_samples)
             tile_scores = tile_scores + torch.flip(flipped_scores, flip)
             tile_spread = tile_spread + torch.flip(flipped_spread, [a - 1 for a in flip])
+            if keep_samples:
+                tile_samples = tile_samples + torch.flip(flipped_samples, [a + 1 for a in flip])
         tile_scores, tile_spread = tile_scores[0].float().cpu(), tile_spread[0].float().cpu()
         if scores is None:
             scores = torch.zeros((tile_scores.shape[0], *spatial))
             uncertainty = torch.zeros(spatial)
+            if keep_samples:
+                samples = torch.zeros((tile_samples.shape[0], tile_scores.shape[0], *spatial))
         scores[(slice(None), *where)] += tile_scores / (len(flips) + 1) * weight
         uncertainty[where] += tile_spread / (len(flips) + 1) * weight
+        if keep_samples:
+            samples[(slice(None), slice(None), *where)] += tile_samples[:, 0].float().cpu() / (len(flips) + 1) * weight
         hits[where] += weight
     scores, uncertainty = scores / hits, uncertainty / hits
-    return scores[(slice(None), *revert[1:])], uncertainty[tuple(revert[1:])]
+    if keep_samples:
+        samples = (samples / hits)[(slice(None), slice(None), *revert[1:])]
+    return scores[(slice(None), *revert[1:])], uncertainty[tuple(revert[1:])], samples
 
 
 class UncertaintyPredictor(nnUNetPredictor):
     """nnU-Net's predictor, plus ``predict_logits_and_uncertainty`` for heads that draw samples."""
 
     @torch.inference_mode()
-    def predict_logits_and_uncertainty(self, data: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """(scores (C, *spatial), uncertainty (*spatial)) of a preprocessed image in preprocessed space, each the
-        mean over the folds' models (the spread across folds is not added: it is not the samples' spread)."""
+    def predict_logits_and_uncertainty(self, data: torch.Tensor, keep_samples: bool = False):
+        """(scores (C, *spatial), uncertainty (*spatial), samples (folds x K, C, *spatial) or None) of a
+        preprocessed image in preprocessed space; scores and uncertainty are the mean over the folds' models (the
+        spread across folds is not added: it is not the samples' spread), the samples those of every fold."""
         self.network = self.network.to(self.device).eval()
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         scores = uncertainty = None
+        samples = []
         for params in self.list_of_parameters:
             getattr(self.network, "_orig_mod", self.network).load_state_dict(params)
             with torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context():
-                fold_scores, fold_uncertainty = sliding_window_with_uncertainty(
+                fold_scores, fold_uncertainty, fold_samples = sliding_window_with_uncertainty(
                     self.network, data, self.configuration_manager.patch_size, self.tile_step_size, mirror_axes,
-                    self.use_gaussian, self.device)
+                    self.use_gaussian, self.device, keep_samples)
             scores = fold_scores if scores is None else scores + fold_scores
             uncertainty = fold_uncertainty if uncertainty is None else uncertainty + fold_uncertainty
+            if keep_samples:
+                samples.append(fold_samples)
         n = len(self.list_of_parameters)
-        return scores / n, (uncertainty / n).numpy()
+        return scores / n, (uncertainty / n).numpy(), torch.cat(samples) if keep_samples else None
 
 
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,
@@ -103,4 +129,22 @@ def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_
         label_file = output_folder / f"{case}.png"
         prediction = np.array(Image.open(label_file)) if label_file.is_file() else np.zeros(full.shape[1:], np.uint8)
         save_overlay(folder / f"{case}.png", image, prediction, uncertainty=full[0],
-                     title=f"{case}: prediction and uncertainty (spread of the samples)")
+                     title=f"{case}: prediction and uncertainty (spread of the samples; 0: all agree)",
+                     min_panel_width=MIN_PANEL_WIDTH)
+
+
+def export_samples(samples: torch.Tensor, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
+                   output_folder: Path, case: str) -> None:
+    """Each sample's label map in the image's geometry (nnU-Net's export of its probabilities) as
+    ``samples/sample_K/CASE<ending>``, written under a temporary name and renamed."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    writer = plans_manager.image_reader_writer_class()
+    ending = dataset_json["file_ending"]
+    for k, probabilities in enumerate(samples):
+        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+            probabilities.clamp_min(1e-4).log(), plans_manager, configuration_manager, label_manager, properties)
+        folder = output_folder / SAMPLES_FOLDER / f"sample_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".partial_{case}{ending}"
+        writer.write_seg(segmentation, str(tmp), properties)
+        os.replace(tmp, folder / f"{case}{ending}")

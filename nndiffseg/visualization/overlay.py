@@ -148,10 +148,11 @@ def _legend_items(prediction: np.ndarray, reference: np.ndarray | None,
 
 def save_overlay(out_png: str | Path, image: np.ndarray, prediction: np.ndarray, reference: np.ndarray | None = None,
                  uncertainty: np.ndarray | None = None, title: str | None = None,
-                 uncertainty_vmax: float | None = None) -> None:
+                 uncertainty_vmax: float | None = None, min_panel_width: int | None = None) -> None:
     """Write a PNG: an optional title line, the contour overlay (see ``overlay_contours``), the
     uncertainty heat map to its right when given (same height, ``uncertainty_vmax`` as in
-    ``uncertainty_panel``), and a legend strip below. Pictures keep the image's pixel size; the
+    ``uncertainty_panel``), and a legend strip below. Pictures keep the image's pixel size, or are enlarged
+    by a whole factor (each pixel a square block) until a panel is at least ``min_panel_width`` wide; the
     canvas only grows wider than the panels where a legend line would not fit."""
     prediction = _as_labels(prediction, "prediction")
     panels = [overlay_contours(image, prediction, reference)]
@@ -164,6 +165,10 @@ def save_overlay(out_png: str | Path, image: np.ndarray, prediction: np.ndarray,
             raise NnDiffSegError(f"uncertainty shape {uncertainty.shape} differs from prediction shape {prediction.shape}")
         vmax = _uncertainty_vmax(uncertainty, uncertainty_vmax)
         panels.append(uncertainty_panel(uncertainty, vmax))
+    factor = max(1, -(-min_panel_width // prediction.shape[1])) if min_panel_width else 1
+    if factor > 1:
+        panels = [panel.repeat(factor, axis=0).repeat(factor, axis=1) for panel in panels]
+        prediction = prediction.repeat(factor, axis=0).repeat(factor, axis=1)
 
     font = ImageFont.load_default()
     line_height = 14

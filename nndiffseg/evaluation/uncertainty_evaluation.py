@@ -1,0 +1,124 @@
+"""Calibration and failure detection for ``nnDiffSeg_evaluate``: read each case's probabilities (nnU-Net's
+``--save_probabilities`` CASE.npz) and uncertainty map (nnDiffSeg_predict's ``uncertainty/CASE.npz``), keep
+per case what the dataset-level numbers need, and pool them.
+
+Uncertainty sources, each scored by the same code:
+- ``entropy``: the normalised entropy of the predicted probabilities (nnU-Net's softmax for nnU-Net's
+  trainers; the fused samples' probabilities for the guided trainers);
+- ``spread``: the guided trainers' sample spread, as written by ``nnDiffSeg_predict --save_uncertainty``.
+"""
+import os
+import zlib
+from typing import Any, Optional
+
+import numpy as np
+
+from nndiffseg.errors import NnDiffSegError
+from nndiffseg.evaluation.uncertainty_metrics import (CalibrationCounts, failure_detection, normalized_entropy,
+                                                      subsample_indices)
+
+PROBABILITIES_KEY = "probabilities"  # nnU-Net's export_prediction_from_logits
+UNCERTAINTY_KEY = "uncertainty"  # nndiffseg.inference.uncertainty.export_uncertainty
+UNCERTAINTY_FOLDER = "uncertainty"
+# Pixels per case kept for the pooled pixel AUROC and overlap: exact below, a seeded random subset above
+# (a 512 x 512 image has 262144 pixels, so 2D images are kept whole).
+PIXELS_PER_CASE = 300_000
+
+
+def find_case_files(folder: Optional[str], cases: list[str], role: str) -> Optional[dict[str, str]]:
+    """Case -> ``folder/CASE.npz`` when every case has one; None when none has one (or no folder); an error
+    naming the missing cases when only some do."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    found = {c: os.path.join(folder, f"{c}.npz") for c in cases if os.path.isfile(os.path.join(folder, f"{c}.npz"))}
+    if not found:
+        return None
+    missing = [c for c in cases if c not in found]
+    if missing:
+        raise NnDiffSegError(f"{len(missing)} case(s) have no {role} .npz in {folder} while others have: "
+                             f"{', '.join(missing[:10])}{' and more' if len(missing) > 10 else ''}")
+    return found
+
+
+def _load_array(file: str, key: str, expected_shape: tuple, what: str) -> np.ndarray:
+    try:
+        with np.load(file) as data:
+            if key not in data:
+                raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(data.files)}); "
+                                     f"expected {what}")
+            array = data[key]
+    except NnDiffSegError:
+        raise
+    except Exception as e:  # a corrupt or truncated .npz
+        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
+    if array.shape[-len(expected_shape):] != expected_shape or array.ndim not in (len(expected_shape),
+                                                                                   len(expected_shape) + 1):
+        raise NnDiffSegError(f"{file} holds {what} of shape {array.shape}, which does not fit the label map's "
+                             f"shape {expected_shape}")
+    if not np.all(np.isfinite(array)):
+        raise NnDiffSegError(f"{file} holds NaN or infinite values")
+    return array
+
+
+def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probability_file: Optional[str], uncertainty_file: Optional[str]) -> dict[str, Any]:
+    """What one case adds: calibration counts per label, each source's mean uncertainty, and the kept pixels
+    (each source's values with the reference and predicted labels there)."""
+    result: dict[str, Any] = {"calibration": {}, "mean_uncertainty": {}, "pixels": {}}
+    maps = {}
+    if probability_file is not None:
+        probabilities = _load_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
+        if probabilities.ndim != ref.ndim + 1 or probabilities.shape[0] < 2:
+            raise NnDiffSegError(f"{probability_file} holds probabilities of shape {probabilities.shape}; expected "
+                                 f"(classes, {', '.join(map(str, ref.shape))})")
+        for label in range(1, probabilities.shape[0]):  # channel c is label c (nnU-Net's order)
+            result["calibration"][label] = CalibrationCounts().add(probabilities[label], ref == label)
+        maps["entropy"] = normalized_entropy(probabilities)
+    if uncertainty_file is not None:
+        spread = _load_array(uncertainty_file, UNCERTAINTY_KEY, ref.shape, "an uncertainty map")
+        maps["spread"] = spread.reshape(ref.shape).astype(np.float32)
+    if maps:
+        keep = subsample_indices(ref.size, PIXELS_PER_CASE, seed=zlib.crc32(case.encode()))
+        take = (lambda a: a.ravel()) if keep is None else (lambda a: a.ravel()[keep])
+        result["pixels"] = {"ref": take(ref).astype(np.int32), "pred": take(pred).astype(np.int32),
+                            **{name: take(m) for name, m in maps.items()}}
+        result["mean_uncertainty"] = {name: float(m.mean()) for name, m in maps.items()}
+    return result
+
+
+def summarize_uncertainty(results: list[dict], case_entries: list[dict], labels: list[int]) -> dict[str, Any]:
+    """The dataset-level ``calibration`` and ``uncertainty`` blocks of summary.json (empty when no case had
+    probabilities or maps). ``case_entries`` hold each case's Dice per label and mean, in ``results``' order."""
+    summary: dict[str, Any] = {}
+    if results and results[0]["calibration"]:
+        per_class = {}
+        for label in labels:
+            counts = CalibrationCounts()
+            for r, c in zip(results, case_entries):
+                if label not in r["calibration"]:
+                    raise NnDiffSegError(f"the probabilities of case {c['case']} have no channel for label {label}")
+                counts += r["calibration"][label]
+            _, mean_probability, observed = counts.reliability()
+            per_class[str(label)] = {"ece": counts.ece, "brier": counts.brier, "reliability": {
+                "mean_probability": mean_probability.tolist(), "observed_fraction": observed.tolist(),
+                "pixels": counts.count[counts.count > 0].tolist()}}
+        summary["calibration"] = {
+            "per_class": per_class,
+            "mean": {m: float(np.mean([per_class[str(l)][m] for l in labels])) for m in ("ece", "brier")}}
+    sources = list(results[0]["mean_uncertainty"]) if results else []
+    if not sources:
+        return summary
+    ref = np.concatenate([r["pixels"]["ref"] for r in results])
+    pred = np.concatenate([r["pixels"]["pred"] for r in results])
+    summary["uncertainty"] = {}
+    for source in sources:
+        u = np.concatenate([r["pixels"][source] for r in results])
+        case_u = [r["mean_uncertainty"][source] for r in results]
+        block = {"per_class": {}}
+        for label in labels:
+            risk = [1.0 - c["metrics"][str(label)]["dice"] for c in case_entries]
+            block["per_class"][str(label)] = failure_detection(u, (pred == label) != (ref == label), case_u, risk)
+        # every label at once: a pixel is wrong when its label is; a case's risk is 1 - its mean Dice
+        block["all_labels"] = failure_detection(u, pred != ref, case_u, [1.0 - c["mean"]["dice"] for c in case_entries])
+        block["case_mean_uncertainty"] = case_u
+        summary["uncertainty"][source] = block
+    return summary
