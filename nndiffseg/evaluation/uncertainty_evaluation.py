@@ -60,7 +60,8 @@ def _load_array(file: str, key: str, expected_shape: tuple, what: str) -> np.nda
     return array
 
 
-def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probability_file: Optional[str], uncertainty_file: Optional[str]) -> dict[str, Any]:
+def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probability_file: Optional[str],
+                          uncertainty_file: Optional[str]) -> dict[str, Any]:
     """What one case adds: calibration counts per label, each source's mean uncertainty, and the kept pixels
     (each source's values with the reference and predicted labels there)."""
     result: dict[str, Any] = {"calibration": {}, "mean_uncertainty": {}, "pixels": {}}
