@@ -203,7 +203,7 @@ def report(saved: dict, argv: list) -> str:
             f"{training[TWO_STAGE]['epochs']} x {saved['iters']} guided iterations ({training[TWO_STAGE]['s_per_iter']:.2f} s "
             f"each, {minutes[TWO_STAGE]:.1f} min): {minutes[BASELINE] + minutes[TWO_STAGE]:.1f} min in all, against "
             f"{minutes[GUIDED]:.1f} min for the joint guided run and {minutes['equal time']:.1f} min for nnUNetTrainer "
-            f"at equal time (training wall time, each process alone)."]
+            f"at equal time (training wall time, each stage in its own process)."]
     lines = [f"    python benchmarks/guided_uncertainty.py {shlex.join(map(str, argv))}", "",
              f"Training: nnUNetTrainer {training[BASELINE]['epochs']} x {saved['iters']} iterations "
              f"({training[BASELINE]['s_per_iter']:.2f} s each), guided {training[GUIDED]['epochs']} x {saved['iters']} "
