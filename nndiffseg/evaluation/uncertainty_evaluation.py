@@ -19,7 +19,7 @@ from nndiffseg.evaluation.uncertainty_metrics import (CalibrationCounts, failure
 
 PROBABILITIES_KEY = "probabilities"  # nnU-Net's export_prediction_from_logits
 UNCERTAINTY_KEY = "uncertainty"  # nndiffseg.inference.uncertainty.export_uncertainty
-UNCERTAINTY_FOLDER = "uncertainty"
+UNCERTAINTY_FOLDER = "uncertainty"  # as nndiffseg.inference.uncertainty writes it (not imported: it loads the predictor)
 # Pixels per case kept for the pooled pixel AUROC and overlap: exact below, a seeded random subset above
 # (a 512 x 512 image has 262144 pixels, so 2D images are kept whole).
 PIXELS_PER_CASE = 300_000
@@ -98,7 +98,7 @@ def summarize_uncertainty(results: list[dict], case_entries: list[dict], labels:
                 if label not in r["calibration"]:
                     raise NnDiffSegError(f"the probabilities of case {c['case']} have no channel for label {label}")
                 counts += r["calibration"][label]
-            _, mean_probability, observed = counts.reliability()
+            mean_probability, observed = counts.reliability()
             per_class[str(label)] = {"ece": counts.ece, "brier": counts.brier, "reliability": {
                 "mean_probability": mean_probability.tolist(), "observed_fraction": observed.tolist(),
                 "pixels": counts.count[counts.count > 0].tolist()}}

@@ -65,12 +65,10 @@ class CalibrationCounts:
         total = self.count.sum()
         return self.squared_error / total if total else float("nan")
 
-    def reliability(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bin centres, mean probability, observed fraction) of the filled bins, for a reliability diagram."""
+    def reliability(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean probability, observed fraction) of the filled bins, for a reliability diagram."""
         filled = self.count > 0
-        centres = (np.arange(NUM_BINS) + 0.5) / NUM_BINS
-        return (centres[filled], self.probability_sum[filled] / self.count[filled],
-                self.positive[filled] / self.count[filled])
+        return self.probability_sum[filled] / self.count[filled], self.positive[filled] / self.count[filled]
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
