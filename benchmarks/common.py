@@ -115,4 +115,5 @@ def predict_timed(images: Path, labels: Path, out: Path, dataset_id: int, traine
     summary = evaluate_folders(str(labels), str(out), num_processes=1)
     return {"s_per_image": statistics.median(times[1:] or times), "dice": summary["mean"]["dice"],
             "iou": summary["mean"]["iou"], "tiou": summary["mean"]["tiou"], "peak_mib": peak_mib(device),
-            "images": len(times)}
+            "images": len(times), "case_dice": {c["case"]: c["mean"]["dice"] for c in summary["cases"]},
+            "class_dice": {k: v["dice"] for k, v in summary.get("per_class", {}).items()}}

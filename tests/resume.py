@@ -11,7 +11,8 @@ import json, os, sys
 import nndiffseg.trainers
 from nndiffseg.run.train import train
 trainer_name, dataset, fold, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-cls = getattr(nndiffseg.trainers, trainer_name)
+num_epochs, crash_in = int(sys.argv[5]), sys.argv[6]
+cls = getattr(nndiffseg.trainers, crash_in)
 end_epoch = cls.on_epoch_end
 def on_epoch_end(self):
     end_epoch(self)
@@ -19,17 +20,19 @@ def on_epoch_end(self):
     self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
     os._exit(3)
 cls.on_epoch_end = on_epoch_end
-train(dataset, "2d", fold, trainer_name, device="cpu", num_epochs=2, iters_per_epoch=2, trainer_options=options)
+train(dataset, "2d", fold, trainer_name, device="cpu", num_epochs=num_epochs, iters_per_epoch=2, trainer_options=options)
 """
 
 
-def crash_after_first_epoch(trainer: str, dataset_id: int, fold: int, options: dict, env: dict) -> None:
-    """Train 2 epochs x 2 iterations; the process dies (exit 3) once epoch 0's checkpoint_latest is written.
+def crash_after_first_epoch(trainer: str, dataset_id: int, fold: int, options: dict, env: dict, num_epochs: int = 2,
+                            crash_in: str = "") -> None:
+    """Train ``num_epochs`` x 2 iterations; the process dies (exit 3) once epoch 0's checkpoint_latest is written
+    (of the trainer class ``crash_in``, default ``trainer``: another class for a stage that ``trainer`` runs).
     Its data-augmentation workers outlive it, as after a real crash: they are killed with its process group
     (and the output goes to a file, as open pipes held by them would block reading until they die)."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen([sys.executable, "-c", _CRASH_AFTER_FIRST_EPOCH, trainer, str(dataset_id),
-                                    str(fold), json.dumps(options)], env={**os.environ, **env}, stdout=log,
+                                    str(fold), json.dumps(options), str(num_epochs), crash_in or trainer], env={**os.environ, **env}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         returncode = process.wait(timeout=600)
         try:

@@ -207,3 +207,63 @@ def test_inference_steps_are_set_by_option_and_checked(segmenter):
     with pytest.raises(ValueError, match="sampling steps must be an integer from 1 to 1000"):
         segmenter.set_inference_options(steps=0)
     assert segmenter.setting("steps") == 10
+
+
+def _planned_like_segmenter(**settings):
+    """A segmenter whose image encoder is a small conv stack at 1/4 resolution (what the trainer cuts from
+    nnU-Net's planned U-Net) and whose mask autoencoder is compact f4."""
+    from nndiffseg.latent.segmenter import PlannedImageEncoder
+    torch.manual_seed(0)
+    stages = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.LeakyReLU(),
+                                 torch.nn.Conv2d(16, 16, 3, stride=2, padding=1))
+    return LatentSegmenter(PlannedImageEncoder(stages, 16, 8), build_autoencoder("compact", 3, 4),
+                           build_denoiser("compact", 4 + 8), num_classes=3, image_channels=3, **settings)
+
+
+def _soft_dice_ce(scores, target):
+    probs = torch.softmax(scores, 1)
+    one_hot = torch.nn.functional.one_hot(target[:, 0], scores.shape[1]).permute(0, 3, 1, 2).float()
+    dice = 1 - (2 * (probs * one_hot).sum() + 1) / (probs.sum() + one_hot.sum() + 1)
+    return dice + torch.nn.functional.cross_entropy(scores, target[:, 0])
+
+
+def test_planned_encoder_f4_and_the_decoded_mask_loss():
+    """Conditioning at 1/4 of the image, a mask latent at 1/4, and the decoded-mask loss: it needs the loss set,
+    reaches the image encoder through the frozen decoder, and the settings are saved with the weights."""
+    model = _planned_like_segmenter(decoded_loss_weight=1.0)
+    assert model.config["conditioning"] == "planned" and model.config["latent_downsampling"] == 4
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
+    model.train()
+    with pytest.raises(RuntimeError, match="set_mask_loss"):
+        model(x, y)
+    model.set_mask_loss(_soft_dice_ce)
+    losses = model(x, y)
+    assert "decoded_mask_loss" in losses and losses["decoded_mask_loss"] > 0
+    losses["loss"].backward()
+    assert model.image_encoder.project.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.mask_autoencoder.parameters())  # frozen
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 3, 64, 64)
+    restored = _planned_like_segmenter()
+    restored.load_state_dict(model.state_dict())
+    assert restored.config["decoded_loss_weight"] == 1.0
+
+
+def test_a_checkpoint_of_another_conditioning_or_latent_factor_is_refused(segmenter):
+    with pytest.raises(ValueError, match="conditioning='kl'.*latent_downsampling=2"):
+        _planned_like_segmenter().load_state_dict(segmenter.state_dict())
+
+
+def test_inference_timesteps_train_only_the_step_prediction_takes(segmenter):
+    seen = []
+    forward = segmenter.denoiser.forward
+    segmenter.denoiser.forward = lambda sample, t, *a, **k: seen.append(t.tolist()) or forward(sample, t, *a, **k)
+    segmenter.train()
+    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
+    segmenter(x, y)
+    segmenter.register_to_config(timesteps="inference")
+    segmenter(x, y)
+    assert seen[0] != [999, 999] and seen[1] == [999, 999]
+    with pytest.raises(ValueError, match="timesteps must be one of uniform, inference"):
+        segmenter.register_to_config(timesteps="late")

@@ -1,17 +1,24 @@
-"""The latent trainers inside nnU-Net: mask autoencoder stage, single-step trainer, prediction through
-nnDiffSeg_predict and stock nnUNetv2_predict, on a 3-class toy dataset (short runs: plumbing, not quality)."""
+"""The latent trainers inside nnU-Net on a 3-class toy dataset: one command runs the mask autoencoder stage and
+the single-step trainer, either stage resumes with --c, prediction goes through nnDiffSeg_predict and stock
+nnUNetv2_predict (short runs: plumbing; tests/test_latent_learning.py checks what it learns)."""
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cli import nnunet_folders, run_tool
-from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
+from resume import assert_same_weights, crash_after_first_epoch
 from toy_data import write_toy_dataset
 
 DATASET_ID = 31
 SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 4]
+# seeded, so that a run interrupted in either stage and resumed must end with these weights; the mask
+# autoencoder stage runs at most 0.5 x 10 = 5 epochs
+SEED, EPOCHS = 7, 10
+SEEDED = ["-device", "cpu", "--num_epochs", EPOCHS, "--iters_per_epoch", 2, "--seed", SEED]
+MASK_VAE, LATENT = "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d", "nnDiffSegTrainerLatent__nnDiffSegPlans__2d"
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +27,87 @@ def latent(tmp_path_factory):
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2, num_classes=2)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
-    vae = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerMaskVAE", *SHORT, env=env)
-    seg = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SHORT, env=env)
-    return {"root": root, "env": env, "raw": raw, "vae_log": vae.stdout, "seg_log": seg.stdout}
+    seg = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SEEDED, env=env)
+    return {"root": root, "env": env, "raw": raw, "seg_log": seg.stdout,
+            "results": root / "nnUNet_results" / raw.name}
 
 
-def test_mask_autoencoder_stage_reports_reconstruction_dice_per_class(latent):
-    summary = json.loads((latent["root"] / "nnUNet_results" / latent["raw"].name /
-                          "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d" / "fold_0" / "validation" /
-                          "summary.json").read_text())
-    assert set(summary["reconstruction_dice"]) == {"1", "2"}
+def _final(results, model, fold=0):
+    import torch
+    return torch.load(results / model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
 
 
-def test_latent_trainer_takes_the_same_folds_mask_autoencoder(latent):
-    assert "mask autoencoder loaded from" in latent["seg_log"]
-    assert "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d/fold_0/checkpoint_final.pth" in latent["seg_log"]
+def test_one_command_runs_the_mask_autoencoder_stage_first(latent):
+    assert "running the mask autoencoder stage first (nnDiffSegTrainerMaskVAE, 5 epochs x 2 iterations)" in \
+        latent["seg_log"]
+    summary = json.loads((latent["results"] / MASK_VAE / "fold_0" / "validation" / "summary.json").read_text())
+    assert set(summary["reconstruction_dice"]) == {"1", "2"}  # per foreground class
+    assert f"mask autoencoder loaded from {latent['results'] / MASK_VAE / 'fold_0' / 'checkpoint_final.pth'}" in \
+        latent["seg_log"]
+    assert (latent["results"] / LATENT / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+_STAGE_WITH_A_TARGET_OF_ZERO = """
+import sys
+import nndiffseg.trainers.latent as latent
+from nndiffseg.run.train import train
+latent.RECONSTRUCTION_TARGET = 0.0  # any reconstruction reaches it: the stage must stop after its first epoch
+train(sys.argv[1], "2d", 2, "nnDiffSegTrainerMaskVAE", device="cpu", num_epochs=3, iters_per_epoch=2)
+"""
+
+
+def test_the_mask_autoencoder_stage_stops_once_the_target_is_reached(latent):
+    import subprocess
+    import sys
+    import torch
+    result = subprocess.run([sys.executable, "-c", _STAGE_WITH_A_TARGET_OF_ZERO, str(DATASET_ID)],
+                            env={**os.environ, **latent["env"]}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "for every class: stopping after 1 of 3 epochs" in result.stdout
+    fold = latent["results"] / MASK_VAE / "fold_2"
+    assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+    assert (fold / "validation" / "summary.json").is_file()
+
+
+def test_a_run_interrupted_in_the_mask_autoencoder_stage_resumes_with_c(latent, tmp_path):
+    """Killed after the stage's first epoch, resumed with a bare --c: the stage continues from its checkpoint, then
+    the single-step trainer runs, and both end with the uninterrupted run's weights."""
+    env = {**latent["env"], "nnUNet_results": str(tmp_path / "nnUNet_results")}
+    results = tmp_path / "nnUNet_results" / latent["raw"].name
+    crash_after_first_epoch("nnDiffSegTrainerLatent", DATASET_ID, 0, {"seed": SEED}, env, num_epochs=EPOCHS,
+                            crash_in="nnDiffSegTrainerMaskVAE")
+    assert (results / MASK_VAE / "fold_0" / "checkpoint_latest.pth").is_file()
+    assert not (results / MASK_VAE / "fold_0" / "checkpoint_final.pth").exists()
+    resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", "-device", "cpu",
+                       "--c", env=env)
+    assert "continuing the mask autoencoder stage first" in resumed.stdout
+    for model in (MASK_VAE, LATENT):
+        assert_same_weights(_final(results, model), _final(latent["results"], model))
+
+
+def test_a_run_interrupted_in_the_single_step_stage_resumes_with_c(latent, tmp_path):
+    """A seeded run given the fixture's mask autoencoder with --mask_vae (no stage then), killed after epoch 0 and
+    resumed with a bare --c (the seed and --mask_vae come from the run's record), ends with the weights of the
+    uninterrupted one-command run."""
+    import torch
+    mask_vae = latent["results"] / MASK_VAE / "fold_0" / "checkpoint_final.pth"
+    folder = tmp_path / "nnUNet_results"
+    env = {**latent["env"], "nnUNet_results": str(folder)}
+    crash_after_first_epoch("nnDiffSegTrainerLatent", DATASET_ID, 0, {"mask_vae": str(mask_vae), "seed": SEED}, env,
+                            num_epochs=EPOCHS)
+    results = folder / latent["raw"].name
+    assert not (results / MASK_VAE).exists()  # --mask_vae given: no stage of its own
+    interrupted = torch.load(results / LATENT / "fold_0" / "checkpoint_latest.pth", map_location="cpu",
+                             weights_only=False)
+    resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", "-device", "cpu",
+                       "--c", env=env)
+    assert "mask latents scaled" not in resumed.stdout  # nothing re-initialised: all of it came from the checkpoint
+    final = _final(results, LATENT)
+    assert final["current_epoch"] == EPOCHS and interrupted["current_epoch"] == 1
+    assert not torch.equal(final["network_weights"]["denoiser.conv_in.weight"],
+                           interrupted["network_weights"]["denoiser.conv_in.weight"])  # epochs 1-9 did train
+    assert_same_weights(final, _final(latent["results"], LATENT))
 
 
 def test_single_step_model_predicts_through_our_and_stock_tools(latent):
@@ -64,33 +137,6 @@ def test_method_options_are_refused_by_trainers_without_them(latent):
     result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainer", "--sd_weights", "random",
                       *SHORT, env=latent["env"], check=False)
     assert result.returncode == 1 and "nnDiffSegTrainer takes no --sd_weights" in result.stderr
-
-
-def test_interrupted_run_resumed_with_c_ends_with_the_weights_of_an_uninterrupted_one(latent):
-    """A seeded run killed after epoch 0 and resumed with --c (no other option: the seed and --mask_vae come from
-    the run's record) ends with the same weights as the same seeded run never interrupted."""
-    import torch
-    results = latent["root"] / "nnUNet_results" / latent["raw"].name
-    mask_vae = results / "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d" / "fold_0" / "checkpoint_final.pth"
-    options = {"mask_vae": str(mask_vae), "seed": 7}
-    fold = results / "nnDiffSegTrainerLatent__nnDiffSegPlans__2d" / "fold_1"
-    crash_after_first_epoch("nnDiffSegTrainerLatent", DATASET_ID, 1, options, latent["env"])
-    assert not (fold / "checkpoint_final.pth").exists()
-    interrupted = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerLatent", "-device", "cpu",
-                       "--c", env=latent["env"])
-    assert "mask latents scaled" not in resumed.stdout  # nothing re-initialised: all of it came from the checkpoint
-    reference_env = uninterrupted_results(latent["root"], latent["env"])
-    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerLatent", "-device", "cpu",
-             "--num_epochs", 2, "--iters_per_epoch", 2, "--mask_vae", mask_vae, "--seed", 7, env=reference_env)
-    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    reference = torch.load(latent["root"] / "nnUNet_results_uninterrupted" / latent["raw"].name /
-                           "nnDiffSegTrainerLatent__nnDiffSegPlans__2d" / "fold_1" / "checkpoint_final.pth",
-                           map_location="cpu", weights_only=False)
-    assert final["current_epoch"] == 2 and interrupted["current_epoch"] == 1
-    assert not torch.equal(final["network_weights"]["denoiser.conv_in.weight"],
-                           interrupted["network_weights"]["denoiser.conv_in.weight"])  # epoch 1 did train
-    assert_same_weights(final, reference)
 
 
 def test_more_denoising_steps_run_ddim_through_nndiffseg_predict(latent):

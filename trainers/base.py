@@ -215,10 +215,13 @@ class nnDiffSegHeadTrainer(nnDiffSegTrainer):
         self.initial_lr = self.initial_lr_default
         self.weight_decay = 1e-2
 
-    def prepare_network(self, network: nn.Module) -> None:
+    def check_labels(self) -> None:
         if self.label_manager.has_regions:
             raise NnDiffSegError(f"{self.__class__.__name__} does not support region-based training (dataset.json "
                                  f"labels given as lists of values); train nnUNetTrainer for this dataset")
+
+    def prepare_network(self, network: nn.Module) -> None:
+        self.check_labels()
         if self.label_manager.has_ignore_label:
             network.register_to_config(ignore_label=int(self.label_manager.ignore_label))
 

@@ -2,11 +2,14 @@
 ``nndiffseg.latent.segmenter.LatentSegmenter`` and ``nndiffseg.latent.mask_autoencoder.MaskAutoencoderHead``.
 
 ``nnDiffSegTrainerMaskVAE`` fine-tunes the mask autoencoder on a fold's training masks;
-``nnDiffSegTrainerLatent`` trains the image encoder and the denoiser with that autoencoder frozen. The
-``_sd`` variants use Stable Diffusion's architecture (its weights load with ``--sd_weights``); the plain
-names use the compact architecture, trained from scratch. The variant is part of the trainer name, as
-nnU-Net does for trainer variants, because nnU-Net rebuilds a network for prediction from the trainer
-class and the plans alone.
+``nnDiffSegTrainerLatent`` trains the image encoder and the denoiser with that autoencoder frozen, and runs
+the mask autoencoder stage itself first when the fold has none (one command per fold). The ``_sd`` variants
+are SDSeg's recipe: Stable Diffusion's architecture (its weights load with ``--sd_weights``), a KL-f8 image
+encoder, latent losses only. The plain names use the compact architecture trained from scratch, with the
+image encoder taken from the U-Net nnU-Net planned, the latent factor chosen from the patch and a loss on the
+decoded mask (see ``nndiffseg.latent.segmenter``). The variant is part of the trainer name, as nnU-Net does
+for trainer variants, because nnU-Net rebuilds a network for prediction from the trainer class and the plans
+alone.
 """
 import json
 import os
@@ -14,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -21,15 +25,35 @@ from torch import nn
 from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import reconstruction_dice
-from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, load_pretrained_autoencoder,
-                                           load_pretrained_denoiser)
+from nndiffseg.latent.autoencoders import (LATENT_CHANNELS, build_autoencoder, build_denoiser, latent_downsampling,
+                                           load_pretrained_autoencoder, load_pretrained_denoiser)
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoderHead
 from nndiffseg.latent.mask_encoding import mask_channels
-from nndiffseg.latent.segmenter import LatentSegmenter
+from nndiffseg.latent.segmenter import LatentSegmenter, PlannedImageEncoder
 from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 DEFAULT_SD_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LATENT_SCALE_BATCHES = 8
+CONDITIONING_CHANNELS = 32  # the planned image encoder's projection, concatenated with the 4 latent channels
+# the mask autoencoder stage that nnDiffSegTrainerLatent runs itself: at most this fraction of its own epochs,
+# less when the validation patches reconstruct at RECONSTRUCTION_TARGET per class first
+MASK_STAGE_EPOCH_FRACTION = 0.5
+RECONSTRUCTION_TARGET = 0.99
+
+
+class _ReconstructionTargetReached(Exception):
+    """Raised at an epoch's end to leave nnU-Net's training loop early."""
+
+
+def planned_image_encoder(network: nn.Module, downsampling: int, channels: int) -> PlannedImageEncoder:
+    """The encoder stages of nnU-Net's planned U-Net down to 1/``downsampling`` of the patch, projected to
+    ``channels``; ValueError when no stage ends at that resolution."""
+    encoder = network.encoder
+    total = np.cumprod([np.broadcast_to(np.asarray(s, dtype=int), (2,)) for s in encoder.strides], axis=0)
+    for i, per_axis in enumerate(total):
+        if all(per_axis == downsampling):
+            return PlannedImageEncoder(encoder.stages[:i + 1], encoder.output_channels[i], channels)
+    raise ValueError(f"the planned U-Net (strides {encoder.strides}) has no stage at 1/{downsampling} of the patch")
 
 
 class _LatentTrainerBase(nnDiffSegHeadTrainer):
@@ -38,6 +62,7 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     # several times faster at 1e-3 than at 1e-4 in a first CPU trial (toy shapes, AdamW)
     initial_lr_by_preset = {"compact": 1e-3, "sd": 1e-5}
     option_names = ("seed", "sd_weights")
+    downsampling: Optional[int] = None  # the autoencoders' factor; None: chosen from the patch (latent_downsampling)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -71,15 +96,17 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
 
 
 class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
-    """Fine-tunes the KL-f8 mask autoencoder on the fold's training masks; validation reports the
-    reconstruction Dice per class (nnU-Net's pseudo Dice of decode(encode(mask)))."""
+    """Fine-tunes the mask autoencoder on the fold's training masks, until the validation patches reconstruct at
+    RECONSTRUCTION_TARGET per class or the epochs run out; validation reports the reconstruction Dice per class
+    (nnU-Net's pseudo Dice of decode(encode(mask)))."""
     head_class = MaskAutoencoderHead
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        return MaskAutoencoderHead(build_autoencoder(cls.preset, mask_channels(num_output_channels)),
+        downsampling = cls.downsampling or latent_downsampling(configuration_manager.patch_size, cls.preset)
+        return MaskAutoencoderHead(build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling),
                                    num_output_channels, cls.preset)
 
     def load_initial_weights(self) -> None:
@@ -87,6 +114,24 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
         if pretrained is not None:
             self.module.load_pretrained(pretrained)
             self.print_to_log_file(f"mask autoencoder initialised from {self.sd_weights}")
+
+    def on_epoch_end(self) -> None:
+        """Stops training once every class of the epoch's validation patches reconstructs at
+        RECONSTRUCTION_TARGET (nnU-Net's pseudo Dice here is the reconstruction's; under DDP it is gathered over
+        all ranks, so they stop together)."""
+        dice = [d for d in self.logger.get_value("dice_per_class_or_region", step=-1) if not np.isnan(d)]
+        super().on_epoch_end()
+        if self.current_epoch < self.num_epochs and dice and min(dice) >= RECONSTRUCTION_TARGET:
+            self.print_to_log_file(f"validation patches reconstructed at Dice >= {RECONSTRUCTION_TARGET} for every "
+                                   f"class: stopping after {self.current_epoch} of {self.num_epochs} epochs",
+                                   also_print_to_console=True)
+            raise _ReconstructionTargetReached
+
+    def run_training(self) -> None:
+        try:
+            super().run_training()
+        except _ReconstructionTargetReached:
+            self.on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """Reconstruction Dice per class on the fold's validation cases, whole images, written to
@@ -113,7 +158,8 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
     nnU-Net's sliding window, validation and stock nnUNetv2_predict work unchanged."""
     head_class = LatentSegmenter
     head_settings = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
-                         steps=1)
+                         steps=1, decoded_loss_weight=1.0, timesteps="uniform")
+    conditioning = "planned"
     option_names = ("seed", "sd_weights", "mask_vae")
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE"
 
@@ -126,19 +172,66 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        image_channels = 3 if cls.preset == "sd" else num_input_channels  # SD's encoder takes RGB
-        return LatentSegmenter(build_autoencoder(cls.preset, image_channels),
-                               build_autoencoder(cls.preset, mask_channels(num_output_channels)),
-                               build_denoiser(cls.preset), num_output_channels, num_input_channels,
+        downsampling = cls.downsampling or latent_downsampling(configuration_manager.patch_size, cls.preset)
+        mask_autoencoder = build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling)
+        if cls.conditioning == "planned":
+            unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                            num_output_channels, False)
+            image_encoder = planned_image_encoder(unet, downsampling, CONDITIONING_CHANNELS)
+            denoiser = build_denoiser(cls.preset, LATENT_CHANNELS + CONDITIONING_CHANNELS)
+        else:
+            image_channels = 3 if cls.preset == "sd" else num_input_channels  # SD's encoder takes RGB
+            image_encoder = build_autoencoder(cls.preset, image_channels, downsampling)
+            denoiser = build_denoiser(cls.preset)
+        return LatentSegmenter(image_encoder, mask_autoencoder, denoiser, num_output_channels, num_input_channels,
                                preset=cls.preset, **cls.head_settings)
+
+    def after_initialize(self) -> None:
+        self.module.set_mask_loss(self.loss)
+
+    def _mask_vae_folder(self) -> str:
+        return get_output_folder(self.plans_manager.dataset_name, self.mask_vae_trainer,
+                                 self.plans_manager.plans_name, self.configuration_name, self.fold)
 
     def _mask_vae_checkpoint(self) -> Optional[str]:
         if self.mask_vae is not None:
             return self.mask_vae
-        folder = get_output_folder(self.plans_manager.dataset_name, self.mask_vae_trainer,
-                                   self.plans_manager.plans_name, self.configuration_name, self.fold)
-        found = os.path.join(folder, "checkpoint_final.pth")
+        found = os.path.join(self._mask_vae_folder(), "checkpoint_final.pth")
         return found if os.path.isfile(found) else None
+
+    def on_train_start(self) -> None:
+        # before this trainer's own initialisation, so the two stages' data loaders never run at once
+        if self.current_epoch == 0 and self._mask_vae_checkpoint() is None:
+            self.check_labels()  # a dataset this trainer refuses gets no stage either
+            self.train_mask_autoencoder_stage()
+        super().on_train_start()
+
+    def train_mask_autoencoder_stage(self) -> None:
+        """The mask autoencoder stage on this fold, in this process: ``mask_vae_trainer`` for at most
+        MASK_STAGE_EPOCH_FRACTION of this run's epochs at its iterations per epoch, into its own fold folder
+        (so ``--mask_vae`` and stock tools find it as if trained separately); a stage that was interrupted
+        continues from its checkpoint_latest.pth."""
+        from nndiffseg.registry import find_trainer_class  # it imports nndiffseg.trainers, which imports this module
+        folder = self._mask_vae_folder()
+        continuing = os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
+        plans = {**self.plans_manager.plans, "continue_training": continuing}
+        stage = find_trainer_class(self.mask_vae_trainer)(plans, self.configuration_name, self.fold,
+                                                          self.dataset_json, self.device)
+        epochs = max(1, round(MASK_STAGE_EPOCH_FRACTION * self.num_epochs))
+        stage.configure_run({k: v for k, v in self.options.items() if k in stage.option_names},
+                            {"num_epochs": epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                             "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch})
+        self.print_to_log_file(f"no fine-tuned mask autoencoder for fold {self.fold}: "
+                               f"{'continuing' if continuing else 'running'} the mask autoencoder stage first "
+                               f"({self.mask_vae_trainer}, {stage.num_epochs} epochs x "
+                               f"{stage.num_iterations_per_epoch} iterations) in {folder}",
+                               also_print_to_console=True)
+        if continuing:
+            stage.load_checkpoint(os.path.join(folder, "checkpoint_latest.pth"))
+        stage.run_training()
+        stage.perform_actual_validation()
+        self.print_to_log_file(f"mask autoencoder stage done; training {self.__class__.__name__}",
+                               also_print_to_console=True)
 
     def load_initial_weights(self) -> None:
         head: LatentSegmenter = self.module
@@ -149,24 +242,13 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
             self.print_to_log_file(f"image encoder{' and denoiser' if denoiser is not None else ''} initialised "
                                    f"from {self.sd_weights}")
         checkpoint = self._mask_vae_checkpoint()
-        if checkpoint is not None:
-            weights, _ = read_network_weights(checkpoint, "--mask_vae")
-            try:
-                head.load_mask_autoencoder(weights)
-            except ValueError as e:
-                raise NnDiffSegError(f"--mask_vae {checkpoint} does not fit this trainer's mask autoencoder (train "
-                                     f"{self.mask_vae_trainer} on the same dataset and plans): {e}") from None
-            self.print_to_log_file(f"mask autoencoder loaded from {checkpoint}")
-        elif pretrained is not None and head.mask_autoencoder.config.in_channels == 3:
-            head.load_mask_autoencoder(pretrained.state_dict())
-            self.print_to_log_file(f"mask autoencoder: Stable Diffusion's from {self.sd_weights}, not fine-tuned "
-                                   f"(SDMC-Seg: mean DSC 0.640 against 0.760 fine-tuned); train "
-                                   f"{self.mask_vae_trainer} on this fold first")
-        else:
-            msg = (f"WARNING: no fine-tuned mask autoencoder for fold {self.fold} (train {self.mask_vae_trainer} "
-                   f"first, or pass --mask_vae CHECKPOINT): the frozen mask autoencoder is randomly initialised "
-                   f"and the segmentation will be poor")
-            self.print_to_log_file(msg, also_print_to_console=True)
+        weights, _ = read_network_weights(checkpoint, "--mask_vae")
+        try:
+            head.load_mask_autoencoder(weights)
+        except ValueError as e:
+            raise NnDiffSegError(f"--mask_vae {checkpoint} does not fit this trainer's mask autoencoder (train "
+                                 f"{self.mask_vae_trainer} on the same dataset and plans): {e}") from None
+        self.print_to_log_file(f"mask autoencoder loaded from {checkpoint}")
         scale = head.calibrate_mask_latent_scale(
             next(self.dataloader_train)["target"].to(self.device) for _ in range(LATENT_SCALE_BATCHES))
         self.print_to_log_file(f"mask latents scaled by {scale:.5f} to unit variance over "
@@ -178,5 +260,9 @@ class nnDiffSegTrainerMaskVAE_sd(nnDiffSegTrainerMaskVAE):
 
 
 class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
+    """SDSeg's recipe: Stable Diffusion's KL-f8 autoencoder and latent UNet, a KL-f8 image encoder, and its
+    latent losses only (noise L1 + latent estimation L1), t uniform over the schedule."""
     preset = "sd"
+    conditioning = "kl"
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0, "timesteps": "uniform"}
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE_sd"

@@ -1,9 +1,10 @@
 """KL-f8 autoencoders and latent denoisers from diffusers, in two sizes, and loading of pretrained weights.
 
 ``sd``: Stable Diffusion's KL-f8 autoencoder architecture (so its weights load) and a latent-diffusion
-UNet of comparable size. ``compact``: a small mask/image autoencoder (masks are simple) and a light
-denoiser, trained from scratch. Both downsample 8x into a 4-channel latent; the denoiser halves the latent
-three more times, the k = 3 of nnDiffSegPlans (patch edges are multiples of 64).
+UNet of comparable size; it downsamples 8x (KL-f8). ``compact``: a small mask autoencoder (masks are simple)
+and a light denoiser, trained from scratch, downsampling 8x or 4x (``latent_downsampling``: an f8 latent of a
+128 px patch is 16 x 16, too coarse for lesion borders). Both have a 4-channel latent; the denoiser halves
+the latent three more times, the k = 3 of nnDiffSegPlans (patch edges are multiples of 64).
 """
 import json
 from pathlib import Path
@@ -14,6 +15,8 @@ from diffusers import AutoencoderKL, UNet2DModel
 
 LATENT_CHANNELS = 4
 PRESETS = ("sd", "compact")
+DOWNSAMPLINGS = (4, 8)
+MIN_LATENT_EDGE = 32  # the smallest latent edge latent_downsampling() accepts before choosing a finer factor
 
 _AUTOENCODER = {
     # Stable Diffusion v1/v2's vae/config.json
@@ -37,13 +40,28 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"unknown preset '{preset}', choose one of {', '.join(PRESETS)}")
 
 
-def build_autoencoder(preset: str, channels: int = 3) -> AutoencoderKL:
+def latent_downsampling(patch_size, preset: str = "compact") -> int:
+    """The autoencoder's downsampling factor for a patch: 8 (SD's KL-f8) when the latent keeps at least
+    MIN_LATENT_EDGE cells per edge, else 4; always 8 for the ``sd`` preset (its pretrained architecture)."""
     _check_preset(preset)
-    cfg = _AUTOENCODER[preset]
-    n = len(cfg["block_out_channels"])
+    return 8 if preset == "sd" or min(patch_size) >= 8 * MIN_LATENT_EDGE else 4
+
+
+def build_autoencoder(preset: str, channels: int = 3, downsampling: int = 8) -> AutoencoderKL:
+    _check_preset(preset)
+    if downsampling not in DOWNSAMPLINGS or (preset == "sd" and downsampling != 8):
+        raise ValueError(f"the {preset} autoencoder downsamples by {'8' if preset == 'sd' else '4 or 8'}, "
+                         f"not {downsampling}")
+    cfg = dict(_AUTOENCODER[preset])
+    n = DOWNSAMPLINGS.index(downsampling) + 3  # blocks: each but the last halves the image
+    cfg["block_out_channels"] = cfg["block_out_channels"][:n]
     return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=LATENT_CHANNELS,
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                          **cfg)
+
+
+def autoencoder_downsampling(autoencoder: AutoencoderKL) -> int:
+    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
 
 
 def build_denoiser(preset: str, in_channels: int = 2 * LATENT_CHANNELS) -> UNet2DModel:

@@ -9,8 +9,19 @@ a label, so wholly unlabelled cells count for nothing.
 Prediction: ONE denoiser call at the last timestep from seeded noise, z0_hat in closed form (DDIM-1 with
 trailing spacing is exactly that), decoded by the mask decoder into class scores. ``steps`` > 1 runs the
 shared samplers (for comparison).
+
+Additions of nndiffseg, each a setting saved with the weights (SDSeg's recipe is the ``_sd`` trainers'):
+- ``conditioning="planned"``: the image encoder is the first stages of the U-Net nnU-Net planned (built by the
+  trainer), down to the latent's resolution, with a 1x1 projection, instead of a KL-f8 encoder copy ("kl"),
+  so the conditioning network scales with nnU-Net's planning as the guided head's prior does;
+- ``latent_downsampling`` 4 or 8, the mask autoencoder's factor (the trainer chooses it from the patch);
+- ``decoded_loss_weight`` > 0: a segmentation loss (nnU-Net's Dice + CE, set by the trainer with
+  ``set_mask_loss``) on the mask decoded from z0_hat through the frozen decoder, so training sees the
+  segmentation itself and not only its latent;
+- ``timesteps="inference"``: train at the timestep that one-step prediction starts from (t = 999) instead
+  of uniformly over the schedule, so all training goes to the one step that prediction uses.
 """
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -18,12 +29,14 @@ from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
 from nndiffseg.head import DiffusionHead
+from nndiffseg.latent.autoencoders import autoencoder_downsampling
 from nndiffseg.latent.mask_encoding import decoded_to_scores, encode_labels
 from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, denoise, sampling_scheduler,
                                 training_scheduler)
 
 DEFAULTS = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
-                steps=1, seed=0, ignore_label=None, preset=None)
+                steps=1, seed=0, ignore_label=None, preset=None, decoded_loss_weight=0.0, timesteps="uniform")
+TIMESTEPS = ("uniform", "inference")
 
 
 class ImageEncoder(nn.Module):
@@ -50,29 +63,62 @@ class ImageEncoder(nn.Module):
         return moments.chunk(2, dim=1)[0] * self.scaling_factor  # the mean of the diagonal Gaussian
 
 
-class LatentSegmenter(DiffusionHead):
-    architecture_settings = ("num_classes", "image_channels", "preset")
-    inference_option_names = ("steps", "sampler", "seed")
+class PlannedImageEncoder(nn.Module):
+    """Conditioning from a segmentation network's encoder: ``stages`` (the first stages of the U-Net nnU-Net
+    planned, down to the latent's resolution, ``features`` channels out) and a 1x1 projection to
+    ``channels`` conditioning channels."""
 
-    def __init__(self, image_autoencoder: AutoencoderKL, mask_autoencoder: AutoencoderKL, denoiser: UNet2DModel,
-                 num_classes: int, image_channels: int, **settings):
+    def __init__(self, stages: nn.Module, features: int, channels: int):
+        super().__init__()
+        self.stages = stages
+        self.project = nn.Conv2d(features, channels, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.project(self.stages(image))
+
+
+class LatentSegmenter(DiffusionHead):
+    architecture_settings = ("num_classes", "image_channels", "preset", "conditioning", "latent_downsampling")
+    inference_option_names = ("steps", "sampler", "seed")
+    # what checkpoints saved before these settings existed were trained with
+    added_settings = dict(conditioning="kl", latent_downsampling=8, decoded_loss_weight=0.0, timesteps="uniform")
+
+    def __init__(self, image_encoder: Union[AutoencoderKL, nn.Module], mask_autoencoder: AutoencoderKL,
+                 denoiser: UNet2DModel, num_classes: int, image_channels: int, **settings):
+        """``image_encoder``: a KL autoencoder (its encoder becomes the trainable image encoder, SDSeg's way) or
+        any module mapping the image to conditioning features at the latent's resolution (e.g. a
+        ``PlannedImageEncoder``)."""
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"LatentSegmenter got unknown settings {sorted(unknown)}")
         super().__init__()
-        self.image_encoder = ImageEncoder(image_autoencoder, image_channels)
+        kl = isinstance(image_encoder, AutoencoderKL)
+        self.image_encoder = ImageEncoder(image_encoder, image_channels) if kl else image_encoder
         self.mask_autoencoder = mask_autoencoder.requires_grad_(False)
         self.denoiser = denoiser
         # saved with the weights: calibrate_mask_latent_scale sets it from the training masks
         self.register_buffer("mask_latent_scale", torch.tensor(float(mask_autoencoder.config.scaling_factor)))
         self._schedulers: dict = {}
-        self.register_to_config(num_classes=num_classes, image_channels=image_channels, **{**DEFAULTS, **settings})
+        self.__dict__["_mask_loss"] = None  # not a submodule: nnU-Net's loss is the trainer's
+        self.register_to_config(num_classes=num_classes, image_channels=image_channels,
+                                conditioning="kl" if kl else "planned",
+                                latent_downsampling=autoencoder_downsampling(mask_autoencoder),
+                                **{**DEFAULTS, **settings})
 
     def check_config(self, config: Mapping) -> None:
         check_schedule(config["schedule"], config["prediction_type"])
         if config["prediction_type"] != "epsilon":
             raise ValueError("the latent head predicts the noise (SDSeg's latent estimation loss needs it)")
         check_sampler(config["sampler"], config["steps"])
+        if config["timesteps"] not in TIMESTEPS:
+            raise ValueError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {config['timesteps']!r}")
+        if config["decoded_loss_weight"] < 0:
+            raise ValueError(f"decoded_loss_weight must be >= 0, got {config['decoded_loss_weight']}")
+
+    def set_mask_loss(self, loss: Optional[Callable]) -> None:
+        """The segmentation loss of the decoded mask, ``loss(class_scores, target)`` (nnU-Net's Dice + CE, which
+        also leaves out the ignore label); needed when ``decoded_loss_weight`` > 0."""
+        self.__dict__["_mask_loss"] = loss
 
     @property
     def num_classes(self) -> int:
@@ -158,7 +204,10 @@ class LatentSegmenter(DiffusionHead):
         z0 = self.encode_mask(target)
         cond = self.image_encoder(image)
         noise = torch.randn_like(z0) if noise is None else noise
-        if timesteps is None:
+        if timesteps is None and self._config["timesteps"] == "inference":
+            start = int(self.sampling_scheduler(self.setting("sampler"), self.setting("steps")).timesteps[0])
+            timesteps = torch.full((z0.shape[0],), start, device=z0.device, dtype=torch.long)
+        elif timesteps is None:
             timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (z0.shape[0],), device=z0.device)
         noisy = self.train_scheduler.add_noise(z0, noise, timesteps)
         noise_pred = self.denoiser(torch.cat([noisy, cond], dim=1), timesteps).sample
@@ -171,14 +220,23 @@ class LatentSegmenter(DiffusionHead):
             return (error * weights).sum() / (weights.sum() * error.shape[1]).clamp_min(1e-6)
 
         noise_loss = l1(noise_pred, noise)
-        latent_loss = l1(self._clean_latent(noisy, noise_pred, timesteps), z0)
-        return {"loss": noise_loss + self._config["latent_loss_weight"] * latent_loss,
-                "noise_loss": noise_loss.detach(), "latent_loss": latent_loss.detach()}
+        clean = self._clean_latent(noisy, noise_pred, timesteps)
+        latent_loss = l1(clean, z0)
+        losses = {"loss": noise_loss + self._config["latent_loss_weight"] * latent_loss,
+                  "noise_loss": noise_loss.detach(), "latent_loss": latent_loss.detach()}
+        if self._config["decoded_loss_weight"] > 0:
+            if self._mask_loss is None:
+                raise RuntimeError("decoded_loss_weight > 0 needs a segmentation loss: call set_mask_loss first")
+            mask_loss = self._mask_loss(self.decode_mask(clean), target if target.ndim == 4 else target[:, None])
+            losses["loss"] = losses["loss"] + self._config["decoded_loss_weight"] * mask_loss
+            losses["decoded_mask_loss"] = mask_loss.detach()
+        return losses
 
     # ---- prediction
     def sample_latent(self, cond: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(self.setting("seed"))  # the same noise every call
-        z = torch.randn(cond.shape, generator=generator).to(device=cond.device, dtype=cond.dtype)
+        shape = (cond.shape[0], self.mask_autoencoder.config.latent_channels, *cond.shape[2:])
+        z = torch.randn(shape, generator=generator).to(device=cond.device, dtype=cond.dtype)
         scheduler = self.sampling_scheduler(self.setting("sampler"), self.setting("steps"))
         return denoise(scheduler, lambda z_t, t: self.denoiser(torch.cat([z_t, cond], dim=1), t).sample, z, generator)
 

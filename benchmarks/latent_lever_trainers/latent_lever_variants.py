@@ -1,0 +1,32 @@
+"""Trainer variants for benchmarks/latent_levers.py, one lever changed each against nnDiffSegTrainerLatent.
+Found by nnU-Net through ``nnUNet_extTrainer`` pointing at this folder (the benchmark sets it)."""
+from nndiffseg.trainers.latent import nnDiffSegTrainerLatent, nnDiffSegTrainerMaskVAE
+
+
+class nnDiffSegTrainerMaskVAE_f8(nnDiffSegTrainerMaskVAE):
+    downsampling = 8
+
+
+class nnDiffSegTrainerLatent_inferenceT(nnDiffSegTrainerLatent):
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "timesteps": "inference"}
+
+
+class nnDiffSegTrainerLatent_noDecodedLoss(nnDiffSegTrainerLatent):
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}
+
+
+class nnDiffSegTrainerLatent_klEncoder(nnDiffSegTrainerLatent):
+    conditioning = "kl"
+
+
+class nnDiffSegTrainerLatent_f8(nnDiffSegTrainerLatent):
+    downsampling = 8
+    mask_vae_trainer = "nnDiffSegTrainerMaskVAE_f8"
+
+
+class nnDiffSegTrainerLatent_before(nnDiffSegTrainerLatent):
+    """The compact trainer as it was before these levers: KL-f8 image encoder, f8 latent, latent losses only."""
+    conditioning = "kl"
+    downsampling = 8
+    mask_vae_trainer = "nnDiffSegTrainerMaskVAE_f8"
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}

@@ -1,0 +1,243 @@
+"""What each lever buys the single-step latent trainer, against nnUNetTrainer on the real ISIC sample (fold 0).
+
+Rows: nnUNetTrainer at the latent runs' iterations and at the default latent run's total training time (mask
+autoencoder stage included); nnDiffSegTrainerLatent (every lever on) and one variant per lever switched off or
+changed (benchmarks/latent_lever_trainers/); the compact trainer as it was before ("before": KL-f8 image
+encoder, f8 latent, latent losses only). Columns: Dice on the fold's validation cases, the paired difference
+against nnU-Net at equal time (Wilcoxon signed-rank), seconds per training iteration and per image (nnU-Net's
+predictor, batch 1, no mirroring, network time only), and the mask autoencoders' reconstruction Dice. Also a
+curve: nnU-Net's pseudo Dice against training time for nnUNetTrainer and the default latent trainer.
+
+    python benchmarks/latent_levers.py --work_dir /tmp/levers --max_size 128 --epochs 12 --iters 25
+
+Every step runs in its own process; results.json in the work folder keeps what is done (--resume goes on).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_work_dir, predict_timed, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+VARIANTS_DIR = HERE.parent / "latent_lever_trainers"
+DATASET_ID = 983  # isic_head_to_head._prepare converts the sample under this ID
+PLANS = "nnDiffSegPlans"
+BASELINE, LATENT = "nnUNetTrainer", "nnDiffSegTrainerLatent"
+MASK_STAGES = ("nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_f8")
+# row name -> (trainer, its mask autoencoder stage)
+LATENT_ROWS = {
+    "latent, all levers (default)": (LATENT, MASK_STAGES[0]),
+    "- t at the inference step only": ("nnDiffSegTrainerLatent_inferenceT", MASK_STAGES[0]),
+    "- no decoded-mask loss": ("nnDiffSegTrainerLatent_noDecodedLoss", MASK_STAGES[0]),
+    "- KL image encoder instead of nnU-Net's": ("nnDiffSegTrainerLatent_klEncoder", MASK_STAGES[0]),
+    "- f8 latent": ("nnDiffSegTrainerLatent_f8", MASK_STAGES[1]),
+    "before (KL encoder, f8, latent losses only)": ("nnDiffSegTrainerLatent_before", MASK_STAGES[1]),
+}
+DEFAULT_ROW = "latent, all levers (default)"
+EQUAL_TIME, EQUAL_TIME_RESULTS = "nnUNetTrainer (equal time)", "nnUNet_results_equal_time"
+
+
+def _epoch_curve(work: Path, results: str, dataset_name: str, trainer: str, offset_s: float = 0.0) -> list:
+    """[(cumulative training seconds, mean pseudo Dice)] per epoch, from nnU-Net's log."""
+    fold = work / results / dataset_name / f"{trainer}__{PLANS}__2d" / "fold_0"
+    text = "".join(log.read_text() for log in sorted(fold.glob("training_log_*.txt")))
+    dice = []
+    for listed in re.findall(r"Pseudo dice \[(.*?)\]", text):
+        values = [float(v) for v in re.findall(r"(?<![\w.])(\d+\.?\d*(?:e-?\d+)?)(?![\w(])", listed)]
+        dice.append(sum(values) / len(values))
+    times, total = [], offset_s
+    for seconds in re.findall(r"Epoch time: ([\d.]+) s", text):
+        total += float(seconds)
+        times.append(total)
+    return [list(p) for p in zip(times, dice)]
+
+
+def _child(args: argparse.Namespace, work: Path) -> dict:
+    step, *rest = args._child
+    os.environ["nnUNet_results"] = str(work / args.results)
+    if step == "prepare":
+        from isic_head_to_head import _prepare
+        return _prepare(work, Path(args.isic_sample), args.max_size, 0)
+    if step == "train":
+        return train_timed(DATASET_ID, rest[0], int(rest[1]), args.iters, plans=PLANS)
+    if step == "reconstruction":
+        from nndiffseg.utils import dataset_name_from_id
+        summary = (work / args.results / dataset_name_from_id(DATASET_ID) / f"{rest[0]}__{PLANS}__2d" / "fold_0" /
+                   "validation" / "summary.json")
+        return json.loads(summary.read_text())
+    return predict_timed(Path(args.prepared_images), Path(args.prepared_labels), work / "predictions" / rest[1],
+                         DATASET_ID, rest[0], plans=PLANS)
+
+
+def _train_s(training: dict, name: str, iters: int) -> float:
+    """Training seconds of a run: epochs x iterations x its median seconds per iteration (start-up, validation
+    and the final validation left out, as for every row)."""
+    return training[name].get("epochs_run", training[name]["epochs"]) * iters * training[name]["s_per_iter"]
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
+    saved = json.loads((work / "results.json").read_text()) if args.resume else None
+    if saved is None:
+        make_work_dir(work)
+        saved = {"prepared": None, "training": {}, "rows": {}, "reconstruction": {}, "wall_s": 0.0}
+    started = time.time() - saved["wall_s"]
+
+    def save() -> None:
+        saved["wall_s"] = time.time() - started
+        (work / "results.json").write_text(json.dumps(saved, indent=1))
+
+    os.environ["nnUNet_extTrainer"] = str(VARIANTS_DIR)
+    forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size, "--iters", args.iters]
+    prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
+    save()
+    forwarded += ["--prepared_images", prepared["images"], "--prepared_labels", prepared["labels"]]
+    dataset_name = Path(prepared["dataset"]).name
+    training = saved["training"]
+    mask_epochs = max(1, round(args.mask_epoch_fraction * args.epochs))
+    # each model is predicted right after its training, and the most telling rows come first, so a run stopped
+    # early (and its report) holds complete rows
+    plan = [(f"{BASELINE} (same iterations)", BASELINE, args.epochs, "nnUNet_results"),
+            (MASK_STAGES[0], MASK_STAGES[0], mask_epochs, "nnUNet_results"),
+            (DEFAULT_ROW, LATENT, args.epochs, "nnUNet_results"),
+            (EQUAL_TIME, BASELINE, None, EQUAL_TIME_RESULTS),
+            (MASK_STAGES[1], MASK_STAGES[1], mask_epochs, "nnUNet_results")]
+    plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, _) in LATENT_ROWS.items()
+             if name != DEFAULT_ROW]
+    for name, trainer, epochs, results in plan:
+        key = MASK_STAGES[MASK_STAGES.index(name)] if name in MASK_STAGES else \
+            (EQUAL_TIME if name == EQUAL_TIME else trainer)
+        if key not in training:
+            if name == EQUAL_TIME:
+                total = sum(_train_s(training, t, args.iters) for t in LATENT_ROWS[DEFAULT_ROW])
+                epochs = max(1, round(total / (training[BASELINE]["s_per_iter"] * args.iters)))
+            print(f"training {name}: {epochs} epochs x {args.iters} iterations", flush=True)
+            result = run_child(HERE, work, "train", trainer, epochs, options=[*forwarded, "--results", results])
+            result.update(epochs=epochs, s_per_iter=seconds_per_train_iter(work, dataset_name, trainer, args.iters,
+                                                                             plans=PLANS, results=results),
+                          epochs_run=len(_epoch_curve(work, results, dataset_name, trainer)))  # a stage may stop early
+            training[key] = result
+            save()
+        if name in MASK_STAGES:
+            saved["reconstruction"][name] = saved["reconstruction"].get(name) or run_child(
+                HERE, work, "reconstruction", name, options=forwarded)
+        elif name not in saved["rows"]:
+            print(f"predicting: {name}", flush=True)
+            out = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+            saved["rows"][name] = run_child(HERE, work, "predict", trainer, out,
+                                            options=[*forwarded, "--results", results])
+        save()
+    return saved
+
+
+def _curves(saved: dict, work: Path, iters: int) -> dict:
+    dataset_name = Path(saved["prepared"]["dataset"]).name
+    offset = _train_s(saved["training"], MASK_STAGES[0], iters) if MASK_STAGES[0] in saved["training"] else 0.0
+    return {EQUAL_TIME: _epoch_curve(work, EQUAL_TIME_RESULTS, dataset_name, BASELINE),
+            f"{LATENT} (after its mask autoencoder stage)": _epoch_curve(work, "nnUNet_results", dataset_name,
+                                                                        LATENT, offset_s=offset)}
+
+
+def _wilcoxon(a: dict, b: dict) -> str:
+    from scipy.stats import wilcoxon
+    cases = sorted(set(a) & set(b))
+    diff = [a[c] - b[c] for c in cases]
+    if not any(diff):
+        return "0.000"
+    return f"{sum(diff) / len(diff):+.3f} (p {wilcoxon(diff).pvalue:.2g}, better in {sum(d > 0 for d in diff)}/{len(diff)})"
+
+
+def report(saved: dict, argv: list, figure: Path) -> str:
+    training, rows, iters = saved["training"], saved["rows"], saved["iters"]
+    reference = rows.get(EQUAL_TIME, {}).get("case_dice")
+    base_image_s = rows[f"{BASELINE} (same iterations)"]["s_per_image"]
+    base_iter_s = training[BASELINE]["s_per_iter"]
+    lines = ["    python benchmarks/latent_levers.py " + " ".join(argv), "",
+             f"ISIC 2017 sample, max_size {saved['max_size']}, fold 0 ({len(next(iter(rows.values()))['case_dice'])} "
+             f"validation cases), "
+             f"{training[BASELINE]['epochs']} x {iters} iterations per latent trainer, its mask autoencoder stage at most "
+             f"{training[MASK_STAGES[0]]['epochs']} x {iters} (it ran {training[MASK_STAGES[0]]['epochs_run']}). "
+             f"2 CPU cores, {os.environ.get('OMP_NUM_THREADS') or 'all'} torch thread(s) per process, whole run "
+             f"{saved['wall_s'] / 60:.0f} min. Training time: iterations x the median seconds per iteration "
+             f"(nnU-Net's epoch times, the first left out), both stages summed for the latent rows.", "",
+             "| model | Dice | vs nnU-Net equal time (mean, Wilcoxon p) | s / train iter | x nnU-Net | training "
+             "min (both stages) | s / image | x nnU-Net | mask AE reconstruction Dice |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in rows.items():
+        if name in LATENT_ROWS:
+            trainer, stage = LATENT_ROWS[name]
+            total = _train_s(training, trainer, iters) + _train_s(training, stage, iters)
+            recon = saved["reconstruction"][stage]["reconstruction_dice"]
+            recon = " / ".join(f"{v:.4f}" for v in recon.values())
+        else:
+            trainer, recon = name if name == EQUAL_TIME else BASELINE, "-"
+            total = _train_s(training, trainer, iters)
+        s_iter = training[trainer]["s_per_iter"]
+        versus = "-" if name == EQUAL_TIME or reference is None else _wilcoxon(row["case_dice"], reference)
+        lines.append(f"| {name} | {row['dice']:.4f} | {versus} | {s_iter:.2f} | {s_iter / base_iter_s:.2f} | "
+                     f"{total / 60:.1f} | {row['s_per_image']:.3f} | {row['s_per_image'] / base_image_s:.2f} | "
+                     f"{recon} |")
+    lines += ["", f"![Pseudo Dice against training time]({figure.name})"]
+    return "\n".join(lines)
+
+
+def plot_curve(saved: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for name, points in saved["curve"].items():
+        if points:
+            t, d = zip(*points)
+            ax.plot([x / 60 for x in t], d, marker="o", markersize=3, label=name)
+    ax.set_xlabel("training time (min, 2 CPU cores)")
+    ax.set_ylabel("nnU-Net's pseudo Dice (validation patches)")
+    ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--isic_sample", default=str(REPO.parent / "shared" / "data" / "isic2017_sample"))
+    parser.add_argument("--max_size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--mask_epoch_fraction", type=float, default=0.5,
+                        help="the mask autoencoder stage's epochs at most, as a fraction of --epochs (the trainer's own "
+                             "MASK_STAGE_EPOCH_FRACTION by default)")
+    parser.add_argument("--figure", default=str(REPO / "docs" / "latent_levers_curve.png"))
+    parser.add_argument("--resume", action="store_true", help="go on with the work folder's results.json")
+    parser.add_argument("--report_only", action="store_true",
+                        help="write the report from what results.json holds (a run stopped early: its rows so far)")
+    parser.add_argument("--results", default="nnUNet_results", help=argparse.SUPPRESS)
+    parser.add_argument("--prepared_images", help=argparse.SUPPRESS)
+    parser.add_argument("--prepared_labels", help=argparse.SUPPRESS)
+    parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.work_dir).resolve()
+    if args._child:
+        print(json.dumps(_child(args, work)))
+        return 0
+    saved = json.loads((work / "results.json").read_text()) if args.report_only else _measure(args, work)
+    saved.update(max_size=args.max_size, iters=args.iters, curve=_curves(saved, work, args.iters))
+    figure = Path(args.figure)
+    plot_curve(saved, figure)
+    text = report(saved, [a for a in argv if a not in ("--resume", "--report_only")], figure)
+    (work / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
