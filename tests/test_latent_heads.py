@@ -138,13 +138,17 @@ def _fit(parameters, loss_fn, steps, lr):
         schedule.step()
 
 
+# the factor nnDiffSegTrainerLatent chooses for a 64 px patch (an f8 latent would be 8 x 8)
+TOY_DOWNSAMPLING = 4
+
+
 def fine_tune_toy_mask_autoencoder():
-    """The compact mask autoencoder after a short fine-tune on 3-class toy masks: 300 steps of 4 masks,
-    one-cycle schedule, about 90 s on 2 cores."""
+    """The compact f4 mask autoencoder after a short fine-tune on 3-class toy masks: 400 steps of 4 masks,
+    one-cycle schedule, about 2 min on 2 cores."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    autoencoder = build_autoencoder("compact")
-    _fit(autoencoder.parameters(), lambda: mask_autoencoder_loss(autoencoder, _toy_masks(rng, 4), 3)["loss"], 300, 3e-3)
+    autoencoder = build_autoencoder("compact", 3, TOY_DOWNSAMPLING)
+    _fit(autoencoder.parameters(), lambda: mask_autoencoder_loss(autoencoder, _toy_masks(rng, 4), 3)["loss"], 400, 3e-3)
     return autoencoder.eval()
 
 
@@ -152,8 +156,8 @@ def learn_toy_shapes(mask_autoencoder) -> list:
     """Trains a compact segmenter from scratch on 3-class toy discs (64 px, batch 4) and returns the Dice of
     its single-step prediction per foreground class on 16 new cases."""
     torch.manual_seed(0)
-    model = LatentSegmenter(build_autoencoder("compact"), mask_autoencoder, build_denoiser("compact"),
-                            num_classes=3, image_channels=3)
+    model = LatentSegmenter(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), mask_autoencoder,
+                            build_denoiser("compact"), num_classes=3, image_channels=3)
     model.calibrate_mask_latent_scale([_toy_masks(np.random.default_rng(3), 8) for _ in range(4)])
     rng = np.random.default_rng(4)
 
@@ -175,16 +179,17 @@ def fine_tuned_mask_autoencoder():
 
 
 def test_mask_autoencoder_fine_tune_reconstructs_three_class_masks(fine_tuned_mask_autoencoder):
-    """The issue's bar: after a short fine-tune, decode(encode(mask)) has per-class Dice >= 0.95
-    (measured 0.995 / 0.957 / 0.980)."""
+    """The issue's bar: after a short fine-tune, decode(encode(mask)) has per-class Dice >= 0.99
+    (measured 0.9989 / 0.9927 / 0.9952; the f8 autoencoder reached 0.995 / 0.957 / 0.980 after 300 steps)."""
     test = _toy_masks(np.random.default_rng(1), 16)[:, 0]
     reconstructed = reconstruct_labels(fine_tuned_mask_autoencoder, test, num_classes=3)
     for c, dice in enumerate(_dice_per_class(reconstructed, test, (0, 1, 2))):
-        assert dice >= 0.95, (c, dice)
+        assert dice >= 0.99, (c, dice)
 
 
 def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_mask_autoencoder):
-    model = LatentSegmenter(build_autoencoder("compact"), fine_tuned_mask_autoencoder, build_denoiser("compact"), 3, 3)
+    model = LatentSegmenter(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), fine_tuned_mask_autoencoder,
+                            build_denoiser("compact"), 3, 3)
     masks = [_toy_masks(np.random.default_rng(2), 8) for _ in range(2)]
     scale = model.calibrate_mask_latent_scale(masks)
     assert scale != pytest.approx(fine_tuned_mask_autoencoder.config.scaling_factor, rel=0.05)
@@ -193,9 +198,9 @@ def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_m
 
 
 def test_single_step_segmenter_learns_toy_shapes(fine_tuned_mask_autoencoder):
-    """About 1.5 min on 2 cores, predicting with ONE denoising step. Measured per-class Dice 0.56 / 0.75
-    (mean 0.65; 0.68 after 600 steps); an all-foreground mask scores 0.16 / 0.22. The bar: mean foreground
-    Dice >= LEARNING_THRESHOLD."""
+    """SDSeg's recipe (a KL image encoder, latent losses only) on its own, predicting with ONE denoising step.
+    Measured at f8: per-class Dice 0.56 / 0.75 (mean 0.65); an all-foreground mask scores 0.16 / 0.22. The bar:
+    mean foreground Dice >= LEARNING_THRESHOLD."""
     dice = learn_toy_shapes(fine_tuned_mask_autoencoder)
     assert np.mean(dice) >= LEARNING_THRESHOLD, dice
 
