@@ -22,6 +22,8 @@ def nnunet_raw_folder() -> Path:
         raise DatasetConversionError(
             "nnUNet_raw is not set. Export it (as for nnU-Net) to the folder where raw datasets are written, "
             "e.g. export nnUNet_raw=/data/nnUNet_raw")
+    if os.path.exists(raw) and not os.path.isdir(raw):
+        raise DatasetConversionError(f"nnUNet_raw={raw} is a file, not a folder: point nnUNet_raw at a folder")
     return Path(raw)
 
 

@@ -2,6 +2,7 @@
 that cannot be read or predicted is reported by name and the others still run."""
 import argparse
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import signal
@@ -71,10 +72,15 @@ def export_atomically(logits: np.ndarray, properties: dict, configuration_manage
                 os.remove(tmp + ending)
 
 
-def _ignore_sigint() -> None:
-    """Export workers leave Ctrl-C to the main process, which ends them (they would otherwise die mid-task
-    and leave the pool waiting for them)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
+    """Export workers that leave Ctrl-C to the main process, which ends them (they would otherwise die
+    mid-task, or mid-import with a traceback, and leave the pool waiting for them). SIGINT is ignored while
+    they start: an ignored signal stays ignored in a spawned interpreter from its first instruction."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(num_processes)
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _remove_partials(output_path: Path) -> None:
@@ -194,8 +200,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
 
     pending = []
-    pool = multiprocessing.get_context("spawn").Pool(num_processes_export, _ignore_sigint) \
-        if num_processes_export > 0 else None
+    pool = _export_pool(num_processes_export) if num_processes_export > 0 else None
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:

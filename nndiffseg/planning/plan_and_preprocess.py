@@ -2,9 +2,12 @@
 by default."""
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
+import types
+import unittest.mock
 from pathlib import Path
 from typing import List, Optional, Sequence, Type
 
@@ -14,6 +17,7 @@ from nnunetv2 import paths as nnunet_paths
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                   plan_experiment_dataset, preprocess_dataset)
+from nnunetv2.experiment_planning import verify_dataset_integrity as nnunet_verify_module
 from nnunetv2.experiment_planning.verify_dataset_integrity import \
     verify_dataset_integrity as nnunet_verify_dataset_integrity
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
@@ -76,7 +80,7 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
         with _removed_if_new(Path(nnunet_paths.nnUNet_preprocessed) / name):
             if verify_dataset_integrity:
                 print(f"Checking dataset {d} with nnU-Net's verify_dataset_integrity (skip it with --no_verify)...")
-                nnunet_verify_dataset_integrity(join(nnunet_paths.nnUNet_raw, name), num_processes_fingerprint)
+                verify_dataset_integrity_with(join(nnunet_paths.nnUNet_raw, name), num_processes_fingerprint)
             print(f"Fingerprint extraction for dataset {d}...")
             extract_fingerprint_dataset(d, num_processes=num_processes_fingerprint, check_dataset_integrity=False,
                                         clean=clean)
@@ -160,6 +164,30 @@ def check_raw_dataset(dataset_name: str) -> None:
     if orphans:
         raise NnDiffSegError(f"{len(orphans)} label file(s) in {folder / 'labelsTr'} have no image in imagesTr "
                              f"(expected CASE_0000{ending}): {', '.join(orphans[:10])}")
+
+
+class _InProcessPool:
+    """What nnU-Net's integrity check asks of a spawn Pool, run in this process."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @staticmethod
+    def starmap(function, arguments):
+        return list(itertools.starmap(function, arguments))
+
+
+def verify_dataset_integrity_with(folder: str, num_processes: int) -> None:
+    """nnU-Net's verify_dataset_integrity; with one process it runs here, not in a spawned worker whose
+    start-up (importing torch and nnU-Net) would take longer than checking a small dataset."""
+    if num_processes > 1:
+        nnunet_verify_dataset_integrity(folder, num_processes)
+        return
+    in_process = types.SimpleNamespace(get_context=lambda _: types.SimpleNamespace(Pool=lambda _: _InProcessPool()))
+    with unittest.mock.patch.object(nnunet_verify_module, "multiprocessing", in_process):
+        nnunet_verify_dataset_integrity(folder, 1)
 
 
 @contextlib.contextmanager

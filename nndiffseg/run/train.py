@@ -70,7 +70,7 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
     unreadable = []
     for path in existing:
         try:
-            checkpoint = load_checkpoint_file(path, "--c")
+            load_checkpoint_file(path, "--c")  # read twice: nnU-Net's load_checkpoint takes no dict (its bug)
         except NnDiffSegError as e:
             unreadable.append(os.path.basename(path))
             print(f"WARNING: {e}", file=sys.stderr)
@@ -78,7 +78,7 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
         if unreadable:
             print(f"WARNING: continuing from {path} instead (the newer {', '.join(unreadable)} cannot be read)",
                   file=sys.stderr)
-        trainer.load_checkpoint(checkpoint)
+        trainer.load_checkpoint(path)
         return
     raise NnDiffSegError(f"--c: no readable checkpoint in {trainer.output_folder} ({', '.join(unreadable)} are "
                          f"truncated or corrupt); start a new run without --c after moving them away")
@@ -95,7 +95,8 @@ def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_
         final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
         if not os.path.isfile(final):
             raise NnDiffSegError(f"--val: training is not finished, {final} does not exist")
-        trainer.load_checkpoint(load_checkpoint_file(final, "--val"))
+        load_checkpoint_file(final, "--val")
+        trainer.load_checkpoint(final)
     elif pretrained_weights is not None:
         load_checkpoint_file(pretrained_weights, "-pretrained_weights")
         if not trainer.was_initialized:
@@ -143,8 +144,9 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
     if not only_run_validation:
         trainer.run_training()
     if val_with_best:
-        trainer.load_checkpoint(load_checkpoint_file(os.path.join(trainer.output_folder, "checkpoint_best.pth"),
-                                                     "--val_best"))
+        best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+        load_checkpoint_file(best, "--val_best")
+        trainer.load_checkpoint(best)
     trainer.perform_actual_validation(export_validation_probabilities)
 
 
