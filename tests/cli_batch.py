@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +28,14 @@ ENTRIES = {
 }
 
 
+class CaseTimeout(Exception):
+    pass
+
+
+def _timeout(signum, frame):
+    raise CaseTimeout()
+
+
 def run_case(tool: str, args: list, env: dict) -> dict:
     module, function = ENTRIES[tool].split(":")
     entry = getattr(importlib.import_module(module), function)
@@ -37,12 +46,17 @@ def run_case(tool: str, args: list, env: dict) -> dict:
     code, start = 0, time.monotonic()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
+            signal.alarm(int(os.environ.get("CLI_BATCH_CASE_TIMEOUT", "0")))  # 0: none
             entry()
+        except CaseTimeout:  # a command that should have refused but started real work
+            code = "timeout"
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:  # what the interpreter would print for an uncaught exception
             traceback.print_exc()
             code = 1
+        finally:
+            signal.alarm(0)
     os.environ.clear()
     os.environ.update(saved_env)
     return {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
@@ -52,6 +66,7 @@ def run_case(tool: str, args: list, env: dict) -> dict:
 def main() -> None:
     cases_file, results_file = sys.argv[1:3]  # run_case replaces sys.argv
     cases = json.loads(open(cases_file).read())
+    signal.signal(signal.SIGALRM, _timeout)
     results = [run_case(c["tool"], c["args"], c.get("env", {})) for c in cases]
     with open(results_file, "w") as f:
         json.dump(results, f)

@@ -119,6 +119,11 @@ def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]
         "train_continue_unreadable": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", "nnDiffSegTrainerGuided",
                                                           "--c"], ["--c", "no readable checkpoint", "checkpoint_final.pth",
                                                                    "checkpoint_best.pth"]),
+        # item 10: a run that fails its checks after the trainer was built leaves no fold folder or log
+        "train_corrupt_pretrained": ("nnDiffSeg_train", [*fold_args, "-tr", TRAINER, "-pretrained_weights",
+                                                         bad / "empty.pth"], ["-pretrained_weights", "empty.pth"]),
+        "train_continue_changed_option": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", TRAINER, "--c",
+                                                              "--seed", 3], ["--c resumes with the options", "--seed 3"]),
         # item 10: options checked before any work
         "train_clip_model": ("nnDiffSeg_train", [*fold_args, "-tr", "nnDiffSegTrainerGuided", "--clip_model",
                                                  "NoSuchModel:openai"], ["NoSuchModel"]),
@@ -180,17 +185,35 @@ def refusals(toy):
     unreadable.mkdir(parents=True)  # not watched: --c records the run's options in it
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
         (unreadable / name).write_bytes(b"")
-    results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()], toy["env"])
+    shutil.copytree(raw / "imagesTs", root / "outside" / "images")
+    (root / "outside" / "images" / "toy_corrupt_0000.png").write_bytes(b"\x89PNG truncated")
+    results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()] + [faulty_case(root, raw)],
+                        toy["env"])
+    cases["predict_corrupt_case"] = (*faulty_case(root, raw), None)
     shutil.rmtree(unreadable.parent)
     after = {str(w): tree_hashes(w) for w in watched}
     (toy["fold"] / "checkpoint_truncated.pth").unlink()
     return dict(zip(cases, results)), cases, before, after
 
 
+def faulty_case(root: Path, raw: Path) -> tuple[str, list]:
+    """Item 11: a prediction where one case is corrupt; the others are predicted, the error goes to stderr."""
+    return ("nnDiffSeg_predict", ["-i", root / "outside" / "images", "-o", root / "outside" / "pred", "-d", TOY,
+                                  "-c", "2d", "-tr", TRAINER, "-device", "cpu", "-f", 0, "-nps", 0])
+
+
 @pytest.mark.parametrize("name", list(refusal_cases(Path("/"), Path("/"))))
 def test_refused_with_one_error_line(refusals, name):
     results, cases, _, _ = refusals
     assert_refused(results[name], cases[name][2])
+
+
+def test_predict_reports_a_failed_case_on_stderr(refusals):
+    result = refusals[0]["predict_corrupt_case"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ERROR: case toy_corrupt failed" in result.stderr and "toy_corrupt_0000.png" in result.stderr
+    assert "toy_corrupt" not in result.stdout
+    assert "Predicted 4 case(s)" in result.stdout
 
 
 def test_refusals_leave_everything_as_it_was(refusals):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
-from nndiffseg.hooks import reached
+from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
 from nndiffseg.registry import PREDICT, check_options, find_trainer_class
@@ -84,10 +84,10 @@ def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
 
 
 def _remove_partials(output_path: Path) -> None:
-    for leftover in output_path.glob(PARTIAL_PREFIX + "*"):
-        leftover.unlink(missing_ok=True)
-    for leftover in output_path.glob("*/" + PARTIAL_PREFIX + "*"):  # uncertainty/ and samples/
-        leftover.unlink(missing_ok=True)
+    """Files written under a temporary name (label maps; uncertainty/ and samples/sample_K/ below)."""
+    for leftover in output_path.rglob(PARTIAL_PREFIX + "*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
 def _initialize_predictor(predictor: nnUNetPredictor, model_folder: Path, folds: List[str],
@@ -227,7 +227,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                            predictor.plans_manager, files, output_path, case)
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
-                    if os.environ.get("nnDiffSeg_test_hook"):
+                    if os.environ.get(HOOK_ENV):
                         pending[-1][1].wait()  # the hook marks an exported case
                 reached("case_exported")
             except Exception as e:  # one bad case must not stop the others

@@ -73,7 +73,7 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
     num_processes_fingerprint = num_processes_fingerprint or min(8, os.cpu_count() or 1)
     for name in names:
         check_raw_dataset(name)
-        check_configuration_names(configurations, name, overwrite_plans_name)
+        check_configuration_names(configurations, name)
 
     plans_identifier = None
     for d, name in zip(dataset_ids, names):
@@ -124,8 +124,7 @@ def _check_process_counts(configurations: Sequence[str], num_processes: Optional
     return list(num_processes)
 
 
-def check_configuration_names(configurations: Sequence[str], dataset_name: str,
-                              plans_name: Optional[str] = None) -> None:
+def check_configuration_names(configurations: Sequence[str], dataset_name: str) -> None:
     """nnU-Net's configuration names, or those of plans already written for the dataset; any other name (a typo
     such as 2D) would preprocess nothing."""
     known = set(NNUNET_CONFIGURATIONS)
