@@ -352,6 +352,14 @@ def test_preprocessed_data_stays_until_the_new_data_is_ready(tmp_path, fault):
         raise fault()
     assert tree_hashes(tmp_path) == {"nnDiffSegPlans_2d": "dir", "nnDiffSegPlans_2d/case.b2nd":
                                      hashlib.sha256(b"earlier data").hexdigest()}
+    # a run killed while preprocessing left the complete data aside and a half-written folder: the next run
+    # starts from the complete data, and restores it if it fails too
+    os.replace(data, tmp_path / ".nnDiffSegPlans_2d.previous")
+    data.mkdir()
+    (data / "half.b2nd").write_bytes(b"half")
+    with pytest.raises(fault), _replaced_only_when_done(data):
+        raise fault()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["case.b2nd", "nnDiffSegPlans_2d"]
     with _replaced_only_when_done(data):
         data.mkdir()
         (data / "new.b2nd").write_bytes(b"new")

@@ -206,9 +206,9 @@ def _replaced_only_when_done(folder: Path):
     """nnU-Net's preprocessor deletes a configuration's data before writing it anew: the old data waits under
     another name and comes back if preprocessing fails (or is interrupted)."""
     previous = folder.with_name(f".{folder.name}.previous")
-    if previous.exists() and not folder.exists():  # a run killed while preprocessing: its data is the good one
+    if previous.exists():  # left by a run killed while preprocessing: the last complete data
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(previous, folder)
-    shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
         os.replace(folder, previous)
     try:
