@@ -116,14 +116,15 @@ def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]
                                                       "checkpoint_truncated.pth"],
                                 ["checkpoint_truncated.pth", "truncated or corrupt"]),
         # item 4: --c where no checkpoint can be read
-        "train_continue_unreadable": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", "nnDiffSegTrainerGuided",
-                                                          "--c"], ["--c", "no readable checkpoint", "checkpoint_final.pth",
-                                                                   "checkpoint_best.pth"]),
+        "train_continue_unreadable": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr",
+                                                          "nnDiffSegTrainerGuided", "--c"],
+                                      ["--c", "no readable checkpoint", "checkpoint_final.pth", "checkpoint_best.pth"]),
         # item 10: a run that fails its checks after the trainer was built leaves no fold folder or log
         "train_corrupt_pretrained": ("nnDiffSeg_train", [*fold_args, "-tr", TRAINER, "-pretrained_weights",
                                                          bad / "empty.pth"], ["-pretrained_weights", "empty.pth"]),
-        "train_continue_changed_option": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", TRAINER, "--c",
-                                                              "--seed", 3], ["--c resumes with the options", "--seed 3"]),
+        "train_continue_changed_option": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", TRAINER,
+                                                              "--c", "--seed", 3],
+                                          ["--c resumes with the options", "--seed 3"]),
         # item 10: options checked before any work
         "train_clip_model": ("nnDiffSeg_train", [*fold_args, "-tr", "nnDiffSegTrainerGuided", "--clip_model",
                                                  "NoSuchModel:openai"], ["NoSuchModel"]),
@@ -142,6 +143,11 @@ def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]
         # item 5: a stray label in a prediction
         "evaluate_stray_label": ("nnDiffSeg_evaluate", ["-ref", raw / "labelsTs", "-pred", bad / "stray", "-np", 1],
                                  ["toy_Ts001", "label 5", "dataset.json"]),
+        # the converters (they held up): a missing release, a bad -np
+        "convert_isic_missing_source": ("nnDiffSeg_convert_isic", ["-i", bad / "no_release", "-d", 50],
+                                        ["no_release"]),
+        "convert_stroke2021_np_0": ("nnDiffSeg_convert_stroke2021", ["-i", bad / "no_release", "-d", 51, "-np", 0],
+                                    ["-np"]),
         # item 1 and 10: the demo checks everything before it writes or removes anything
         "demo_typo_overwrite": ("nnDiffSeg_demo", ["-o", bad / "earlier_demo", "--overwrite", "-tr",
                                                    "nnDiffSegTrainerTypo"], ["nnDiffSegTrainerTypo"]),
@@ -221,8 +227,8 @@ def test_refusals_leave_everything_as_it_was(refusals):
     run left a folder (fold folders, preprocessed datasets, demo output) behind."""
     _, _, before, after = refusals
     for folder in before:
-        assert after[folder] == before[folder], (folder, set(after[folder]) ^ set(before[folder]),
-                                                 [k for k in before[folder] if after[folder].get(k) != before[folder][k]])
+        changed = [k for k in before[folder] if after[folder].get(k) != before[folder][k]]
+        assert after[folder] == before[folder], (folder, set(after[folder]) ^ set(before[folder]), changed)
 
 
 # ---------------------------------------------------------------------------------------------- kills

@@ -133,7 +133,8 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     # occur elsewhere only, whose metrics here are NaN by definition (empty in both maps).
     metrics = compute_case_metrics(pred, ref, present if labels is None else labels)
     return {"case": case, "present": present, "metrics": metrics,
-            "reference_labels": sorted(int(v) for v in ref_values), "prediction_labels": sorted(int(v) for v in pred_values),
+            "reference_labels": sorted(int(v) for v in ref_values),
+            "prediction_labels": sorted(int(v) for v in pred_values),
             **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file)}
 
 
