@@ -188,7 +188,7 @@ def refusals(toy):
     watched = [root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results", root / "bad"]
     before = {str(w): tree_hashes(w) for w in watched}
     unreadable = root / "nnUNet_results" / raw.name / "nnDiffSegTrainerGuided__nnDiffSegPlans__2d" / "fold_0"
-    unreadable.mkdir(parents=True)  # not watched: --c records the run's options in it
+    unreadable.mkdir(parents=True)  # an earlier run's fold folder, made after the snapshot of the results
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
         (unreadable / name).write_bytes(b"")
     shutil.copytree(raw / "imagesTs", root / "outside" / "images")
@@ -196,6 +196,7 @@ def refusals(toy):
     results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()] + [faulty_case(root, raw)],
                         toy["env"])
     cases["predict_corrupt_case"] = (*faulty_case(root, raw), None)
+    assert sorted(p.name for p in unreadable.iterdir()) == ["checkpoint_best.pth", "checkpoint_final.pth"]
     shutil.rmtree(unreadable.parent)
     after = {str(w): tree_hashes(w) for w in watched}
     (toy["fold"] / "checkpoint_truncated.pth").unlink()

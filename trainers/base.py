@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import nndiffseg
 from nndiffseg.checkpoints import remove_stale_partials, write_atomically
 from nndiffseg.errors import NnDiffSegError
-from nndiffseg.hooks import reached
 from nndiffseg.evaluation.counts import hard_counts
+from nndiffseg.hooks import reached
 
 # what a run was started with, in its fold folder: --c restores it
 RUN_RECORD = "nndiffseg_run.json"

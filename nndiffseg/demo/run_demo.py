@@ -35,7 +35,7 @@ def check_demo_arguments(out: Path, trainer: str, device: str, num_epochs: int, 
     ``--overwrite`` replaces only a folder an earlier demo wrote (it holds the stamp file)."""
     import torch
 
-    from nndiffseg.guided.text_prior import RANDOM, _clip_source
+    from nndiffseg.guided.text_prior import check_clip_model
     from nndiffseg.registry import find_trainer_class
     from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
 
@@ -55,8 +55,8 @@ def check_demo_arguments(out: Path, trainer: str, device: str, num_epochs: int, 
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
     guided = issubclass(find_trainer_class(trainer), nnDiffSegTrainerGuided)
-    if guided and clip_model != RANDOM:
-        _clip_source(clip_model)
+    if guided:
+        check_clip_model(clip_model)
     return guided
 
 

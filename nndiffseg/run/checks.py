@@ -57,9 +57,9 @@ def _looks_like_a_path(value: str) -> bool:
 def check_option_values(options: dict) -> None:
     """The method options' files, folders and names, checked before any work (the trainers would otherwise
     meet them only at the start of training, after the fold folder was made)."""
-    if options.get("clip_model") not in (None, "random"):
-        from nndiffseg.guided.text_prior import _clip_source
-        _clip_source(options["clip_model"])
+    if options.get("clip_model") is not None:
+        from nndiffseg.guided.text_prior import check_clip_model
+        check_clip_model(options["clip_model"])
     if options.get("prompts"):
         from nndiffseg.guided.text_prior import load_prompts_file
         load_prompts_file(options["prompts"])

@@ -104,8 +104,14 @@ def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_
         load_pretrained_weights(trainer.network, pretrained_weights, verbose=True)
 
 
-def _remove_new_fold_folder(fold_folder: Path, results: Path) -> None:
-    """The fold folder (and its empty parents up to nnUNet_results) of a run that failed its checks."""
+def _remove_what_a_refused_run_wrote(fold_folder: Path, existing: Optional[set], results: Path) -> None:
+    """What a run that failed its checks wrote: in an existing fold folder the files it added (its training log,
+    a run record), else the fold folder it made (and its empty parents up to nnUNet_results)."""
+    if existing is not None:
+        for name in set(os.listdir(fold_folder)) - existing:
+            if (fold_folder / name).is_file():
+                (fold_folder / name).unlink()
+        return
     shutil.rmtree(fold_folder, ignore_errors=True)
     for parent in fold_folder.parents:
         if parent == results or results not in parent.parents:
@@ -121,7 +127,7 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
                        export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
     fold_folder = Path(get_output_folder(dataset_name_from_id(dataset_name_or_id), trainer_name, plans_identifier,
                                          configuration, fold)).resolve()
-    new_folder = not fold_folder.exists()
+    existing = set(os.listdir(fold_folder)) if fold_folder.is_dir() else None
     try:
         trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                                 continue_training, device)
@@ -135,8 +141,8 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
         trainer.disable_checkpointing = disable_checkpointing
         _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
     except NnDiffSegError:
-        if new_folder and not (dist.is_initialized() and dist.get_rank() != 0):
-            _remove_new_fold_folder(fold_folder, Path(os.environ["nnUNet_results"]).resolve())
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            _remove_what_a_refused_run_wrote(fold_folder, existing, Path(os.environ["nnUNet_results"]).resolve())
         raise
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = False
