@@ -193,14 +193,28 @@ def refusals(toy):
         (unreadable / name).write_bytes(b"")
     shutil.copytree(raw / "imagesTs", root / "outside" / "images")
     (root / "outside" / "images" / "toy_corrupt_0000.png").write_bytes(b"\x89PNG truncated")
-    results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()] + [faulty_case(root, raw)],
+    # --c where checkpoint_final is truncated and an earlier run was killed while writing a checkpoint: a copy
+    # of the trained fold as fold 2, made after the snapshot and removed before the second one
+    resumed = toy["fold"].with_name("fold_2")
+    shutil.copytree(toy["fold"], resumed)
+    (resumed / "checkpoint_final.pth").write_bytes((resumed / "checkpoint_final.pth").read_bytes()[:1000])
+    (resumed / ".partial_checkpoint_latest.pth").write_bytes(b"a write that was killed")
+    extra = {"predict_corrupt_case": faulty_case(root, raw),
+             "train_continue_fallback": ("nnDiffSeg_train", [TOY, "2d", 2, "-tr", TRAINER, "-device", "cpu", "--c"])}
+    results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()] + list(extra.values()),
                         toy["env"])
-    cases["predict_corrupt_case"] = (*faulty_case(root, raw), None)
+    cases.update({name: (*case, None) for name, case in extra.items()})
     assert sorted(p.name for p in unreadable.iterdir()) == ["checkpoint_best.pth", "checkpoint_final.pth"]
     shutil.rmtree(unreadable.parent)
+    import torch
+    resumed_files = sorted(p.name for p in resumed.iterdir())
+    resumed_epoch = torch.load(resumed / "checkpoint_final.pth", weights_only=False)["current_epoch"]
+    shutil.rmtree(resumed)
     after = {str(w): tree_hashes(w) for w in watched}
     (toy["fold"] / "checkpoint_truncated.pth").unlink()
-    return dict(zip(cases, results)), cases, before, after
+    results = dict(zip(cases, results))
+    results["train_continue_fallback"].files, results["train_continue_fallback"].epoch = resumed_files, resumed_epoch
+    return results, cases, before, after
 
 
 def faulty_case(root: Path, raw: Path) -> tuple[str, list]:
@@ -221,6 +235,17 @@ def test_predict_reports_a_failed_case_on_stderr(refusals):
     assert "ERROR: case toy_corrupt failed" in result.stderr and "toy_corrupt_0000.png" in result.stderr
     assert "toy_corrupt" not in result.stdout
     assert "Predicted 4 case(s)" in result.stdout
+
+
+def test_continue_falls_back_from_an_unreadable_checkpoint(refusals):
+    """--c finds checkpoint_final truncated, says so, continues from checkpoint_best (saved after epoch 0) and
+    removes the partial file of a killed checkpoint write."""
+    result = refusals[0]["train_continue_fallback"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint_final.pth: not a readable checkpoint" in result.stderr
+    assert "continuing from" in result.stderr and "checkpoint_best.pth" in result.stderr
+    assert not [name for name in result.files if name.startswith(".partial_")]
+    assert result.epoch == 1
 
 
 def test_refusals_leave_everything_as_it_was(refusals):
@@ -271,16 +296,16 @@ def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["toy_Ts000.png"]
 
 
-def test_kill_while_writing_a_checkpoint_and_continue(toy, tmp_path):
-    """SIGKILL between writing a checkpoint and renaming it keeps the previous one whole; --c then finds
-    checkpoint_final truncated, says so, continues from checkpoint_best and removes the killed write."""
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
+    """SIGKILL between writing a checkpoint and renaming it (right after nnU-Net's "New best EMA pseudo Dice")
+    leaves the previous checkpoints whole; the killed write is a .partial_ file, which the next run removes
+    (test_continue_falls_back_from_an_unreadable_checkpoint)."""
     results = tmp_path / "nnUNet_results"
     shutil.copytree(toy["root"] / "nnUNet_results", results)
-    env = {**toy["env"], "nnUNet_results": str(results)}
     fold = results / toy["raw"].name / MODEL / "fold_0"
     before = tree_hashes(fold)
     process = start("nnDiffSeg_train", TOY, "2d", 0, "-tr", TRAINER, "-device", "cpu", "--c", "--num_epochs", 2,
-                    env={**env, HOOK_ENV: "checkpoint_written:pause"})
+                    env={**toy["env"], "nnUNet_results": str(results), HOOK_ENV: "checkpoint_written:pause"})
     try:
         wait_for_marker(process)
         os.killpg(process.pid, signal.SIGKILL)
@@ -291,17 +316,7 @@ def test_kill_while_writing_a_checkpoint_and_continue(toy, tmp_path):
     written = tree_hashes(fold)
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
         assert written[name] == before[name]
-    partials = [p.name for p in fold.glob(".partial_checkpoint_*.pth")]
-    assert len(partials) == 1, sorted(written)
-
-    (fold / "checkpoint_final.pth").write_bytes((fold / "checkpoint_final.pth").read_bytes()[:1000])
-    resumed = run_tool("nnDiffSeg_train", TOY, "2d", 0, "-tr", TRAINER, "-device", "cpu", "--c", "--num_epochs", 1,
-                       env=env)
-    assert "checkpoint_final.pth: not a readable checkpoint" in resumed.stderr, resumed.stderr
-    assert "continuing from" in resumed.stderr and "checkpoint_best.pth" in resumed.stderr
-    assert not list(fold.glob(".partial_*"))
-    import torch
-    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1  # best's, epoch 0
+    assert len(list(fold.glob(".partial_checkpoint_*.pth"))) == 1, sorted(written)
 
 
 # ---------------------------------------------------------------------------------------------- in-process faults
