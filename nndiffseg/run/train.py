@@ -25,6 +25,7 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 # --c takes the first of these that exists, as nnU-Net does; an unreadable one falls back to the next
 CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
+
 def load_plans(dataset_name: str, plans_identifier: str) -> dict:
     folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
     plans_file = folder / f"{plans_identifier}.json"
@@ -76,7 +77,7 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
             print(f"WARNING: {e}", file=sys.stderr)
             continue
         if unreadable:
-            print(f"WARNING: continuing from {path} instead (the newer {', '.join(unreadable)} cannot be read)",
+            print(f"WARNING: continuing from {path} instead ({', '.join(unreadable)} cannot be read)",
                   file=sys.stderr)
         trainer.load_checkpoint(path)
         return
