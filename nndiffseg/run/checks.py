@@ -69,8 +69,10 @@ def check_option_values(options: dict) -> None:
         if path.exists() and not path.is_dir():
             raise NnDiffSegError(f"--sd_weights {weights} is a file: give a diffusers folder (with vae/) or repo id")
         if not path.exists() and _looks_like_a_path(weights):
-            raise NnDiffSegError(f"--sd_weights {weights}: no such local folder (a hub repo id looks like "
-                                 f"ORG/NAME, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
+            raise NnDiffSegError(f"cannot load Stable Diffusion's autoencoder from --sd_weights {weights}: no such "
+                                 f"local folder (a hub repo id looks like ORG/NAME, e.g. stable-diffusion-v1-5/"
+                                 f"stable-diffusion-v1-5); pass an existing folder, a repo id, or --sd_weights random "
+                                 f"to start from random weights")
     for flag in ("prior", "mask_vae"):
         if options.get(flag):
             checkpoint = load_checkpoint_file(options[flag], f"--{flag}")

@@ -190,7 +190,8 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
     options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
-    check_option_values(options)
+    if not (continue_training or only_run_validation):  # a continued run's options must equal its record (checked
+        check_option_values(options)                     # when the trainer is built), which passed these checks
     check_fold(dataset_name_from_id(dataset_name_or_id), fold)
     check_run_length({"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                       "val_iters_per_epoch": val_iters_per_epoch})
