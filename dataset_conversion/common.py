@@ -22,6 +22,8 @@ def nnunet_raw_folder() -> Path:
         raise DatasetConversionError(
             "nnUNet_raw is not set. Export it (as for nnU-Net) to the folder where raw datasets are written, "
             "e.g. export nnUNet_raw=/data/nnUNet_raw")
+    if os.path.exists(raw) and not os.path.isdir(raw):
+        raise DatasetConversionError(f"nnUNet_raw={raw} is a file, not a folder: point nnUNet_raw at a folder")
     return Path(raw)
 
 
@@ -45,12 +47,39 @@ def check_target_free(raw: Path, dataset_id: int, folder_name: str, overwrite: b
     return target
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_stages(target: Path) -> None:
+    """Staging folders of conversions that were killed (their process is gone): nothing else removes them."""
+    for stage in target.parent.glob(f".{target.name}.partial-*"):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.partial-(\d+)-.*", stage.name)
+        if stage.is_dir() and (match is None or not _process_alive(int(match.group(1)))):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _user_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 @contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
-    """Yield an empty folder beside ``target``; on success it replaces ``target``, on any error it is
-    removed, so a failed conversion leaves nothing behind."""
+    """Yield an empty folder beside ``target`` (named with this process's ID, so the next run can tell a
+    killed run's leftover); on success it replaces ``target``, on any error it is removed, so a failed
+    conversion leaves nothing behind. The dataset gets the user's umask, as nnU-Net's folders do."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_stages(target)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    os.chmod(stage, _user_mode())  # mkdtemp makes it 0700
     try:
         yield stage
         if target.exists():

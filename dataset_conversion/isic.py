@@ -42,6 +42,7 @@ MASK_NAME = re.compile(r"ISIC_(\d+)_segmentation\.png", re.IGNORECASE)  # 2016 s
 CHANNEL_NAMES = {"0": "R", "1": "G", "2": "B"}
 LABELS = {"background": 0, "lesion": 1}
 TRAIN_SPLITS = ("Training", "Validation")
+MAX_SKIPPED_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -215,15 +216,26 @@ def detect_isic_layout(source: str | Path) -> IsicLayout:
 
 # ---------------------------------------------------------------------------------------------- case collection
 
-def _scan(folder: Path, pattern: re.Pattern) -> tuple[dict[str, Path], int]:
-    """ISIC id -> file for the files of ``folder`` matching ``pattern``, and how many other entries were skipped
-    (superpixels, CSVs, licence/attribution text, hidden files, ...)."""
+def _skip_reason(entry: Path, what: str) -> str:
+    if entry.name.startswith("."):
+        return "hidden file"
+    if entry.is_dir():
+        return "a folder"
+    if entry.name.lower().endswith("_superpixels.png"):
+        return "superpixels"
+    return f"not named as an ISIC {what}"
+
+
+def _scan(folder: Path, pattern: re.Pattern) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """ISIC id -> file for the files of ``folder`` matching ``pattern``, and the other entries, skipped, each
+    with why (superpixels, CSVs, licence/attribution text, hidden files, ...)."""
     found: dict[str, Path] = {}
-    skipped = 0
+    skipped: list[tuple[Path, str]] = []
+    what = "mask (ISIC_<digits>_segmentation.png)" if pattern is MASK_NAME else "image (ISIC_<digits>.jpg/.png)"
     for entry in sorted(folder.iterdir()):
         match = pattern.fullmatch(entry.name)
         if match is None or not entry.is_file():
-            skipped += 1
+            skipped.append((entry, _skip_reason(entry, what)))
             continue
         case_id = f"ISIC_{match.group(1)}"
         if case_id in found:
@@ -232,7 +244,7 @@ def _scan(folder: Path, pattern: re.Pattern) -> tuple[dict[str, Path], int]:
     return found, skipped
 
 
-def _split_cases(split: IsicSplit, mask_suffix: str) -> tuple[list[Case], int]:
+def _split_cases(split: IsicSplit, mask_suffix: str) -> tuple[list[Case], list[tuple[Path, str]]]:
     images, skipped = _scan(split.images, IMAGE_NAME)
     if split.masks is None:
         return [Case(cid, split, images[cid], None) for cid in sorted(images)], skipped
@@ -248,10 +260,10 @@ def _split_cases(split: IsicSplit, mask_suffix: str) -> tuple[list[Case], int]:
     return [Case(cid, split, images[cid], masks[cid]) for cid in sorted(images)], skipped + mask_skipped
 
 
-def collect_cases(layout: IsicLayout) -> tuple[list[Case], int]:
-    """All cases of ``layout`` with their files, checked for pairing; plus the number of skipped files."""
+def collect_cases(layout: IsicLayout) -> tuple[list[Case], list[tuple[Path, str]]]:
+    """All cases of ``layout`` with their files, checked for pairing; plus the skipped files and why."""
     cases: list[Case] = []
-    skipped = 0
+    skipped: list[tuple[Path, str]] = []
     seen: dict[str, Case] = {}
     for split in layout.splits:
         split_cases, split_skipped = _split_cases(split, layout.release.mask_suffix)
@@ -382,7 +394,7 @@ def _write_dataset_json(dataset: Path, layout: IsicLayout, num_training: int, ma
         overwrite_image_reader_writer="NaturalImage2DIO", converted_by="nnDiffSeg_convert_isic")
 
 
-def _summary(target: Path, layout: IsicLayout, cases: list[Case], skipped: int, shrunk: int,
+def _summary(target: Path, layout: IsicLayout, cases: list[Case], skipped: list[tuple[Path, str]], shrunk: int,
              max_size: int) -> str:
     lines = [f"ISIC {layout.year} -> {target}"]
     for split in layout.splits:
@@ -395,7 +407,13 @@ def _summary(target: Path, layout: IsicLayout, cases: list[Case], skipped: int, 
         lines.append(f"  {split.name}: {count} cases -> {where}")
     if max_size > 0:
         lines.append(f"  shrunk {shrunk} of {len(cases)} cases to a longer side of {max_size} px")
-    lines.append(f"  skipped {skipped} files that are not ISIC images or masks (superpixels, CSV, text, hidden)")
+    lines.append(f"  skipped {len(skipped)} files that are not ISIC images or masks (superpixels, CSV, text, hidden)"
+                 + (":" if skipped else ""))
+    shown = [f"    {os.path.relpath(path, layout.source)}: {why}" for path, why in skipped
+             if why != "superpixels"][:MAX_SKIPPED_SHOWN]
+    lines += shown
+    if len(skipped) > len(shown):
+        lines.append(f"    ... and {len(skipped) - len(shown)} more (superpixels files are not listed)")
     return "\n".join(lines)
 
 

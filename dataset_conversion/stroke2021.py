@@ -542,6 +542,18 @@ def sdmcseg_split(case_ids: Iterable[str], seed: int = SPLIT_SEED) -> SliceSplit
                       tuple(sorted(shuffled[n_train + n_val:])))
 
 
+def empty_split_warnings(splits: dict[str, SliceSplit]) -> list[str]:
+    """SDMC-Seg's rounding down leaves a class with under 10 slices no validation (or test) slice; with no
+    validation slice at all, fold 0 cannot be trained."""
+    warnings = [f"WARNING: {category}: {len(s.train) + len(s.val) + len(s.test)} slices give "
+                f"{' and '.join(p for p, ids in (('no validation', s.val), ('no test', s.test)) if not ids)} slice"
+                for category, s in splits.items() if not s.val or not s.test]
+    if not any(s.val for s in splits.values()):
+        warnings.append("WARNING: fold 0 of splits_final.json has no validation slices, so nnDiffSeg_train refuses "
+                        "it; convert with --split nnunet (nnU-Net's own 5 folds) or train fold 'all'")
+    return warnings
+
+
 def split_by_category(kept: dict[str, list[str]], split: str) -> dict[str, SliceSplit]:
     if split == "nnunet":
         return {c: SliceSplit(tuple(sorted(ids)), (), ()) for c, ids in kept.items()}
@@ -714,6 +726,7 @@ def summary(report: ConversionReport, ischemia: tuple[int, int, int], hemorrhage
     if report.split == "sdmcseg":
         lines.append("  split: SDMC-Seg's 80/10/10 % per class, seed 0: train+val -> imagesTr/labelsTr, test -> "
                      "imagesTs/labelsTs; splits_final.json holds one fold (train with fold 0; folds 1-4 do not exist)")
+        lines += ["  " + w for w in empty_split_warnings(report.splits)]
     else:
         lines.append("  split: all slices -> imagesTr/labelsTr; nnU-Net makes its own 5 folds")
     lines.append(f"  WARNING: {LEAKAGE_WARNING}")

@@ -1,22 +1,63 @@
-"""Reading nnU-Net checkpoint files that a user points a trainer at (--prior, --mask_vae), with errors that
-name the file and the flag."""
+"""Reading and writing nnU-Net checkpoint files, with errors that name the file and the flag: a checkpoint a
+user points a trainer at (--prior, --mask_vae, -pretrained_weights), the one --c continues from, and the
+atomic writes that keep a kill from leaving a truncated one."""
+import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from nndiffseg.errors import NnDiffSegError
 
+# a checkpoint being written: renamed to its real name once complete; a leftover is a write that was killed
+PARTIAL_CHECKPOINT_PREFIX = ".partial_"
 
-def read_network_weights(path: str, flag: str) -> tuple[Mapping[str, torch.Tensor], str]:
-    """(the ``network_weights`` of an nnU-Net checkpoint, the trainer name it records)."""
+
+def load_checkpoint_file(path: str, flag: str) -> dict:
+    """The checkpoint dict in ``path`` (on the CPU), or an error naming the file when it is missing, truncated,
+    corrupt or no torch file at all."""
     if not Path(path).is_file():
         raise NnDiffSegError(f"{flag} {path}: no such checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, corrupt or not a torch file at all
-        raise NnDiffSegError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    weights = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
+    except Exception as e:  # EOFError for a truncated file, UnpicklingError/RuntimeError for a corrupt one, ...
+        raise NnDiffSegError(f"{flag} {path}: not a readable checkpoint, truncated or corrupt "
+                             f"({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict):
+        raise NnDiffSegError(f"{flag} {path}: not an nnU-Net checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def read_network_weights(path: str, flag: str) -> tuple[Mapping[str, torch.Tensor], str]:
+    """(the ``network_weights`` of an nnU-Net checkpoint, the trainer name it records)."""
+    checkpoint = load_checkpoint_file(path, flag)
+    weights = checkpoint.get("network_weights")
     if weights is None:
         raise NnDiffSegError(f"{flag} {path}: not an nnU-Net checkpoint (no network_weights)")
     return weights, str(checkpoint.get("trainer_name"))
+
+
+def partial_name(filename: str) -> str:
+    folder, name = os.path.split(filename)
+    return os.path.join(folder, PARTIAL_CHECKPOINT_PREFIX + name)
+
+
+def write_atomically(filename: str, write: Callable[[str], None], before_rename: Callable[[], None] = None) -> None:
+    """``write(temporary name)`` in the same folder, then renamed to ``filename``: a reader (or --c after a
+    kill) sees the old file or the complete new one, never a truncated one. A failed write is removed."""
+    partial = partial_name(filename)
+    try:
+        write(partial)
+        if os.path.isfile(partial):  # nothing is written where checkpointing is off or on other DDP ranks
+            if before_rename is not None:
+                before_rename()
+            os.replace(partial, filename)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def remove_stale_partials(folder: str) -> None:
+    """Checkpoint writes a kill interrupted (their complete predecessors are untouched)."""
+    for leftover in Path(folder).glob(PARTIAL_CHECKPOINT_PREFIX + "checkpoint_*.pth"):
+        leftover.unlink(missing_ok=True)

@@ -12,6 +12,9 @@ def check_nnunet_paths(*names: str) -> None:
         raise NnDiffSegError(f"{', '.join(missing)} not set: export the nnU-Net folders first, e.g. "
                              f"export nnUNet_raw=/data/nnUNet_raw nnUNet_preprocessed=/data/nnUNet_preprocessed "
                              f"nnUNet_results=/data/nnUNet_results")
+    for name in names:
+        if os.path.exists(os.environ[name]) and not os.path.isdir(os.environ[name]):
+            raise NnDiffSegError(f"{name}={os.environ[name]} is a file, not a folder: point {name} at a folder")
 
 
 def dataset_name_from_id(dataset_name_or_id: int | str) -> str:

@@ -26,10 +26,12 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     assert len(list((out / "overlays").glob("*_overlay.png"))) == 12
     assert len(list((out / "predictions" / "uncertainty").glob("*.png"))) == 12  # the guided trainer's spread
     assert (out / "nnUNet_raw" / "Dataset990_ISIC2016" / "dataset.json").is_file()
+    assert (out / ".nndiffseg_demo").is_file()  # the stamp that lets --overwrite replace this folder
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path):
+    """Even with --overwrite, a folder the demo did not write (no stamp file) is never removed."""
     (tmp_path / "keep.txt").write_text("earlier work")
-    result = run_demo("-o", tmp_path)
-    assert result.returncode == 1 and "is not empty; pass --overwrite" in result.stderr
+    result = run_demo("-o", tmp_path, "--overwrite")
+    assert result.returncode == 1 and "was not written by nnDiffSeg_demo" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -25,8 +25,10 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nndiffseg
+from nndiffseg.checkpoints import remove_stale_partials, write_atomically
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
+from nndiffseg.hooks import reached
 
 # what a run was started with, in its fold folder: --c restores it
 RUN_RECORD = "nndiffseg_run.json"
@@ -109,6 +111,13 @@ class nnDiffSegTrainer(nnUNetTrainer):
         self.seed: Optional[int] = None
         self.options: dict = {}
         self._run_configured = False
+        if self.local_rank == 0:
+            remove_stale_partials(self.output_folder)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written under a temporary name and renamed: a kill while writing leaves the
+        previous checkpoint intact instead of a truncated one that --c cannot read."""
+        write_atomically(filename, super().save_checkpoint, lambda: reached("checkpoint_written"))
 
     # ---- options and run length, recorded for --c
     def configure_run(self, options: Optional[dict] = None, run_length: Optional[dict] = None) -> None:

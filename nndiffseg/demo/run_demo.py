@@ -21,10 +21,43 @@ DATASET_ID = 990
 DEMO_TRAINER, DEMO_CLIP_MODEL = "nnDiffSegTrainerGuided", "random"
 DEMO_NUM_TRAIN, DEMO_NUM_TEST = 48, 12
 DEMO_EPOCHS, DEMO_ITERS_PER_EPOCH = 12, 25
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+STAMP_FILE = ".nndiffseg_demo"  # marks a folder the demo wrote: --overwrite replaces no other
 
 
 def _step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
+
+
+def check_demo_arguments(out: Path, trainer: str, device: str, num_epochs: int, iters_per_epoch: int,
+                         overwrite: bool, clip_model: str) -> bool:
+    """Every argument checked before anything is written or removed; returns whether the trainer is guided.
+    ``--overwrite`` replaces only a folder an earlier demo wrote (it holds the stamp file)."""
+    import torch
+
+    from nndiffseg.guided.text_prior import check_clip_model
+    from nndiffseg.registry import find_trainer_class
+    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
+
+    if out.exists() and not out.is_dir():
+        raise NnDiffSegError(f"-o {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / STAMP_FILE).is_file():
+            raise NnDiffSegError(f"{out} is not empty and was not written by nnDiffSeg_demo (no {STAMP_FILE} in "
+                                 f"it); choose another -o folder" + ("" if overwrite else ", or an empty one"))
+        if not overwrite:
+            raise NnDiffSegError(f"{out} is not empty; pass --overwrite to replace the earlier demo run")
+    for flag, value in (("--num_epochs", num_epochs), ("--iters_per_epoch", iters_per_epoch)):
+        if value < 1:
+            raise NnDiffSegError(f"{flag} must be at least 1, got {value}")
+    if device not in ("cpu", "cuda", "mps"):
+        raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    guided = issubclass(find_trainer_class(trainer), nnDiffSegTrainerGuided)
+    if guided:
+        check_clip_model(clip_model)
+    return guided
 
 
 def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAINER, device: str = "cpu",
@@ -32,13 +65,14 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
              overwrite: bool = False, clip_model: str = DEMO_CLIP_MODEL) -> dict:
     """Run the demo below ``output_folder``; returns the evaluation summary."""
     out = Path(output_folder).resolve()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise NnDiffSegError(f"{out} is not empty; pass --overwrite to replace the earlier demo run")
-        shutil.rmtree(out)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (out / name).mkdir(parents=True, exist_ok=True)
+    for name in NNUNET_FOLDERS:  # before nnU-Net's modules are imported (they read these); nothing written yet
         os.environ[name] = str(out / name)
+    guided = check_demo_arguments(out, trainer, device, num_epochs, iters_per_epoch, overwrite, clip_model)
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # an earlier demo run (its stamp checked above)
+    for name in NNUNET_FOLDERS:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    (out / STAMP_FILE).write_text("written by nnDiffSeg_demo; nnDiffSeg_demo --overwrite may replace this folder\n")
 
     # imported after the nnU-Net folders are set, as nnU-Net's modules read them
     from nndiffseg.dataset_conversion.isic import convert_isic
@@ -46,12 +80,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     from nndiffseg.evaluation.evaluate import FIGURES_FOLDER, evaluate_folders, format_table, format_uncertainty_table
     from nndiffseg.inference.predict import predict_folder
     from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
-    from nndiffseg.registry import find_trainer_class
     from nndiffseg.run.train import train
-    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
     from nndiffseg.visualization.overlay import write_overlays
-
-    guided = issubclass(find_trainer_class(trainer), nnDiffSegTrainerGuided)
 
     start = time.time()
     _step(f"1/6 Synthetic dermoscopy data ({DEMO_NUM_TRAIN} training, {DEMO_NUM_TEST} test cases), ISIC 2016 layout")

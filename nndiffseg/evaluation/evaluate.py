@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import tempfile
 from typing import Any, Iterable, Optional, Sequence, Type
 
@@ -132,6 +133,8 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     # occur elsewhere only, whose metrics here are NaN by definition (empty in both maps).
     metrics = compute_case_metrics(pred, ref, present if labels is None else labels)
     return {"case": case, "present": present, "metrics": metrics,
+            "reference_labels": sorted(int(v) for v in ref_values),
+            "prediction_labels": sorted(int(v) for v in pred_values),
             **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file)}
 
 
@@ -163,6 +166,41 @@ def _write_json_atomically(data: dict, output_file: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def defined_labels(reference_folder: str, prediction_folder: str) -> Optional[tuple[set[int], str]]:
+    """The label values a dataset.json beside the references (in their folder or its parent, as in an nnU-Net
+    raw dataset) or in the prediction folder defines, with that file; None without one (or with regions)."""
+    for folder in (reference_folder, os.path.dirname(os.path.abspath(reference_folder)), prediction_folder):
+        file = os.path.join(folder, "dataset.json")
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                labels = json.load(f).get("labels")
+        except (ValueError, OSError, AttributeError) as e:
+            raise NnDiffSegError(f"{file} is not a readable dataset.json ({type(e).__name__}: {e})") from None
+        if isinstance(labels, dict) and all(isinstance(v, int) for v in labels.values()):
+            return set(labels.values()), file
+    return None
+
+
+def _stray_labels(results: list[dict], reference_folder: str, prediction_folder: str,
+                  prediction: dict[str, str]) -> list[str]:
+    """Predicted labels the dataset does not define: an error naming the cases where a dataset.json defines the
+    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table."""
+    defined = defined_labels(reference_folder, prediction_folder)
+    allowed = defined[0] if defined else {0} | {v for r in results for v in r["reference_labels"]}
+    stray = {r["case"]: sorted(set(r["prediction_labels"]) - allowed) for r in results}
+    stray = {case: values for case, values in stray.items() if values}
+    if not stray:
+        return []
+    cases = [f"{case} ({prediction[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
+    if defined:
+        raise NnDiffSegError(f"{len(stray)} prediction(s) hold labels that {defined[1]} does not define (its labels: "
+                             f"{', '.join(map(str, sorted(defined[0])))}): {_name_list(cases)}")
+    return [f"label(s) {', '.join(map(str, sorted({v for vs in stray.values() for v in vs})))} occur in predictions "
+            f"but in no reference, so they count as wrong classes in the means: {_name_list(cases)}"]
 
 
 def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
@@ -198,6 +236,12 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     """
     if num_processes < 1:
         raise NnDiffSegError(f"the number of processes must be at least 1, got {num_processes}")
+    if output_file is not None and os.path.isdir(output_file):
+        raise NnDiffSegError(f"-o {output_file} is a folder; give the summary's file name, e.g. "
+                             f"{os.path.join(output_file, SUMMARY_FILE_NAME)}")
+    if output_file is not None and os.path.exists(os.path.dirname(os.path.abspath(output_file))) and \
+            not os.path.isdir(os.path.dirname(os.path.abspath(output_file))):
+        raise NnDiffSegError(f"-o {output_file}: {os.path.dirname(output_file)} is a file, not a folder")
     labels = _check_labels(labels)
     reference = list_cases(reference_folder, "reference")
     prediction = list_cases(prediction_folder, "prediction")
@@ -228,6 +272,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
             results = pool.map(_evaluate_case, jobs)
 
+    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction)
     if labels is None:
         labels = sorted({label for r in results for label in r["present"]})
         if not labels:
@@ -261,6 +306,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
         "reference_folder": os.path.abspath(reference_folder),
         "prediction_folder": os.path.abspath(prediction_folder),
         **summarize_uncertainty(results, case_entries, labels),
+        **({"warnings": warnings} if warnings else {}),
     }
     if output_file is None:
         output_file = os.path.join(prediction_folder, SUMMARY_FILE_NAME)
@@ -293,7 +339,7 @@ def format_table(summary: dict[str, Any]) -> str:
         return f"{name:<{name_width}}" + "".join(f"{_fmt(values[m]):>8}" for m in METRIC_NAMES)
 
     return "\n".join([header, rule, *(line(n, v) for n, v in rows), rule, *(line(n, v) for n, v in class_rows),
-                      rule, line("mean", summary["mean"])])
+                      rule, line("mean", summary["mean"]), *(f"WARNING: {w}" for w in summary.get("warnings", []))])
 
 
 def format_uncertainty_table(summary: dict[str, Any]) -> str:
@@ -342,6 +388,8 @@ def evaluate_entry() -> None:
     def main() -> int:
         summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np, args.unc, not args.no_plots)
         print(format_table(summary))
+        for warning in summary.get("warnings", []):
+            print(f"WARNING: {warning}", file=sys.stderr)
         print(format_uncertainty_table(summary))
         output = args.o if args.o is not None else os.path.join(args.pred, SUMMARY_FILE_NAME)
         print(f"\nSummary written to {output}")

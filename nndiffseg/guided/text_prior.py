@@ -111,6 +111,12 @@ def _clip_source(clip_model: str) -> tuple[str, Optional[str], str]:
     return name, pretrained, f"open_clip model {name} with its pretrained tag '{pretrained}' (downloaded if not cached)"
 
 
+def check_clip_model(clip_model: str) -> None:
+    """A clear error for a ``clip_model`` string that cannot work, without loading (or downloading) anything."""
+    if clip_model != RANDOM:
+        _clip_source(clip_model)
+
+
 def _load_clip(clip_model: str):
     """(model, tokenizer) for a ``clip_model`` string; see the module docstring."""
     import open_clip

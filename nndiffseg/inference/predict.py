@@ -2,8 +2,11 @@
 that cannot be read or predicted is reported by name and the others still run."""
 import argparse
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
+import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,8 +19,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
-from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.checkpoints import load_checkpoint_file
+from nndiffseg.errors import NnDiffSegError, debugging, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
 from nndiffseg.planning.planner import PLANS_NAME
 from nndiffseg.registry import PREDICT, check_options, find_trainer_class
@@ -54,12 +59,47 @@ def export_atomically(logits: np.ndarray, properties: dict, configuration_manage
     """nnU-Net's export, written under a temporary name and renamed, so an interrupted run never leaves a
     half-written file that --continue_prediction would take for done."""
     tmp = os.path.join(output_folder, PARTIAL_PREFIX + case)
-    export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
-                                  save_probabilities)
     # the label map is renamed last: its presence is what marks the case done
     endings = ([".npz", ".pkl"] if save_probabilities else []) + [dataset_json["file_ending"]]
-    for ending in endings:
-        os.replace(tmp + ending, os.path.join(output_folder, case + ending))
+    try:
+        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
+                                      save_probabilities)
+        for ending in endings:
+            os.replace(tmp + ending, os.path.join(output_folder, case + ending))
+    finally:  # a failed export (a full disk) leaves nothing half-written
+        for ending in endings:
+            if os.path.exists(tmp + ending):
+                os.remove(tmp + ending)
+
+
+def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
+    """Export workers that leave Ctrl-C to the main process, which ends them (they would otherwise die
+    mid-task, or mid-import with a traceback, and leave the pool waiting for them). SIGINT is ignored while
+    they start: an ignored signal stays ignored in a spawned interpreter from its first instruction."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(num_processes)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _remove_partials(output_path: Path) -> None:
+    """Files written under a temporary name (label maps; uncertainty/ and samples/sample_K/ below)."""
+    for leftover in output_path.rglob(PARTIAL_PREFIX + "*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def _initialize_predictor(predictor: nnUNetPredictor, model_folder: Path, folds: List[str],
+                          checkpoint_name: str) -> None:
+    """nnU-Net's loading, with an unreadable checkpoint named instead of torch's bare EOFError."""
+    try:
+        predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
+                                                       checkpoint_name)
+    except Exception:
+        for f in folds:
+            load_checkpoint_file(str(model_folder / f"fold_{f}" / checkpoint_name), "-chk")
+        raise
 
 
 def _resolve_model_folder(dataset_name_or_id, trainer: str, plans: str, configuration: str) -> Path:
@@ -113,6 +153,12 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         raise NnDiffSegError(f"input folder {input_path} does not exist")
     if output_path.resolve() == input_path.resolve():
         raise NnDiffSegError("the output folder must differ from the input folder")
+    if output_path.exists() and not output_path.is_dir():
+        raise NnDiffSegError(f"-o {output_path} is a file, not a folder")
+    if not 0 < tile_step_size <= 1:
+        raise NnDiffSegError(f"-step_size must be in (0, 1] (a fraction of the patch), got {tile_step_size}")
+    if num_processes_export < 0:
+        raise NnDiffSegError(f"-nps must be 0 (export in this process) or more, got {num_processes_export}")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
     trainer_class = find_trainer_class(trainer)
@@ -132,8 +178,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     cases, failures = group_input_files(input_path, file_ending)
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
-    for leftover in output_path.glob(PARTIAL_PREFIX + "*"):  # from an interrupted earlier run
-        leftover.unlink()
+    _remove_partials(output_path)  # from an interrupted earlier run
     if continue_prediction:
         done = [c for c in cases if (output_path / (c + file_ending)).is_file()]
         for c in done:
@@ -147,8 +192,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     predictor_class = UncertaintyPredictor if sampling else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
-                                                   checkpoint_name)
+    _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
     reader = predictor.plans_manager.image_reader_writer_class()
@@ -156,7 +200,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
 
     pending = []
-    pool = multiprocessing.get_context("spawn").Pool(num_processes_export) if num_processes_export > 0 else None
+    pool = _export_pool(num_processes_export) if num_processes_export > 0 else None
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
@@ -183,26 +227,35 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                            predictor.plans_manager, files, output_path, case)
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
+                    if os.environ.get(HOOK_ENV):
+                        pending[-1][1].wait()  # the hook marks an exported case
+                reached("case_exported")
             except Exception as e:  # one bad case must not stop the others
                 failures[case] = f"{type(e).__name__}: {e} (files: {', '.join(files)})"
-                tqdm.write(f"ERROR: case {case} failed: {failures[case]}")
-                if os.environ.get("nnDiffSeg_debug"):
+                tqdm.write(f"ERROR: case {case} failed: {failures[case]}", file=sys.stderr)
+                if debugging():
                     traceback.print_exc()
         for case, result in pending:
             try:
                 result.get()
             except Exception as e:
                 failures[case] = f"export failed: {type(e).__name__}: {e}"
-    finally:
         if pool is not None:
             pool.close()
             pool.join()
+    except BaseException:  # Ctrl-C (or a fault): stop the exports now; finished cases stay for --continue_prediction
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _remove_partials(output_path)
+        raise
+    _remove_partials(output_path)  # exports that failed (a full disk) in a worker
     written = len(cases) - sum(c in cases for c in failures)
     print(f"Predicted {written} case(s) into {output_path}")
     if failures:
-        print(f"{len(failures)} case(s) failed:")
+        print(f"{len(failures)} case(s) failed:", file=sys.stderr)
         for case, why in sorted(failures.items()):
-            print(f"  {case}: {why}")
+            print(f"  {case}: {why}", file=sys.stderr)
     return failures
 
 

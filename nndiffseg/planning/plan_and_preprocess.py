@@ -2,21 +2,33 @@
 by default."""
 import argparse
 import contextlib
+import itertools
+import json
 import os
+import shutil
+import types
+import unittest.mock
+from pathlib import Path
 from typing import List, Optional, Sequence, Type
 
 import nnunetv2
 from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2 import paths as nnunet_paths
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                   plan_experiment_dataset, preprocess_dataset)
+from nnunetv2.experiment_planning import verify_dataset_integrity as nnunet_verify_module
+from nnunetv2.experiment_planning.verify_dataset_integrity import \
+    verify_dataset_integrity as nnunet_verify_dataset_integrity
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import planner as nndiffseg_planners
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
 
 DEFAULT_NUM_PROCESSES = {"2d": 8, "3d_fullres": 4, "3d_lowres": 8}
+NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 def find_planner_class(name: str) -> Type[ExperimentPlanner]:
@@ -47,36 +59,166 @@ def _augmentation_workers_at_least_one():
 
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str] = ("2d",),
                         planner_name: str = "nnDiffSegPlanner", num_processes: Optional[List[int]] = None,
-                        num_processes_fingerprint: Optional[int] = None, verify_dataset_integrity: bool = False,
+                        num_processes_fingerprint: Optional[int] = None, verify_dataset_integrity: bool = True,
                         clean: bool = False, preprocess: bool = True, gpu_memory_target: Optional[float] = None,
                         overwrite_plans_name: Optional[str] = None) -> str:
-    """Run fingerprint extraction, planning and preprocessing; returns the plans identifier written."""
+    """Check the raw datasets (nnU-Net's integrity check unless ``verify_dataset_integrity`` is False), then run
+    fingerprint extraction, planning and preprocessing; returns the plans identifier written. Every argument is
+    checked before anything is written, and a configuration's earlier preprocessed data stays in place until
+    the new data has replaced it."""
     check_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed")
-    for d in dataset_ids:
-        dataset_name_from_id(d)  # clear error for an unknown ID before any work
+    names = [dataset_name_from_id(d) for d in dataset_ids]  # clear error for an unknown ID before any work
     planner_class = find_planner_class(planner_name)
-    cpus = os.cpu_count() or 1
-    if num_processes is None:
-        num_processes = [min(DEFAULT_NUM_PROCESSES.get(c, 4), cpus) for c in configurations]
-    elif len(num_processes) == 1:
-        num_processes = num_processes * len(configurations)
-    elif len(num_processes) != len(configurations):
-        raise NnDiffSegError(f"-np takes one number or one per configuration ({len(configurations)}), "
-                             f"got {len(num_processes)}")
+    num_processes = _check_process_counts(configurations, num_processes, num_processes_fingerprint)
+    num_processes_fingerprint = num_processes_fingerprint or min(8, os.cpu_count() or 1)
+    for name in names:
+        check_raw_dataset(name)
+        check_configuration_names(configurations, name)
 
     plans_identifier = None
-    for d in dataset_ids:
-        print(f"Fingerprint extraction for dataset {d}...")
-        extract_fingerprint_dataset(d, num_processes=num_processes_fingerprint or min(8, cpus),
-                                    check_dataset_integrity=verify_dataset_integrity, clean=clean)
-        print("Experiment planning...")
-        with _augmentation_workers_at_least_one():
-            _, plans_identifier = plan_experiment_dataset(d, planner_class, gpu_memory_target,
-                                                          overwrite_plans_name=overwrite_plans_name)
-        if preprocess:
-            print("Preprocessing...")
-            preprocess_dataset(d, plans_identifier, list(configurations), num_processes)
+    for d, name in zip(dataset_ids, names):
+        with _removed_if_new(Path(nnunet_paths.nnUNet_preprocessed) / name):
+            if verify_dataset_integrity:
+                print(f"Checking dataset {d} with nnU-Net's verify_dataset_integrity (skip it with --no_verify)...")
+                verify_dataset_integrity_with(join(nnunet_paths.nnUNet_raw, name), num_processes_fingerprint)
+            print(f"Fingerprint extraction for dataset {d}...")
+            extract_fingerprint_dataset(d, num_processes=num_processes_fingerprint, check_dataset_integrity=False,
+                                        clean=clean)
+            print("Experiment planning...")
+            with _augmentation_workers_at_least_one():
+                plans, plans_identifier = plan_experiment_dataset(d, planner_class, gpu_memory_target,
+                                                                  overwrite_plans_name=overwrite_plans_name)
+            if preprocess:
+                print("Preprocessing...")
+                _preprocess(d, name, plans, plans_identifier, configurations, num_processes)
     return plans_identifier
+
+
+def _preprocess(dataset_id: int, dataset_name: str, plans: dict, plans_identifier: str,
+                configurations: Sequence[str], num_processes: Sequence[int]) -> None:
+    plans_manager = PlansManager(plans)
+    for configuration, n in zip(configurations, num_processes):
+        if configuration not in plans_manager.available_configurations:
+            print(f"Configuration {configuration}: not planned for {dataset_name} (plans {plans_identifier} has "
+                  f"{', '.join(plans_manager.available_configurations)}), skipped")
+            continue
+        data_identifier = plans_manager.get_configuration(configuration).data_identifier
+        with _replaced_only_when_done(Path(nnunet_paths.nnUNet_preprocessed) / dataset_name / data_identifier):
+            preprocess_dataset(dataset_id, plans_identifier, [configuration], [n])
+
+
+def _check_process_counts(configurations: Sequence[str], num_processes: Optional[List[int]],
+                          num_processes_fingerprint: Optional[int]) -> List[int]:
+    if num_processes_fingerprint is not None and num_processes_fingerprint < 1:
+        raise NnDiffSegError(f"-npfp must be at least 1, got {num_processes_fingerprint}")
+    if num_processes is None:
+        cpus = os.cpu_count() or 1
+        return [min(DEFAULT_NUM_PROCESSES.get(c, 4), cpus) for c in configurations]
+    if any(n < 1 for n in num_processes):
+        raise NnDiffSegError(f"-np must be at least 1, got {' '.join(map(str, num_processes))}")
+    if len(num_processes) == 1:
+        return list(num_processes) * len(configurations)
+    if len(num_processes) != len(configurations):
+        raise NnDiffSegError(f"-np takes one number or one per configuration ({len(configurations)}), "
+                             f"got {len(num_processes)}")
+    return list(num_processes)
+
+
+def check_configuration_names(configurations: Sequence[str], dataset_name: str) -> None:
+    """nnU-Net's configuration names, or those of plans already written for the dataset; any other name (a typo
+    such as 2D) would preprocess nothing."""
+    known = set(NNUNET_CONFIGURATIONS)
+    folder = Path(nnunet_paths.nnUNet_preprocessed) / dataset_name
+    for plans_file in folder.glob("*.json"):
+        with contextlib.suppress(ValueError, OSError, AttributeError, TypeError):
+            known |= set(json.loads(plans_file.read_text()).get("configurations", {}))
+    unknown = [c for c in configurations if c not in known]
+    if unknown:
+        raise NnDiffSegError(f"-c {' '.join(unknown)}: unknown configuration (nnU-Net's are "
+                             f"{', '.join(NNUNET_CONFIGURATIONS)}; names are case-sensitive)")
+
+
+def check_raw_dataset(dataset_name: str) -> None:
+    """What nnU-Net's own checks would miss or report with a traceback: dataset.json missing or not JSON, and
+    label files whose image is missing (nnU-Net lists the cases from imagesTr and drops those labels silently)."""
+    folder = Path(nnunet_paths.nnUNet_raw) / dataset_name
+    dataset_json = folder / "dataset.json"
+    if not dataset_json.is_file():
+        raise NnDiffSegError(f"{dataset_json} not found: every nnU-Net raw dataset needs a dataset.json")
+    try:
+        content = json.loads(dataset_json.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NnDiffSegError(f"{dataset_json} is not valid JSON: {e}") from None
+    missing = [k for k in ("labels", "channel_names", "numTraining", "file_ending") if k not in content] \
+        if isinstance(content, dict) else ["(not a JSON object)"]
+    if missing:
+        raise NnDiffSegError(f"{dataset_json} lacks {', '.join(missing)} (nnU-Net needs labels, channel_names, "
+                             f"numTraining and file_ending)")
+    if "dataset" in content or not (folder / "labelsTr").is_dir() or not (folder / "imagesTr").is_dir():
+        return
+    ending = content["file_ending"]
+    images = {f.name[:-len(ending) - 5] for f in (folder / "imagesTr").iterdir() if f.name.endswith(ending)}
+    orphans = sorted(f.name for f in (folder / "labelsTr").iterdir()
+                     if f.name.endswith(ending) and not f.name.startswith(".") and f.name[:-len(ending)] not in images)
+    if orphans:
+        raise NnDiffSegError(f"{len(orphans)} label file(s) in {folder / 'labelsTr'} have no image in imagesTr "
+                             f"(expected CASE_0000{ending}): {', '.join(orphans[:10])}")
+
+
+class _InProcessPool:
+    """What nnU-Net's integrity check asks of a spawn Pool, run in this process."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @staticmethod
+    def starmap(function, arguments):
+        return list(itertools.starmap(function, arguments))
+
+
+def verify_dataset_integrity_with(folder: str, num_processes: int) -> None:
+    """nnU-Net's verify_dataset_integrity; with one process it runs here, not in a spawned worker whose
+    start-up (importing torch and nnU-Net) would take longer than checking a small dataset."""
+    if num_processes > 1:
+        nnunet_verify_dataset_integrity(folder, num_processes)
+        return
+    in_process = types.SimpleNamespace(get_context=lambda _: types.SimpleNamespace(Pool=lambda _: _InProcessPool()))
+    with unittest.mock.patch.object(nnunet_verify_module, "multiprocessing", in_process):
+        nnunet_verify_dataset_integrity(folder, 1)
+
+
+@contextlib.contextmanager
+def _removed_if_new(folder: Path):
+    """A dataset's preprocessed folder that this run creates is removed again if the run fails."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _replaced_only_when_done(folder: Path):
+    """nnU-Net's preprocessor deletes a configuration's data before writing it anew: the old data waits under
+    another name and comes back if preprocessing fails (or is interrupted)."""
+    previous = folder.with_name(f".{folder.name}.previous")
+    if previous.exists():  # left by a run killed while preprocessing: the last complete data
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(previous, folder)
+    if folder.exists():
+        os.replace(folder, previous)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        if previous.exists():
+            os.replace(previous, folder)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def plan_and_preprocess_entry() -> None:
@@ -87,7 +229,7 @@ def plan_and_preprocess_entry() -> None:
     parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset ID(s)")
     parser.add_argument("-c", nargs="+", default=["2d"],
                         help="configurations to preprocess (default: 2d; the diffusion heads are 2D). "
-                             "Configurations a dataset does not have are skipped.")
+                             "nnU-Net's configurations the planner did not make for a dataset are skipped.")
     parser.add_argument("-np", nargs="+", type=int, default=None,
                         help="processes for preprocessing: one number, or one per configuration "
                              "(default: nnU-Net's 8/4/8, at most the number of CPUs)")
@@ -99,14 +241,17 @@ def plan_and_preprocess_entry() -> None:
     parser.add_argument("-gpu_memory_target", type=float, default=None,
                         help="GPU memory target in GB for the planner (nnU-Net's default: 8)")
     parser.add_argument("-overwrite_plans_name", default=None, help="write the plans under this name instead")
+    parser.add_argument("--no_verify", action="store_true",
+                        help="skip nnU-Net's dataset integrity check (labels consecutive and as declared, images and "
+                             "labels paired and aligned), which runs first by default")
     parser.add_argument("--verify_dataset_integrity", action="store_true",
-                        help="check the raw dataset with nnU-Net's integrity check first (recommended once)")
+                        help="accepted for nnU-Net's habit; the check runs by default")
     parser.add_argument("--clean", action="store_true", help="re-extract an existing fingerprint")
     parser.add_argument("--no_pp", action="store_true", help="fingerprint and plans only, no preprocessing")
     args = parser.parse_args()
 
     def main() -> None:
-        plans = plan_and_preprocess(args.d, args.c, args.pl, args.np, args.npfp, args.verify_dataset_integrity,
+        plans = plan_and_preprocess(args.d, args.c, args.pl, args.np, args.npfp, not args.no_verify,
                                     args.clean, not args.no_pp, args.gpu_memory_target, args.overwrite_plans_name)
         print(f"Done: plans '{plans}'. Train with: nnDiffSeg_train DATASET CONFIG FOLD -tr TRAINER -p {plans}")
 

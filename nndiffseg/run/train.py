@@ -1,31 +1,29 @@
 """``nnDiffSeg_train``: nnU-Net training for our trainers and nnunetv2's, with run-length overrides."""
 import argparse
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
-from nnunetv2.run.run_training import find_free_network_port, maybe_load_checkpoint
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.run.run_training import find_free_network_port
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning.planner import PLANS_NAME
 from nndiffseg.registry import TRAIN, check_options, find_trainer_class
+from nndiffseg.run.checks import check_fold, check_option_values, parse_fold
 from nndiffseg.trainers.base import RUN_LENGTH, configure_run
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
-def parse_fold(fold: Union[int, str]) -> Union[int, str]:
-    if fold == "all":
-        return fold
-    try:
-        fold = int(fold)
-    except ValueError:
-        fold = -1
-    if fold < 0:
-        raise NnDiffSegError(f"FOLD must be 0-4 (nnU-Net's 5-fold cross-validation) or 'all', got '{fold}'")
-    return fold
+# --c takes the first of these that exists, as nnU-Net does; an unreadable one falls back to the next
+CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def load_plans(dataset_name: str, plans_identifier: str) -> dict:
@@ -61,27 +59,101 @@ def check_run_length(run_length: dict) -> dict:
                                  run_length.get("val_iters_per_epoch"))))
 
 
+def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
+    """nnU-Net's --c (checkpoint_final, else _latest, else _best), except that an unreadable checkpoint (a
+    run killed while writing it with an older nndiffseg or a stock trainer) is reported by name and the
+    next one is taken."""
+    existing = [os.path.join(trainer.output_folder, n) for n in CONTINUE_CHECKPOINTS
+                if os.path.isfile(os.path.join(trainer.output_folder, n))]
+    if not existing:
+        print(f"WARNING: no checkpoint to continue from in {trainer.output_folder}; starting a new training")
+        return
+    unreadable = []
+    for path in existing:
+        try:
+            load_checkpoint_file(path, "--c")  # read twice: nnU-Net's load_checkpoint takes no dict (its bug)
+        except NnDiffSegError as e:
+            unreadable.append(os.path.basename(path))
+            print(f"WARNING: {e}", file=sys.stderr)
+            continue
+        if unreadable:
+            print(f"WARNING: continuing from {path} instead ({', '.join(unreadable)} cannot be read)",
+                  file=sys.stderr)
+        trainer.load_checkpoint(path)
+        return
+    raise NnDiffSegError(f"--c: no readable checkpoint in {trainer.output_folder} ({', '.join(unreadable)} are "
+                         f"truncated or corrupt); start a new run without --c after moving them away")
+
+
+def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_validation: bool,
+                      pretrained_weights: Optional[str]) -> None:
+    """nnU-Net's maybe_load_checkpoint, with errors naming the checkpoint file."""
+    if continue_training and pretrained_weights is not None:
+        raise NnDiffSegError("--c and -pretrained_weights cannot be combined (pretrained weights only start a run)")
+    if continue_training:
+        load_checkpoint_to_continue(trainer)
+    elif only_run_validation:
+        final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+        if not os.path.isfile(final):
+            raise NnDiffSegError(f"--val: training is not finished, {final} does not exist")
+        load_checkpoint_file(final, "--val")
+        trainer.load_checkpoint(final)
+    elif pretrained_weights is not None:
+        load_checkpoint_file(pretrained_weights, "-pretrained_weights")
+        if not trainer.was_initialized:
+            trainer.initialize()
+        load_pretrained_weights(trainer.network, pretrained_weights, verbose=True)
+
+
+def _remove_what_a_refused_run_wrote(fold_folder: Path, existing: Optional[set], results: Path) -> None:
+    """What a run that failed its checks wrote: in an existing fold folder the files it added (its training log,
+    a run record), else the fold folder it made (and its empty parents up to nnUNet_results)."""
+    if existing is not None:
+        for name in set(os.listdir(fold_folder)) - existing:
+            if (fold_folder / name).is_file():
+                (fold_folder / name).unlink()
+        return
+    shutil.rmtree(fold_folder, ignore_errors=True)
+    for parent in fold_folder.parents:
+        if parent == results or results not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other folds or trainers
+            break
+
+
 def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
                        continue_training, only_run_validation, val_with_best, disable_checkpointing,
                        export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
-    trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
-                            continue_training, device)
-    # our trainers record their options and run length, stock ones their run length: --c and --val restore them
-    continuing = continue_training or only_run_validation
-    if hasattr(trainer, "continuing"):
-        trainer.continuing = continuing
-        trainer.configure_run(trainer_options, check_run_length(run_length))
-    else:
-        configure_run(trainer, trainer_options, check_run_length(run_length), continuing)
-    trainer.disable_checkpointing = disable_checkpointing
-    maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
+    fold_folder = Path(get_output_folder(dataset_name_from_id(dataset_name_or_id), trainer_name, plans_identifier,
+                                         configuration, fold)).resolve()
+    existing = set(os.listdir(fold_folder)) if fold_folder.is_dir() else None
+    try:
+        trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
+                                continue_training, device)
+        # our trainers record their options and run length, stock ones their run length: --c and --val restore them
+        continuing = continue_training or only_run_validation
+        if hasattr(trainer, "continuing"):
+            trainer.continuing = continuing
+            trainer.configure_run(trainer_options, check_run_length(run_length))
+        else:
+            configure_run(trainer, trainer_options, check_run_length(run_length), continuing)
+        trainer.disable_checkpointing = disable_checkpointing
+        _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
+    except NnDiffSegError:
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            _remove_what_a_refused_run_wrote(fold_folder, existing, Path(os.environ["nnUNet_results"]).resolve())
+        raise
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
     if not only_run_validation:
         trainer.run_training()
     if val_with_best:
-        trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
+        best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+        load_checkpoint_file(best, "--val_best")
+        trainer.load_checkpoint(best)
     trainer.perform_actual_validation(export_validation_probabilities)
 
 
@@ -118,6 +190,13 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
     options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
+    if not (continue_training or only_run_validation):  # a continued run's options must equal its record (checked
+        check_option_values(options)                     # when the trainer is built), which passed these checks
+    check_fold(dataset_name_from_id(dataset_name_or_id), fold)
+    check_run_length({"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
+                      "val_iters_per_epoch": val_iters_per_epoch})
+    if num_gpus < 1:
+        raise NnDiffSegError(f"-num_gpus must be at least 1, got {num_gpus}")
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),

@@ -1,0 +1,19 @@
+"""A test hook: a process announces that it reached a known point, so a test can signal it exactly there
+instead of sleeping for a guessed time. Inert unless nnDiffSeg_test_hook is set."""
+import os
+import time
+
+HOOK_ENV = "nnDiffSeg_test_hook"  # POINT or POINT:pause; several separated by commas
+MARKER = "nnDiffSeg_test_hook reached"
+PAUSE_S = 120  # long enough for any test to send its signal; the process carries on after it
+
+
+def reached(point: str) -> None:
+    """At ``point``: print the marker line when the hook names it, and with ':pause' wait for the signal."""
+    for entry in os.environ.get(HOOK_ENV, "").split(","):
+        name, _, mode = entry.partition(":")
+        if name == point:
+            print(f"{MARKER}: {point}", flush=True)
+            if mode == "pause":
+                time.sleep(PAUSE_S)
+            return
