@@ -42,8 +42,8 @@ def isic2017_sample() -> Path:
 # trainers 345 s, ISIC sample 300 s, ignore label 165 s, demo 145 s, Stroke2021 converter 140 s; the fault
 # injection module (added later) about 200 s alone.
 LONGEST_FIRST = ("test_guided_trainer.py", "test_pipeline.py", "test_latent_trainers.py", "test_isic_sample_pipeline.py",
-                 "test_fault_injection.py", "test_ignore_label_and_regions.py", "test_demo.py", "test_convert_stroke2021.py", "test_ddp.py",
-                 "test_latent_heads.py")
+                 "test_fault_injection.py", "test_latent_learning.py", "test_ignore_label_and_regions.py", "test_demo.py",
+                 "test_convert_stroke2021.py", "test_ddp.py", "test_latent_heads.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
