@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+def add_isic_sample_arguments(parser, repo: Path, max_size: int = 128, epochs: int = 12, iters: int = 25) -> None:
+    """The options of the benchmarks that train on the real ISIC sample beside the repository."""
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--isic_sample", default=str(repo.parent / "shared" / "data" / "isic2017_sample"))
+    parser.add_argument("--max_size", type=int, default=max_size)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--iters", type=int, default=iters)
+
+
 def nnunet_env(work: Path) -> dict:
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_work_dir, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+from common import (add_isic_sample_arguments, make_work_dir, run_child, seconds_per_train_iter,  # noqa: E402
+                    train_timed)
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -234,11 +235,7 @@ def report(saved: dict, argv: list) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", required=True)
-    parser.add_argument("--isic_sample", default=str(REPO.parent / "shared" / "data" / "isic2017_sample"))
-    parser.add_argument("--max_size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--iters", type=int, default=25)
+    add_isic_sample_arguments(parser, REPO)
     parser.add_argument("--two_stage_epochs", type=int, default=0,
                         help="also train the guided trainer on the finished nnUNetTrainer fold as a frozen --prior")
     parser.add_argument("--two_stage_settings", nargs="+", default=["ddim-1 K3", "ddim-1 K5"],

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_work_dir, predict_timed, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+from common import (add_isic_sample_arguments, make_work_dir, predict_timed, run_child,  # noqa: E402
+                    seconds_per_train_iter, train_timed)
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -159,7 +160,8 @@ def _wilcoxon(a: dict, b: dict) -> str:
     diff = [a[c] - b[c] for c in cases]
     if not any(diff):
         return "0.000"
-    return f"{sum(diff) / len(diff):+.3f} (p {wilcoxon(diff).pvalue:.2g}, better in {sum(d > 0 for d in diff)}/{len(diff)})"
+    better = sum(d > 0 for d in diff)
+    return f"{sum(diff) / len(diff):+.3f} (p {wilcoxon(diff).pvalue:.2g}, better in {better}/{len(diff)})"
 
 
 def report(saved: dict, argv: list, figure: Path) -> str:
@@ -170,7 +172,8 @@ def report(saved: dict, argv: list, figure: Path) -> str:
     lines = ["    python benchmarks/latent_levers.py " + " ".join(argv), "",
              f"ISIC 2017 sample, max_size {saved['max_size']}, fold 0 ({len(next(iter(rows.values()))['case_dice'])} "
              f"validation cases), "
-             f"{training[BASELINE]['epochs']} x {iters} iterations per latent trainer, its mask autoencoder stage at most "
+             f"{training[BASELINE]['epochs']} x {iters} iterations per latent trainer, its mask autoencoder stage "
+             f"at most "
              f"{training[MASK_STAGES[0]]['epochs']} x {iters} (it ran {training[MASK_STAGES[0]]['epochs_run']}). "
              f"2 CPU cores, {os.environ.get('OMP_NUM_THREADS') or 'all'} torch thread(s) per process, whole run "
              f"{saved['wall_s'] / 60:.0f} min. Training time: iterations x the median seconds per iteration "
@@ -223,14 +226,10 @@ def plot_curve(saved: dict, path: Path) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", required=True)
-    parser.add_argument("--isic_sample", default=str(REPO.parent / "shared" / "data" / "isic2017_sample"))
-    parser.add_argument("--max_size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--iters", type=int, default=25)
+    add_isic_sample_arguments(parser, REPO)
     parser.add_argument("--mask_epoch_fraction", type=float, default=0.5,
-                        help="the mask autoencoder stage's epochs at most, as a fraction of --epochs (the trainer's own "
-                             "MASK_STAGE_EPOCH_FRACTION by default)")
+                        help="the mask autoencoder stage's epochs at most, as a fraction of --epochs (default: "
+                             "the trainer's own MASK_STAGE_EPOCH_FRACTION)")
     parser.add_argument("--figure", default=str(REPO / "docs" / "latent_levers_curve.png"))
     parser.add_argument("--resume", action="store_true", help="go on with the work folder's results.json")
     parser.add_argument("--report_only", action="store_true",
