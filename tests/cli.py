@@ -1,4 +1,5 @@
 """Run the command-line tools as a user would: in a fresh process, with the nnU-Net folders in the env."""
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,11 @@ MODULES = {
     "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic",
     "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021",
 }
+
+# planning options for datasets a test wrote itself: one worker each, and no nnU-Net integrity check (a spawned
+# pool of its own; the default check is exercised by test_pipeline, test_ignore_label_and_regions and
+# test_fault_injection)
+PLAN_QUICKLY = ["-np", 1, "-npfp", 1, "--no_verify"]
 
 
 def nnunet_folders(root: Path) -> dict:
@@ -49,3 +55,13 @@ def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> 
     assert error.startswith("ERROR: "), result.stderr
     for part in expected:
         assert part in error, (part, error)
+
+
+def run_batch(root: Path, name: str, commands: list[tuple[str, list]], env: dict) -> list:
+    """The commands run one after the other in one process (tests/cli_batch.py): one start-up of torch and
+    nnU-Net for all of them (for refusals; a command that does real work belongs in its own process)."""
+    (root / f"{name}.json").write_text(json.dumps([{"tool": t, "args": list(map(str, a))} for t, a in commands]))
+    subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(root / f"{name}.json"),
+                    str(root / f"{name}_results.json")], env={**os.environ, **env}, check=True, timeout=600)
+    return [subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
+            for r in json.loads((root / f"{name}_results.json").read_text())]

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ddp_worker
-from cli import nnunet_folders, run_tool
+from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 61
@@ -57,7 +57,7 @@ def test_nndiffseg_train_runs_ddp_on_gloo_with_two_cpu_processes_and_a_frozen_pr
     # 11 cases: fold 0 validates 3, so the two ranks predict different numbers of cases in the final
     # validation (a per-forward DDP collective deadlocked there)
     raw = write_toy_dataset(tmp_path / "nnUNet_raw", DATASET_ID, num_train=11, num_test=1, num_classes=2)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
     short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
     run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnUNetTrainer", *short, env=env)
     results = tmp_path / "nnUNet_results" / raw.name

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import MODULES, assert_refused, nnunet_folders, run_tool
+from cli import MODULES, assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
 TOY, LABELS_0_2, ORPHAN_LABEL, BAD_JSON = 41, 42, 43, 44
@@ -59,16 +59,6 @@ def write_broken_datasets(raw: Path) -> None:
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
     (folder / "dataset.json").write_text('{"labels": {"background": 0,')
-
-
-def run_batch(root: Path, name: str, commands: list[tuple[str, list]], env: dict) -> list:
-    """The commands run one after the other in one process (tests/cli_batch.py): one start-up of torch and
-    nnU-Net for all of them."""
-    (root / f"{name}.json").write_text(json.dumps([{"tool": t, "args": list(map(str, a))} for t, a in commands]))
-    subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(root / f"{name}.json"),
-                    str(root / f"{name}_results.json")], env={**os.environ, **env}, check=True, timeout=600)
-    return [subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
-            for r in json.loads((root / f"{name}_results.json").read_text())]
 
 
 @pytest.fixture(scope="module")

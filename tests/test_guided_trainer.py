@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import assert_refused, nnunet_folders, run_tool
+from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
 from toy_data import write_toy_dataset
 
@@ -38,28 +38,44 @@ def guided(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=16, num_test=4, num_classes=2)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
     log = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
                    "--num_epochs", EPOCHS, "--iters_per_epoch", ITERS, "--clip_model", "random", env=env)
     model = root / "nnUNet_results" / raw.name / "nnDiffSegTrainerGuided__nnDiffSegPlans__2d"
     return {"root": root, "env": env, "raw": raw, "log": log.stdout, "model": model}
 
 
-def _predict(guided, out, *options, tool="nnDiffSeg_predict", check=True):
-    common = ["-i", guided["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
-              "-tr", "nnDiffSegTrainerGuided", "-f", 0, "-device", "cpu"]
-    if tool == "nnDiffSeg_predict":
-        return run_tool(tool, *common, "-nps", 0, *options, env=guided["env"], check=check)
-    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
-    return run_tool(tool, *common, "-p", "nnDiffSegPlans", "-npp", 1, "-nps", 1, "--disable_tta", *options,
-                    env={**guided["env"], "nnUNet_extTrainer": EXT_TRAINER_DIR}, check=check)
+def _common(guided, out):
+    return ["-i", guided["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d", "-tr", "nnDiffSegTrainerGuided",
+            "-f", 0, "-device", "cpu"]
+
+
+# the module's nnDiffSeg_predict runs, by output folder: one process for all of them (tests/cli.py run_batch)
+PREDICTIONS = {
+    "default": [],
+    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--seed", 1],
+    "never": ["--num_samples", 0],
+    "uncertainty3": ["--save_uncertainty", "--save_samples"],
+    "uncertainty1": ["--save_uncertainty", "--num_samples", 1, "--save_samples"],
+}
 
 
 @pytest.fixture(scope="module")
-def predicted(guided):
-    out = guided["root"] / "default"
-    _predict(guided, out)
-    return out
+def predictions(guided):
+    commands = [("nnDiffSeg_predict", [*_common(guided, guided["root"] / name), "-nps", 0, *options])
+                for name, options in PREDICTIONS.items()]
+    return dict(zip(PREDICTIONS, run_batch(guided["root"], "predictions", commands, guided["env"])))
+
+
+def _predicted(guided, predictions, name):
+    result = predictions[name]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return guided["root"] / name
+
+
+@pytest.fixture(scope="module")
+def predicted(guided, predictions):
+    return _predicted(guided, predictions, "default")
 
 
 def test_guided_trainer_learns_toy_shapes(guided, predicted):
@@ -81,8 +97,10 @@ def test_checkpoint_carries_the_text_embeddings(guided):
 
 def test_stock_predict_gives_the_same_seeded_output(guided, predicted):
     """A second process with the same seed (stock nnUNetv2_predict here) gives the same label maps."""
+    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
     stock = guided["root"] / "stock"
-    _predict(guided, stock, tool="nnUNetv2_predict")
+    run_tool("nnUNetv2_predict", *_common(guided, stock), "-p", "nnDiffSegPlans", "-npp", 1, "-nps", 1,
+             "--disable_tta", env={**guided["env"], "nnUNet_extTrainer": EXT_TRAINER_DIR})
     for f in sorted(predicted.glob("*.png")):
         ours = np.array(Image.open(f))
         np.testing.assert_array_equal(ours, np.array(Image.open(stock / f.name)))
@@ -115,17 +133,14 @@ def test_changed_class_defaults_do_not_change_what_the_saved_model_predicts(guid
         np.testing.assert_array_equal(np.array(Image.open(out / f.name)), np.array(Image.open(f)))
 
 
-def test_sampler_options_and_staple_fusion_run(guided, predicted):
-    out = guided["root"] / "dpm_staple"
-    _predict(guided, out, "--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
-             "--seed", 1)
+def test_sampler_options_and_staple_fusion_run(guided, predictions):
+    out = _predicted(guided, predictions, "dpm_staple")
     assert _mean_dice(out, guided["raw"]) >= LEARNING_THRESHOLD - 0.1
 
 
-def test_bad_sampler_options_are_refused_before_anything_is_written(guided):
-    out = guided["root"] / "never"
-    assert_refused(_predict(guided, out, "--num_samples", 0, check=False), ["--num_samples must be at least 1"])
-    assert not out.exists()
+def test_bad_sampler_options_are_refused_before_anything_is_written(guided, predictions):
+    assert_refused(predictions["never"], ["--num_samples must be at least 1"])
+    assert not (guided["root"] / "never").exists()
 
 
 def test_freeze_prior_without_a_prior_is_refused_before_any_work():
@@ -138,14 +153,12 @@ def test_freeze_prior_without_a_prior_is_refused_before_any_work():
         {"freeze_prior": True, "prior": "p.pth"}
 
 
-def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided):
+def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided, predictions):
     """At the default sampling (one DDIM step, 3 samples) the samples differ, and --save_samples writes each.
     (Where they differ is measured on real data, not asserted on this toy model: after 80 iterations its
     one-step samples differ about as little near the borders as away from them; see docs/benchmarks.md,
     "Guided uncertainty", and tests/test_guided_heads.py for what a stochastic sampler draws.)"""
-    spread, single = guided["root"] / "uncertainty3", guided["root"] / "uncertainty1"
-    _predict(guided, spread, "--save_uncertainty", "--save_samples")
-    _predict(guided, single, "--save_uncertainty", "--num_samples", 1, "--save_samples")
+    spread, single = (_predicted(guided, predictions, name) for name in ("uncertainty3", "uncertainty1"))
     cases = [f.name[:-len("_0000.png")] for f in sorted((guided["raw"] / "imagesTs").glob("*_0000.png"))]
     for case in cases:
         u = np.load(spread / "uncertainty" / f"{case}.npz")["uncertainty"]

@@ -108,18 +108,8 @@ def test_training_reduces_the_loss_and_leaves_the_mask_autoencoder_frozen(segmen
     assert all(torch.equal(v, segmenter.mask_autoencoder.state_dict()[k]) for k, v in frozen.items())
 
 
-# the learning test's run: AdamW with a one-cycle schedule (3e-3 diverged in a trial, 1e-3 did not)
-LEARNING_STEPS, LEARNING_LR, LEARNING_THRESHOLD = 400, 1e-3, 0.5
-
-
 def _toy_masks(rng, n):
     return torch.from_numpy(np.stack([toy_case(rng, 64, 64, num_classes=2)[1] for _ in range(n)]))[:, None].long()
-
-
-def _toy_batch(rng, n):
-    images, labels = zip(*[toy_case(rng, 64, 64, num_classes=2) for _ in range(n)])
-    images = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() - 90) / 40  # about zero mean, unit sd
-    return images, torch.from_numpy(np.stack(labels))[:, None].long()
 
 
 def _dice_per_class(prediction, reference, classes):
@@ -144,33 +134,12 @@ TOY_DOWNSAMPLING = 4
 
 def fine_tune_toy_mask_autoencoder():
     """The compact f4 mask autoencoder after a short fine-tune on 3-class toy masks: 400 steps of 4 masks,
-    one-cycle schedule, about 2 min on 2 cores."""
+    one-cycle schedule, about 4 min on one thread (0.99 needs them: 300 steps left class 1 at 0.987)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     autoencoder = build_autoencoder("compact", 3, TOY_DOWNSAMPLING)
     _fit(autoencoder.parameters(), lambda: mask_autoencoder_loss(autoencoder, _toy_masks(rng, 4), 3)["loss"], 400, 3e-3)
     return autoencoder.eval()
-
-
-def learn_toy_shapes(mask_autoencoder) -> list:
-    """Trains a compact segmenter from scratch on 3-class toy discs (64 px, batch 4) and returns the Dice of
-    its single-step prediction per foreground class on 16 new cases."""
-    torch.manual_seed(0)
-    model = LatentSegmenter(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), mask_autoencoder,
-                            build_denoiser("compact"), num_classes=3, image_channels=3)
-    model.calibrate_mask_latent_scale([_toy_masks(np.random.default_rng(3), 8) for _ in range(4)])
-    rng = np.random.default_rng(4)
-
-    def loss():
-        model.train()
-        return model(*_toy_batch(rng, 4))["loss"]
-
-    _fit([p for p in model.parameters() if p.requires_grad], loss, LEARNING_STEPS, LEARNING_LR)
-    model.eval()
-    images, labels = _toy_batch(np.random.default_rng(5), 16)
-    with torch.no_grad():
-        prediction = model(images).argmax(1)
-    return _dice_per_class(prediction, labels[:, 0], (1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +164,6 @@ def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_m
     assert scale != pytest.approx(fine_tuned_mask_autoencoder.config.scaling_factor, rel=0.05)
     assert float(model.encode_mask(torch.cat(masks)).std()) == pytest.approx(1.0, abs=1e-3)
     assert model.state_dict()["mask_latent_scale"] == pytest.approx(scale)
-
-
-def test_single_step_segmenter_learns_toy_shapes(fine_tuned_mask_autoencoder):
-    """SDSeg's recipe (a KL image encoder, latent losses only) on its own, predicting with ONE denoising step.
-    Measured at f8: per-class Dice 0.56 / 0.75 (mean 0.65); an all-foreground mask scores 0.16 / 0.22. The bar:
-    mean foreground Dice >= LEARNING_THRESHOLD."""
-    dice = learn_toy_shapes(fine_tuned_mask_autoencoder)
-    assert np.mean(dice) >= LEARNING_THRESHOLD, dice
 
 
 def test_inference_steps_are_set_by_option_and_checked(segmenter):

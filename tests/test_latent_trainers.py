@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import nnunet_folders, run_tool
+from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from resume import assert_same_weights, crash_after_first_epoch
 from toy_data import write_toy_dataset
 
 DATASET_ID = 31
 SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 4]
 # seeded, so that a run interrupted in either stage and resumed must end with these weights; the mask
-# autoencoder stage runs at most 0.5 x 10 = 5 epochs
-SEED, EPOCHS = 7, 10
+# autoencoder stage runs at most 0.5 x 4 = 2 epochs
+SEED, EPOCHS = 7, 4
 SEEDED = ["-device", "cpu", "--num_epochs", EPOCHS, "--iters_per_epoch", 2, "--seed", SEED]
 MASK_VAE, LATENT = "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d", "nnDiffSegTrainerLatent__nnDiffSegPlans__2d"
 
@@ -26,7 +26,7 @@ def latent(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2, num_classes=2)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
     seg = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SEEDED, env=env)
     return {"root": root, "env": env, "raw": raw, "seg_log": seg.stdout,
             "results": root / "nnUNet_results" / raw.name}
@@ -38,7 +38,7 @@ def _final(results, model, fold=0):
 
 
 def test_one_command_runs_the_mask_autoencoder_stage_first(latent):
-    assert "running the mask autoencoder stage first (nnDiffSegTrainerMaskVAE, 5 epochs x 2 iterations)" in \
+    assert "running the mask autoencoder stage first (nnDiffSegTrainerMaskVAE, 2 epochs x 2 iterations)" in \
         latent["seg_log"]
     summary = json.loads((latent["results"] / MASK_VAE / "fold_0" / "validation" / "summary.json").read_text())
     assert set(summary["reconstruction_dice"]) == {"1", "2"}  # per foreground class
@@ -106,7 +106,7 @@ def test_a_run_interrupted_in_the_single_step_stage_resumes_with_c(latent, tmp_p
     final = _final(results, LATENT)
     assert final["current_epoch"] == EPOCHS and interrupted["current_epoch"] == 1
     assert not torch.equal(final["network_weights"]["denoiser.conv_in.weight"],
-                           interrupted["network_weights"]["denoiser.conv_in.weight"])  # epochs 1-9 did train
+                           interrupted["network_weights"]["denoiser.conv_in.weight"])  # epochs 1-3 did train
     assert_same_weights(final, _final(latent["results"], LATENT))
 
 
@@ -126,17 +126,30 @@ def test_single_step_model_predicts_through_our_and_stock_tools(latent):
         np.testing.assert_array_equal(a, b)  # one step from a fixed noise: deterministic
 
 
-def test_unreachable_stable_diffusion_weights_stop_with_a_clear_error(latent, tmp_path):
-    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerMaskVAE_sd", *SHORT,
-                      "--sd_weights", tmp_path / "no_such_folder", env=latent["env"], check=False)
-    assert result.returncode == 1
-    assert "cannot load Stable Diffusion's autoencoder" in result.stderr and "--sd_weights random" in result.stderr
+@pytest.fixture(scope="module")
+def refused(latent, tmp_path_factory):
+    """Refusals, run in one process (tests/cli.py run_batch)."""
+    missing = tmp_path_factory.mktemp("refusals") / "no_such_folder"
+    predict = ["-i", latent["raw"] / "imagesTs", "-o", latent["root"] / "no", "-d", DATASET_ID, "-c", "2d", "-tr",
+               "nnDiffSegTrainerLatent", "-f", 0, "-device", "cpu"]
+    commands = [("nnDiffSeg_train", [DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerMaskVAE_sd", *SHORT, "--sd_weights",
+                                     missing]),
+                ("nnDiffSeg_train", [DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainer", "--sd_weights", "random", *SHORT]),
+                ("nnDiffSeg_predict", [*predict, "--steps", 0])]
+    return run_batch(latent["root"], "refusals", commands, latent["env"])
 
 
-def test_method_options_are_refused_by_trainers_without_them(latent):
-    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainer", "--sd_weights", "random",
-                      *SHORT, env=latent["env"], check=False)
-    assert result.returncode == 1 and "nnDiffSegTrainer takes no --sd_weights" in result.stderr
+def test_unreachable_stable_diffusion_weights_stop_with_a_clear_error(refused):
+    assert_refused(refused[0], ["cannot load Stable Diffusion's autoencoder", "--sd_weights random"])
+
+
+def test_method_options_are_refused_by_trainers_without_them(refused):
+    assert_refused(refused[1], ["nnDiffSegTrainer takes no --sd_weights"])
+
+
+def test_zero_denoising_steps_are_refused_before_anything_is_written(latent, refused):
+    assert_refused(refused[2], ["sampling steps must be an integer from 1 to 1000, got 0"])
+    assert not (latent["root"] / "no").exists()
 
 
 def test_more_denoising_steps_run_ddim_through_nndiffseg_predict(latent):
@@ -147,8 +160,3 @@ def test_more_denoising_steps_run_ddim_through_nndiffseg_predict(latent):
     assert "Predicted 2 case(s)" in result.stdout
     for f in out.glob("*.png"):
         assert set(np.unique(np.array(Image.open(f)))) <= {0, 1, 2}
-    refused = run_tool("nnDiffSeg_predict", "-i", latent["raw"] / "imagesTs", "-o", latent["root"] / "no", "-d",
-                       DATASET_ID, "-c", "2d", "-tr", "nnDiffSegTrainerLatent", "-f", 0, "-device", "cpu",
-                       "--steps", 0, env=latent["env"], check=False)
-    assert refused.returncode == 1 and "sampling steps must be an integer from 1 to 1000, got 0" in refused.stderr
-    assert not (latent["root"] / "no").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import assert_refused, nnunet_folders, run_tool
+from cli import assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 11
@@ -129,32 +129,32 @@ def test_stock_nnunetv2_predict_runs_our_trainer(toy, predicted):
         np.testing.assert_array_equal(ours[c], stock[c])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-tr", "NoSuchTrainer"], "trainer 'NoSuchTrainer' not found"),
-    (["-p", "NoSuchPlans"], "NoSuchPlans.json not found"),
-])
-def test_train_rejects_bad_arguments(toy, args, message):
-    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-device", "cpu", *args, env=toy["env"], check=False)
-    assert result.returncode == 1 and message in result.stderr
-    assert "Traceback" not in result.stderr
+REFUSALS = {
+    "train_unknown_trainer": ("nnDiffSeg_train", ["-tr", "NoSuchTrainer"], "trainer 'NoSuchTrainer' not found"),
+    "train_unknown_plans": ("nnDiffSeg_train", ["-p", "NoSuchPlans"], "NoSuchPlans.json not found"),
+    "predict_missing_fold": ("nnDiffSeg_predict", ["-f", 3], "fold(s) 3 have no checkpoint_final.pth"),
+    "predict_steps": ("nnDiffSeg_predict", ["-f", 0, "--steps", 10], "nnDiffSegTrainer takes no --steps"),
+    "predict_uncertainty": ("nnDiffSeg_predict", ["-f", 0, "--save_uncertainty"],
+                            "nnDiffSegTrainer draws no samples, so it has no uncertainty to save"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(toy):
+    """The refusals, run in one process (tests/cli.py run_batch); training refusals on fold 1, which has no
+    run, predictions into a folder of their own."""
+    commands = []
+    for name, (tool, args, _) in REFUSALS.items():
+        if tool == "nnDiffSeg_train":
+            commands.append((tool, [DATASET_ID, "2d", 1, "-device", "cpu", *args]))
+        else:
+            commands.append((tool, ["-i", toy["raw"] / "imagesTs", "-o", toy["root"] / f"never_{name}", "-d",
+                                    DATASET_ID, "-c", "2d", "-tr", "nnDiffSegTrainer", "-device", "cpu", *args]))
+    return dict(zip(REFUSALS, run_batch(toy["root"], "refusals", commands, toy["env"])))
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_bad_arguments_are_refused_and_nothing_is_written(toy, refused, name):
+    assert_refused(refused[name], [REFUSALS[name][2]])
     assert not (toy["model"] / "fold_1").exists()
-
-
-def test_predict_rejects_missing_fold_and_writes_nothing(toy):
-    out = toy["root"] / "never_written"
-    result = run_tool("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
-                      "-tr", "nnDiffSegTrainer", "-f", 3, "-device", "cpu", env=toy["env"], check=False)
-    assert result.returncode == 1 and "fold(s) 3 have no checkpoint_final.pth" in result.stderr
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("option, message", [
-    (["--steps", 10], "nnDiffSegTrainer takes no --steps"),
-    (["--save_uncertainty"], "nnDiffSegTrainer draws no samples, so it has no uncertainty to save"),
-])
-def test_predict_refuses_diffusion_options_for_a_plain_network_and_writes_nothing(toy, option, message):
-    out = toy["root"] / "never_written_options"
-    result = run_tool("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "2d",
-                      "-tr", "nnDiffSegTrainer", "-f", 0, "-device", "cpu", *option, env=toy["env"], check=False)
-    assert_refused(result, [message])
-    assert not out.exists()
+    assert not (toy["root"] / f"never_{name}").exists()

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
@@ -23,10 +22,11 @@ from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.hooks import HOOK_ENV, reached
-from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
-from nndiffseg.planning.planner import PLANS_NAME
-from nndiffseg.registry import PREDICT, check_options, find_trainer_class
+from nndiffseg.planning import PLANS_NAME
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
+
+# The predictor, the trainers (diffusers, open_clip) and the uncertainty export are imported where they are
+# used: the export workers, which import this module again, then need only nnU-Net's export
 
 PARTIAL_PREFIX = ".partial_"
 
@@ -90,7 +90,7 @@ def _remove_partials(output_path: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _initialize_predictor(predictor: nnUNetPredictor, model_folder: Path, folds: List[str],
+def _initialize_predictor(predictor: "nnUNetPredictor", model_folder: Path, folds: List[str],
                           checkpoint_name: str) -> None:
     """nnU-Net's loading, with an unreadable checkpoint named instead of torch's bare EOFError."""
     try:
@@ -161,6 +161,9 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         raise NnDiffSegError(f"-nps must be 0 (export in this process) or more, got {num_processes_export}")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
+    from nndiffseg.registry import PREDICT, check_options, find_trainer_class
     trainer_class = find_trainer_class(trainer)
     options = check_options(trainer_class, inference_options or {}, PREDICT)
     head_class = getattr(trainer_class, "head_class", None)

@@ -12,10 +12,11 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
+from nndiffseg.planning import PLANS_NAME
+
 LATENT_DOWNSAMPLING = 8
 DENOISER_DOWNSAMPLINGS = 3
 PATCH_MULTIPLE = LATENT_DOWNSAMPLING * 2 ** DENOISER_DOWNSAMPLINGS
-PLANS_NAME = "nnDiffSegPlans"
 
 
 def round_up_to_multiple(shape: Union[List[int], Tuple[int, ...]], multiple: int = PATCH_MULTIPLE) -> List[int]:

@@ -1,26 +1,29 @@
 """``nnDiffSeg_train``: nnU-Net training for our trainers and nnunetv2's, with run-length overrides."""
+from __future__ import annotations
+
 import argparse
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
-from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-from nnunetv2.run.run_training import find_free_network_port
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, run_cli
-from nndiffseg.planning.planner import PLANS_NAME
-from nndiffseg.registry import TRAIN, check_options, find_trainer_class
+from nndiffseg.planning import PLANS_NAME
 from nndiffseg.run.checks import check_fold, check_option_values, parse_fold
-from nndiffseg.trainers.base import RUN_LENGTH, configure_run
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
+
+# nnU-Net's trainer module (and with it our trainers, diffusers and open_clip) is imported only where a trainer is
+# needed: `--help` and argument errors stay quick, and the spawned workers of nnU-Net's final validation, which
+# import this module again, start in seconds
+if TYPE_CHECKING:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 # --c takes the first of these that exists, as nnU-Net does; an unreadable one falls back to the next
 CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -44,6 +47,7 @@ def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold:
     if configuration not in plans["configurations"]:
         raise NnDiffSegError(f"configuration '{configuration}' not in plans {plans_identifier} of {dataset_name} "
                              f"(available: {', '.join(plans['configurations'])})")
+    from nndiffseg.registry import find_trainer_class
     trainer_class = find_trainer_class(trainer_name)
     plans["continue_training"] = continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
     dataset_json = load_json(join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset.json"))
@@ -52,6 +56,7 @@ def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold:
 
 def check_run_length(run_length: dict) -> dict:
     """nnDiffSeg_train's run length flags as the trainer attributes they set (None: the trainer's)."""
+    from nndiffseg.trainers.base import RUN_LENGTH
     for flag, value in run_length.items():
         if value is not None and value < 1:
             raise NnDiffSegError(f"--{flag} must be at least 1, got {value}")
@@ -102,6 +107,7 @@ def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_
         load_checkpoint_file(pretrained_weights, "-pretrained_weights")
         if not trainer.was_initialized:
             trainer.initialize()
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
         load_pretrained_weights(trainer.network, pretrained_weights, verbose=True)
 
 
@@ -138,6 +144,7 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
             trainer.continuing = continuing
             trainer.configure_run(trainer_options, check_run_length(run_length))
         else:
+            from nndiffseg.trainers.base import configure_run
             configure_run(trainer, trainer_options, check_run_length(run_length), continuing)
         trainer.disable_checkpointing = disable_checkpointing
         _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
@@ -189,14 +196,15 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
         raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
+    for flag, value in (("num_epochs", num_epochs), ("iters_per_epoch", iters_per_epoch),
+                        ("val_iters_per_epoch", val_iters_per_epoch), ("num_gpus", num_gpus)):
+        if value is not None and value < 1:  # before the trainers are imported: a typo is reported at once
+            raise NnDiffSegError(f"-{'' if flag == 'num_gpus' else '-'}{flag} must be at least 1, got {value}")
+    from nndiffseg.registry import TRAIN, check_options, find_trainer_class
     options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
     if not (continue_training or only_run_validation):  # a continued run's options must equal its record (checked
         check_option_values(options)                     # when the trainer is built), which passed these checks
     check_fold(dataset_name_from_id(dataset_name_or_id), fold)
-    check_run_length({"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
-                      "val_iters_per_epoch": val_iters_per_epoch})
-    if num_gpus < 1:
-        raise NnDiffSegError(f"-num_gpus must be at least 1, got {num_gpus}")
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
@@ -207,6 +215,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
             raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
         if device == "cuda" and torch.cuda.device_count() < num_gpus:
             raise NnDiffSegError(f"-num_gpus {num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        from nnunetv2.run.run_training import find_free_network_port
         os.environ["MASTER_ADDR"] = "localhost"
         os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
         try:
