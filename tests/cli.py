@@ -12,6 +12,9 @@ MODULES = {
     "nnDiffSeg_train": "nndiffseg.run.train",
     "nnDiffSeg_predict": "nndiffseg.inference.predict",
     "nnDiffSeg_evaluate": "nndiffseg.evaluation.evaluate",
+    "nnDiffSeg_find_best_configuration": "nndiffseg.evaluation.find_best_configuration",
+    "nnDiffSeg_ensemble": "nndiffseg.inference.ensemble",
+    "nnDiffSeg_apply_postprocessing": "nndiffseg.inference.postprocessing",
     "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic",
     "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021",
 }

@@ -38,12 +38,13 @@ def isic2017_sample() -> Path:
 
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
 # collection order, so a long module collected last would run alone at the end.
-# Measured 2026-12-02 (setup + calls per module, 2 workers): guided trainer 430 s, pipeline 390 s, latent
-# trainers 345 s, ISIC sample 300 s, ignore label 165 s, demo 145 s, Stroke2021 converter 140 s; the fault
-# injection module (added later) about 200 s alone.
-LONGEST_FIRST = ("test_guided_trainer.py", "test_pipeline.py", "test_latent_trainers.py", "test_isic_sample_pipeline.py",
-                 "test_fault_injection.py", "test_latent_learning.py", "test_ignore_label_and_regions.py", "test_demo.py",
-                 "test_convert_stroke2021.py", "test_ddp.py", "test_latent_heads.py")
+# Measured 2026-12-02 (fresh clone, 2 workers, suite 23 min 16 s before test_model_selection.py existed): latent
+# learning about 500 s, guided trainer 400 s, latent heads 260 s, latent trainers 250 s, pipeline 200 s, fault
+# injection 150 s, ISIC sample 140 s, DDP 135 s, demo 125 s; model selection (added later) about 300 s alone.
+LONGEST_FIRST = ("test_latent_learning.py", "test_guided_trainer.py", "test_model_selection.py", "test_latent_heads.py",
+                 "test_latent_trainers.py", "test_pipeline.py", "test_fault_injection.py",
+                 "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py", "test_ignore_label_and_regions.py",
+                 "test_convert_stroke2021.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

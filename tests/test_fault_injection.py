@@ -282,8 +282,9 @@ def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
     assert process.returncode == 130, stderr
     assert elapsed < 10, elapsed
     assert "Traceback" not in stderr, stderr
-    # the finished case stays for --continue_prediction; no .partial_ file
-    assert sorted(p.name for p in out.iterdir()) == ["toy_Ts000.png"]
+    # the finished case stays for --continue_prediction, beside the run's record; no .partial_ file
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "nndiffseg_predict_args.json", "plans.json",
+                                                     "toy_Ts000.png"]
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(toy, tmp_path):

@@ -171,7 +171,8 @@ def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided, prediction
                                       np.array(Image.open(single / f"{case}.png")))
     assert sorted(p.name for p in (spread / "samples").iterdir()) == ["sample_0", "sample_1", "sample_2"]
     for folder in (spread / "samples").iterdir():  # each a complete prediction folder
-        assert sorted(f.name for f in folder.iterdir()) == sorted(f"{c}.png" for c in cases)
+        assert sorted(f.name for f in folder.iterdir()) == sorted([f"{c}.png" for c in cases] + [
+            "dataset.json", "nndiffseg_predict_args.json", "plans.json"])
     samples = [np.array(Image.open(spread / "samples" / f"sample_{k}" / f"{c}.png")) for k in range(3) for c in cases]
     assert any((a != b).any() for a, b in zip(samples[:len(cases)], samples[len(cases):]))  # they differ
 

@@ -80,7 +80,12 @@ def test_predict_reports_bad_case_and_predicts_the_rest(toy, predicted):
     assert result.returncode == 1
     assert "broken" in result.stdout + result.stderr
     cases = sorted(f.name[:-9] for f in (toy["raw"] / "imagesTs").iterdir())
-    assert sorted(f.name for f in predicted["out"].iterdir()) == [f"{c}.png" for c in cases]
+    # beside the label maps, what nnU-Net's predictor writes too (nnUNetv2_ensemble and postprocessing read them)
+    assert sorted(f.name for f in predicted["out"].iterdir()) == sorted(
+        [f"{c}.png" for c in cases] + ["dataset.json", "nndiffseg_predict_args.json", "plans.json"])
+    model_json = json.loads((toy["model"] / "dataset.json").read_text())
+    assert json.loads((predicted["out"] / "dataset.json").read_text()) == model_json
+    assert json.loads((predicted["out"] / "plans.json").read_text())["plans_name"] == "nnDiffSegPlans"
     summary = run_tool("nnDiffSeg_evaluate", "-ref", toy["raw"] / "labelsTs", "-pred", predicted["out"],
                        "-o", toy["root"] / "test_summary.json", env=toy["env"])
     assert "Dice" in summary.stdout

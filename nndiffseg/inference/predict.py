@@ -1,6 +1,7 @@
 """``nnDiffSeg_predict``: nnU-Net's predictor over a folder, one case at a time with a progress bar; a case
 that cannot be read or predicted is reported by name and the others still run."""
 import argparse
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -29,6 +30,7 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 # used: the export workers, which import this module again, then need only nnU-Net's export
 
 PARTIAL_PREFIX = ".partial_"
+PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -125,6 +127,16 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
+def write_prediction_record(folder: Path, dataset_json: dict, plans: dict, arguments: dict) -> None:
+    """What nnU-Net's predictor writes beside its predictions: dataset.json and plans.json (nnUNetv2_ensemble,
+    nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them), and the arguments of the run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (("dataset.json", dataset_json), ("plans.json", plans), (PREDICT_ARGS_FILE, arguments)):
+        tmp = folder / (PARTIAL_PREFIX + name)
+        tmp.write_text(json.dumps(content, indent=4, default=str))
+        os.replace(tmp, folder / name)
+
+
 def apply_inference_options(network: torch.nn.Module, options: dict) -> None:
     """Prediction options (already checked by name in nndiffseg.registry) override the checkpoint's settings."""
     if options:
@@ -198,6 +210,10 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
+    record = {"model_folder": str(model_folder), "trainer": trainer, "plans": plans, "configuration": configuration,
+              "folds": folds, "checkpoint_name": checkpoint_name, "use_tta": use_tta, "tile_step_size": tile_step_size,
+              "inference_options": options, "save_probabilities": save_probabilities}
+    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
@@ -253,6 +269,10 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         _remove_partials(output_path)
         raise
     _remove_partials(output_path)  # exports that failed (a full disk) in a worker
+    if save_samples:  # each sample's folder is a prediction folder of its own
+        from nndiffseg.inference.uncertainty import SAMPLES_FOLDER
+        for folder in sorted((output_path / SAMPLES_FOLDER).glob("sample_*")):
+            write_prediction_record(folder, dataset_json, predictor.plans_manager.plans, {**record, "sample": folder.name})
     written = len(cases) - sum(c in cases for c in failures)
     print(f"Predicted {written} case(s) into {output_path}")
     if failures:

@@ -54,12 +54,10 @@ def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold:
     return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
 
 
-def check_run_length(run_length: dict) -> dict:
-    """nnDiffSeg_train's run length flags as the trainer attributes they set (None: the trainer's)."""
+def run_length_attributes(run_length: dict) -> dict:
+    """nnDiffSeg_train's run length flags (checked by ``train``) as the trainer attributes they set (None: the
+    trainer's)."""
     from nndiffseg.trainers.base import RUN_LENGTH
-    for flag, value in run_length.items():
-        if value is not None and value < 1:
-            raise NnDiffSegError(f"--{flag} must be at least 1, got {value}")
     return dict(zip(RUN_LENGTH, (run_length.get("num_epochs"), run_length.get("iters_per_epoch"),
                                  run_length.get("val_iters_per_epoch"))))
 
@@ -142,10 +140,10 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
         continuing = continue_training or only_run_validation
         if hasattr(trainer, "continuing"):
             trainer.continuing = continuing
-            trainer.configure_run(trainer_options, check_run_length(run_length))
+            trainer.configure_run(trainer_options, run_length_attributes(run_length))
         else:
             from nndiffseg.trainers.base import configure_run
-            configure_run(trainer, trainer_options, check_run_length(run_length), continuing)
+            configure_run(trainer, trainer_options, run_length_attributes(run_length), continuing)
         trainer.disable_checkpointing = disable_checkpointing
         _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
     except NnDiffSegError:

@@ -1,0 +1,110 @@
+"""The cross-validation summary that nnDiffSeg_find_best_configuration writes beside nnU-Net's
+inference_instructions.txt: the foreground Dice of every fold and their mean for each model it compared, the
+pooled cross-validation Dice nnU-Net selects by (ensembles too), as crossval_summary.md and .json, and a box
+plot of the per-case Dice per model (crossval_dice.png)."""
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+SUMMARY_NAME, PLOT_NAME = "crossval_summary", "crossval_dice.png"
+
+
+def case_dice(summary: dict) -> List[float]:
+    """Each case's Dice averaged over the foreground labels (or regions) it scores; NaN where every label is
+    absent from both reference and prediction (nnU-Net's convention)."""
+    scores = []
+    for case in summary["metric_per_case"]:
+        values = [m["Dice"] for m in case["metrics"].values() if m.get("Dice") is not None]
+        values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+        scores.append(float(np.mean(values)) if values else float("nan"))
+    return scores
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def collect(results_folder: Path, info: dict) -> Dict[str, dict]:
+    """Per model or ensemble identifier (nnU-Net's): fold Dice (models only), the pooled Dice and per-case Dice."""
+    folds = info["folds"]
+    fold_string = "_".join(map(str, folds))
+    rows = {}
+    for identifier, pooled in info["all_results"].items():
+        if identifier.startswith("ensemble___"):
+            source = results_folder / "ensembles" / identifier
+            per_fold = {}
+        else:
+            model = results_folder / identifier
+            source = model / f"crossval_results_folds_{fold_string}"
+            per_fold = {f: _load(model / f"fold_{f}" / "validation" / "summary.json")["foreground_mean"]["Dice"]
+                        for f in folds}
+        rows[identifier] = {"folds": per_fold, "cross_validation_dice": pooled,
+                            "mean_of_folds": float(np.mean(list(per_fold.values()))) if per_fold else None,
+                            "case_dice": case_dice(_load(source / "summary.json"))}
+    return rows
+
+
+def _short(identifier: str) -> str:
+    """nnUNetTrainer__nnDiffSegPlans__2d -> nnUNetTrainer (2d); ensembles: A + B."""
+    if identifier.startswith("ensemble___"):
+        return " +\n".join(_short(m) for m in identifier.split("___")[1:3])
+    trainer, _, configuration = identifier.split("__")
+    return f"{trainer} ({configuration})"
+
+
+def _markdown(rows: Dict[str, dict], folds: Sequence[int], best: str) -> str:
+    head = "| model | " + " | ".join(f"fold {f}" for f in folds) + " | mean of folds | cross-validation Dice |"
+    lines = [head, "|" + " --- |" * (len(folds) + 3)]
+    for identifier, row in rows.items():
+        cells = [f"{row['folds'][f]:.3f}" if f in row["folds"] else "" for f in folds]
+        mean = "" if row["mean_of_folds"] is None else f"{row['mean_of_folds']:.3f}"
+        name = _short(identifier).replace("\n", " ")
+        mark = " **(selected)**" if identifier == best else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + f" | {mean} | {row['cross_validation_dice']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Dict[str, dict], file: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(rows)
+    data = [[d for d in rows[n]["case_dice"] if not math.isnan(d)] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(names)), 5.0), dpi=150)
+    ax.boxplot(data, showmeans=True, showfliers=False, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "k"})
+    for i, values in enumerate(data, start=1):  # every case, jittered, so that few cases are not hidden in a box
+        ax.scatter(i + np.random.default_rng(i).uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.5,
+                   color="tab:blue", zorder=3)
+    ax.set_xticks(range(1, len(names) + 1), [_short(n) for n in names], fontsize=9)
+    ax.set_ylabel("Dice per case (mean over foreground labels)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = file.with_name(f".partial_{file.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, file)
+
+
+def write_crossval_summary(results_folder: Path, info: dict) -> List[Path]:
+    """crossval_summary.md/.json and crossval_dice.png in ``results_folder`` (nnUNet_results/DatasetXXX)."""
+    rows = collect(results_folder, info)
+    best = max(rows, key=lambda k: rows[k]["cross_validation_dice"])
+    folds = info["folds"]
+    markdown = _markdown(rows, folds, best)
+    files = [results_folder / f"{SUMMARY_NAME}.md", results_folder / f"{SUMMARY_NAME}.json", results_folder / PLOT_NAME]
+    for file, text in ((files[0], markdown), (files[1], json.dumps(rows, indent=2))):
+        tmp = file.with_name(f".partial_{file.name}")
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    plot(rows, files[2], f"{results_folder.name}: cross-validation, folds {', '.join(map(str, folds))} "
+                         f"(diamond: mean)")
+    print("\n***Cross-validation summary (foreground Dice)***\n")
+    print(markdown)
+    print(f"written to {files[0]}, {files[1].name} and {files[2].name}")
+    return files

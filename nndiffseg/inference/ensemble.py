@@ -1,0 +1,95 @@
+"""``nnDiffSeg_ensemble``: nnU-Net's ensembling of prediction folders (the mean of their class probabilities,
+``--save_probabilities`` of nnDiffSeg_predict or nnUNetv2_predict), for folders of different trainers.
+
+The averaging is nnunetv2's ``ensemble_folders``. It averages the ``probabilities`` of each ``CASE.npz``, which
+nnU-Net's export writes after its softmax: for a diffusion head that returns the log of its fused probabilities
+the softmax gives those probabilities back, so every trainer enters the mean on the same scale. What this adds:
+the folders are checked first (each error names the folder and case), plans.json is written beside the
+ensemble too (nnU-Net's writes only dataset.json, and postprocessing needs both), and nothing is written when
+a check fails."""
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Dict, Sequence
+
+from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.inference.predict import write_prediction_record
+
+
+def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:
+    """Case -> whether its .npz and .pkl (nnU-Net's properties) are there, for each label map in ``folder``."""
+    return {f.name[:-len(file_ending)]: (folder / (f.name[:-len(file_ending)] + ".npz")).is_file()
+            and (folder / (f.name[:-len(file_ending)] + ".pkl")).is_file()
+            for f in folder.iterdir() if f.name.endswith(file_ending) and not f.name.startswith(".")}
+
+
+def check_prediction_folders(folders: Sequence[Path]) -> tuple:
+    """(dataset.json, plans.json) of the first folder once every folder holds the same cases with probabilities
+    and the same labels."""
+    if len(folders) < 2:
+        raise NnDiffSegError(f"-i needs at least two prediction folders to ensemble, got {len(folders)}")
+    metadata = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise NnDiffSegError(f"prediction folder {folder} does not exist")
+        files = [folder / "dataset.json", folder / "plans.json"]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise NnDiffSegError(f"{folder} has no {' and no '.join(missing)}: predict it again with "
+                                 f"nnDiffSeg_predict or nnUNetv2_predict (both write them beside the predictions)")
+        metadata.append([json.loads(f.read_text()) for f in files])
+    dataset_json, plans = metadata[0]
+    ending = dataset_json["file_ending"]
+    reference = None
+    for folder, (other_json, _) in zip(folders, metadata):
+        if other_json.get("labels") != dataset_json.get("labels"):
+            raise NnDiffSegError(f"{folder} predicts the labels {other_json.get('labels')}, {folders[0]} "
+                                 f"{dataset_json.get('labels')}: only predictions of one dataset can be ensembled")
+        cases = _cases_with_probabilities(folder, ending)
+        if not cases:
+            raise NnDiffSegError(f"no predictions ({ending}) in {folder}")
+        without = sorted(c for c, ok in cases.items() if not ok)
+        if without:
+            raise NnDiffSegError(f"{folder} has no probabilities for case(s) {', '.join(without[:5])}: predict "
+                                 f"with --save_probabilities (they are what is averaged)")
+        if reference is None:
+            reference = set(cases)
+        elif set(cases) != reference:
+            differ = sorted(set(cases) ^ reference)
+            raise NnDiffSegError(f"{folder} and {folders[0]} hold different cases (e.g. {', '.join(differ[:5])})")
+    return dataset_json, plans
+
+
+def ensemble(input_folders: Sequence[str], output_folder: str, save_probabilities: bool = False,
+             num_processes: int = 2) -> None:
+    folders = [Path(f) for f in input_folders]
+    out = Path(output_folder)
+    if num_processes < 1:
+        raise NnDiffSegError(f"-np must be at least 1, got {num_processes}")
+    if out.exists() and not out.is_dir():
+        raise NnDiffSegError(f"-o {out} is a file, not a folder")
+    if any(out.resolve() == f.resolve() for f in folders if f.exists()):
+        raise NnDiffSegError("the output folder must differ from the input folders")
+    dataset_json, plans = check_prediction_folders(folders)
+    from nnunetv2.ensembling.ensemble import ensemble_folders
+    print(f"Ensembling {len(folders)} folders ({', '.join(map(str, folders))}) into {out}")
+    ensemble_folders([str(f) for f in folders], str(out), save_probabilities, num_processes, dataset_json, plans)
+    write_prediction_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
+                                                       "save_probabilities": save_probabilities})
+    print(f"Ensemble written to {out}")
+
+
+def ensemble_entry() -> None:
+    parser = argparse.ArgumentParser(description="Ensemble prediction folders (of any trainers of one dataset) by "
+                                                 "averaging their class probabilities, as nnUNetv2_ensemble does")
+    parser.add_argument("-i", nargs="+", required=True, help="prediction folders written with --save_probabilities")
+    parser.add_argument("-o", required=True, help="output folder")
+    parser.add_argument("-np", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    parser.add_argument("--save_npz", action="store_true", help="also write the averaged probabilities")
+    args = parser.parse_args()
+    run_cli(lambda: ensemble(args.i, args.o, args.save_npz, args.np))
+
+
+if __name__ == "__main__":
+    ensemble_entry()

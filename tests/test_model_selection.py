@@ -1,0 +1,167 @@
+"""nnU-Net's model-selection workflow with a diffusion trainer (issue 15): 5 folds of nnUNetTrainer and
+nnDiffSegTrainerGuided (1 epoch x 2 iterations each, --npz), stock nnUNetv2_find_best_configuration and ours,
+prediction folders of both trainers ensembled by nnUNetv2_ensemble and nnDiffSeg_ensemble, and postprocessing.
+
+The folds train in one process (tests/cli.py run_batch, one import for all ten); what the short runs learn
+does not matter here, only that every file nnU-Net's tools read is there and what they write is right."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
+from toy_data import write_toy_dataset
+
+DATASET_ID = 71
+TRAINERS = ("nnUNetTrainer", "nnDiffSegTrainerGuided")
+RUN = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2, "--npz"]
+PLANS = "nnDiffSegPlans"
+RECORD = ["dataset.json", "nndiffseg_predict_args.json", "plans.json"]
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_selection")
+    env = nnunet_folders(root)
+    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2)
+    commands = [("nnDiffSeg_plan_and_preprocess", ["-d", DATASET_ID, *PLAN_QUICKLY])]
+    for trainer in TRAINERS:
+        extra = ["--clip_model", "random"] if trainer != "nnUNetTrainer" else []
+        commands += [("nnDiffSeg_train", [DATASET_ID, "2d", f, "-tr", trainer, *RUN, *extra]) for f in range(5)]
+    ran = run_batch(root, "folds", commands, env)
+    for (tool, args), result in zip(commands, ran):
+        assert result.returncode == 0, (tool, args, result.stderr[-3000:])
+    results = root / "nnUNet_results" / raw.name
+    return {"root": root, "env": env, "raw": raw, "results": results}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_fold_validates_as_nnunet_expects(folds, trainer):
+    model = folds["results"] / f"{trainer}__{PLANS}__2d"
+    assert (model / "plans.json").is_file() and (model / "dataset.json").is_file()
+    for f in range(5):
+        validation = model / f"fold_{f}" / "validation"
+        summary = json.loads((validation / "summary.json").read_text())
+        assert "Dice" in summary["foreground_mean"]
+        cases = sorted(p.name[:-4] for p in validation.glob("*.png"))
+        assert len(cases) == 2  # 10 cases, 5 folds
+        for case in cases:
+            probabilities = np.load(validation / f"{case}.npz")["probabilities"]
+            assert probabilities.shape[0] == 2  # background + 1
+            np.testing.assert_allclose(probabilities.sum(0), 1, atol=1e-3)  # probabilities, not logits
+            assert (validation / f"{case}.pkl").is_file()
+
+
+@pytest.fixture(scope="module")
+def selection(folds):
+    """Stock find_best_configuration (nnUNet_extTrainer set as the README says), then ours."""
+    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
+    args = [DATASET_ID, "-c", "2d", "-p", PLANS, "-tr", *TRAINERS, "-np", 1]
+    stock = run_tool("nnUNetv2_find_best_configuration", *args, env={**folds["env"], "nnUNet_extTrainer": EXT_TRAINER_DIR})
+    stock_instructions = (folds["results"] / "inference_instructions.txt").read_text()
+    ours = run_tool("nnDiffSeg_find_best_configuration", *args, env=folds["env"])
+    return {"stock": stock, "stock_instructions": stock_instructions, "ours": ours,
+            "instructions": (folds["results"] / "inference_instructions.txt").read_text(),
+            "information": json.loads((folds["results"] / "inference_information.json").read_text())}
+
+
+def test_find_best_configuration_compares_both_trainers_and_their_ensemble(folds, selection):
+    results = selection["information"]["all_results"]
+    ensemble = f"ensemble___nnUNetTrainer__{PLANS}__2d___nnDiffSegTrainerGuided__{PLANS}__2d___0_1_2_3_4"
+    assert set(results) == {f"{t}__{PLANS}__2d" for t in TRAINERS} | {ensemble}
+    assert all(0 <= v <= 1 for v in results.values())
+    assert "nnUNetv2_predict" in selection["stock_instructions"]
+    assert "***Run inference like this:***" in selection["ours"].stdout
+
+
+def test_our_instructions_name_our_tools(folds, selection):
+    text = selection["instructions"]
+    assert "nnDiffSeg_predict -d" in text and "nnDiffSeg_apply_postprocessing -i" in text
+    assert "nnUNetv2_" not in text
+    if "An ensemble won" in text:
+        assert "nnDiffSeg_ensemble -i" in text
+
+
+def test_crossval_summary_table_and_box_plot(folds, selection):
+    table = (folds["results"] / "crossval_summary.md").read_text()
+    rows = json.loads((folds["results"] / "crossval_summary.json").read_text())
+    for trainer in TRAINERS:
+        row = rows[f"{trainer}__{PLANS}__2d"]
+        fold_dice = [json.loads((folds["results"] / f"{trainer}__{PLANS}__2d" / f"fold_{f}" / "validation" /
+                                 "summary.json").read_text())["foreground_mean"]["Dice"] for f in range(5)]
+        assert [row["folds"][str(f)] for f in range(5)] == fold_dice
+        assert row["mean_of_folds"] == pytest.approx(np.mean(fold_dice))
+        assert len(row["case_dice"]) == 10
+        assert f"| {trainer} (2d)" in table
+    assert table.count("(selected)") == 1
+    picture = Image.open(folds["results"] / "crossval_dice.png")
+    assert picture.size[0] >= 900 and picture.size[1] >= 700  # readable
+
+
+@pytest.fixture(scope="module")
+def predictions(folds):
+    """Both trainers' 5-fold predictions of the test cases with probabilities; the two ensembling tools over them;
+    nnU-Net's postprocessing from a rules file written here (keep the largest component of label 1)."""
+    root = folds["root"]
+    commands = [("nnDiffSeg_predict", ["-i", folds["raw"] / "imagesTs", "-o", root / t, "-d", DATASET_ID, "-c", "2d",
+                                       "-tr", t, "-device", "cpu", "--save_probabilities", "-nps", 0])
+                for t in TRAINERS]
+    commands.append(("nnDiffSeg_ensemble", ["-i", root / TRAINERS[0], root / TRAINERS[1], "-o", root / "ours",
+                                            "-np", 1]))
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+    with open(root / "pp.pkl", "wb") as f:
+        pickle.dump(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [1]}]), f)
+    commands.append(("nnDiffSeg_apply_postprocessing", ["-i", root / "ours", "-o", root / "ours_pp", "-pp_pkl_file",
+                                                        root / "pp.pkl", "-np", 1]))
+    commands.append(("nnDiffSeg_ensemble", ["-i", root / TRAINERS[0], "-o", root / "never", "-np", 1]))
+    commands.append(("nnDiffSeg_apply_postprocessing", ["-i", root / "ours", "-o", root / "ours", "-pp_pkl_file",
+                                                        root / "pp.pkl"]))
+    ran = dict(zip(["predict_a", "predict_b", "ensemble", "postprocess", "one_folder", "in_place"],
+                   run_batch(root, "predictions", commands, folds["env"])))
+    for name in ("predict_a", "predict_b", "ensemble", "postprocess"):
+        assert ran[name].returncode == 0, (name, ran[name].stderr[-3000:])
+    run_tool("nnUNetv2_ensemble", "-i", root / TRAINERS[0], root / TRAINERS[1], "-o", root / "stock", "-np", 1)
+    run_tool("nnUNetv2_apply_postprocessing", "-i", root / "stock", "-o", root / "stock_pp", "-pp_pkl_file",
+             root / "pp.pkl", "-np", 1, "-plans_json", root / TRAINERS[0] / "plans.json")
+    return {"root": root, "ran": ran, "cases": sorted(p.name for p in (folds["raw"] / "labelsTs").glob("*.png"))}
+
+
+def test_prediction_folders_are_what_nnunet_ensembles(predictions):
+    for trainer in TRAINERS:
+        folder = predictions["root"] / trainer
+        names = sorted(p.name for p in folder.iterdir())
+        expected = [f"{c[:-4]}{e}" for c in predictions["cases"] for e in (".npz", ".pkl", ".png")]
+        assert names == sorted(expected + RECORD)
+
+
+def test_ensembles_are_the_argmax_of_the_mean_probabilities(predictions):
+    root = predictions["root"]
+    for case in predictions["cases"]:
+        a, b = (np.load(root / t / case.replace(".png", ".npz"))["probabilities"].astype(np.float32) for t in TRAINERS)
+        expected = ((a + b) / 2).argmax(0)[0]  # (classes, 1, H, W)
+        for folder in ("ours", "stock"):
+            np.testing.assert_array_equal(np.array(Image.open(root / folder / case)), expected)
+    assert sorted(p.name for p in (root / "ours").iterdir()) == sorted(predictions["cases"] + RECORD)
+
+
+def test_postprocessing_keeps_the_largest_component(predictions):
+    """Label 1 keeps one component, at least as large as the largest of the input's, and loses nothing else;
+    ours and nnU-Net's tool give the same maps."""
+    root = predictions["root"]
+    for case in predictions["cases"]:
+        before, after = (np.array(Image.open(root / folder / case)) for folder in ("ours", "ours_pp"))
+        np.testing.assert_array_equal(after, np.array(Image.open(root / "stock_pp" / case)))
+        np.testing.assert_array_equal(after[before != 1], before[before != 1])
+        assert set(np.unique(after[before == 1])) <= {0, 1}
+        if (before == 1).any():
+            largest = np.bincount(ndimage.label(before == 1)[0].ravel())[1:].max()
+            assert ndimage.label(after == 1, np.ones((3, 3)))[1] == 1 and (after == 1).sum() >= largest
+
+
+def test_ensembling_and_postprocessing_refuse_bad_input(predictions):
+    assert_refused(predictions["ran"]["one_folder"], ["at least two prediction folders"])
+    assert not (predictions["root"] / "never").exists()
+    assert_refused(predictions["ran"]["in_place"], ["must differ from the input folder"])
