@@ -498,7 +498,8 @@ def test_plan_train_predict_evaluate(tmp_path):
     predictions = tmp_path / "predictions"
     run_tool("nnDiffSeg_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", 41, "-c", "2d",
              "-tr", "nnUNetTrainer", "-f", 0, "-device", "cpu", "-nps", 0, "--disable_tta", env=env)
-    assert case_ids(predictions, ".png") == case_ids(raw / "labelsTs", ".png")
+    assert sorted(p.name[:-4] for p in predictions.glob("*.png")) == case_ids(raw / "labelsTs", ".png")
+    assert (predictions / "dataset.json").is_file() and (predictions / "plans.json").is_file()
     run_tool("nnDiffSeg_evaluate", "-ref", raw / "labelsTs", "-pred", predictions, "-np", 1, env=env)
     summary = json.loads((predictions / "summary.json").read_text())
     assert sorted(summary["per_class"]) == ["1", "2"]
