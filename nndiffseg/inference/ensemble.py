@@ -19,9 +19,9 @@ from nndiffseg.inference.predict import write_prediction_record
 
 def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:
     """Case -> whether its .npz and .pkl (nnU-Net's properties) are there, for each label map in ``folder``."""
-    return {f.name[:-len(file_ending)]: (folder / (f.name[:-len(file_ending)] + ".npz")).is_file()
-            and (folder / (f.name[:-len(file_ending)] + ".pkl")).is_file()
-            for f in folder.iterdir() if f.name.endswith(file_ending) and not f.name.startswith(".")}
+    cases = [f.name[:-len(file_ending)] for f in folder.iterdir()
+             if f.name.endswith(file_ending) and not f.name.startswith(".")]
+    return {c: (folder / f"{c}.npz").is_file() and (folder / f"{c}.pkl").is_file() for c in cases}
 
 
 def check_prediction_folders(folders: Sequence[Path]) -> tuple:
