@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -42,12 +43,22 @@ def run_tool(name: str, *args, env: dict | None = None, check: bool = True, time
     their console script beside this interpreter."""
     cmd = [sys.executable, "-m", MODULES[name]] if name in MODULES else [str(BIN / name)]
     full_env = {**os.environ, **(env or {})}
+    start = time.perf_counter()
     result = subprocess.run(cmd + [str(a) for a in args], env=full_env, capture_output=True, text=True,
                             timeout=timeout)
+    _log_wall_time(name, args, time.perf_counter() - start)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} {' '.join(map(str, args))} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-5000:]}")
     return result
+
+
+def _log_wall_time(name: str, args, seconds: float) -> None:
+    """With NNDIFFSEG_TEST_TOOL_LOG=FILE, one line per tool process the tests start (to find where suite time goes)."""
+    if log := os.environ.get("NNDIFFSEG_TEST_TOOL_LOG"):
+        with open(log, "a") as f:
+            f.write(f"{seconds:7.1f} s  {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}  {name} "
+                    f"{' '.join(map(str, args))[:160]}\n")
 
 
 def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> None:
@@ -64,7 +75,9 @@ def run_batch(root: Path, name: str, commands: list[tuple[str, list]], env: dict
     """The commands run one after the other in one process (tests/cli_batch.py): one start-up of torch and
     nnU-Net for all of them (for refusals; a command that does real work belongs in its own process)."""
     (root / f"{name}.json").write_text(json.dumps([{"tool": t, "args": list(map(str, a))} for t, a in commands]))
+    start = time.perf_counter()
     subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(root / f"{name}.json"),
                     str(root / f"{name}_results.json")], env={**os.environ, **env}, check=True, timeout=600)
+    _log_wall_time(f"batch {name}", [t for t, _ in commands], time.perf_counter() - start)
     return [subprocess.CompletedProcess([], r["returncode"], r["stdout"], r["stderr"])
             for r in json.loads((root / f"{name}_results.json").read_text())]

@@ -1,8 +1,9 @@
-"""nnU-Net's model-selection workflow with a diffusion trainer (issue 15): 5 folds of nnUNetTrainer and
-nnDiffSegTrainerGuided (1 epoch x 2 iterations each, --npz), stock nnUNetv2_find_best_configuration and ours,
-prediction folders of both trainers ensembled by nnUNetv2_ensemble and nnDiffSeg_ensemble, and postprocessing.
+"""nnU-Net's model-selection workflow with the diffusion trainers (issue 15): 5 folds of nnUNetTrainer,
+nnDiffSegTrainerGuided and nnDiffSegTrainerLatent (1 epoch x 2 iterations each, --npz; the latent one with its
+mask autoencoder stage), stock nnUNetv2_find_best_configuration and ours over all three, prediction folders of
+nnUNetTrainer and the guided trainer ensembled by nnUNetv2_ensemble and nnDiffSeg_ensemble, and postprocessing.
 
-The folds train in one process (tests/cli.py run_batch, one import for all ten); what the short runs learn
+The folds train in one process (tests/cli.py run_batch, one import for all fifteen); what the short runs learn
 does not matter here, only that every file nnU-Net's tools read is there and what they write is right."""
 import json
 import pickle
@@ -16,7 +17,8 @@ from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_too
 from toy_data import write_toy_dataset
 
 DATASET_ID = 71
-TRAINERS = ("nnUNetTrainer", "nnDiffSegTrainerGuided")
+TRAINERS = ("nnUNetTrainer", "nnDiffSegTrainerGuided")  # predicted, ensembled and postprocessed
+SELECTED_FROM = (*TRAINERS, "nnDiffSegTrainerLatent")  # cross-validated and compared (its mask autoencoder stage too)
 RUN = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2, "--npz"]
 PLANS = "nnDiffSegPlans"
 RECORD = ["dataset.json", "nndiffseg_predict_args.json", "plans.json"]
@@ -28,8 +30,8 @@ def folds(tmp_path_factory):
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2)
     commands = [("nnDiffSeg_plan_and_preprocess", ["-d", DATASET_ID, *PLAN_QUICKLY])]
-    for trainer in TRAINERS:
-        extra = ["--clip_model", "random"] if trainer != "nnUNetTrainer" else []
+    for trainer in SELECTED_FROM:
+        extra = ["--clip_model", "random"] if trainer == "nnDiffSegTrainerGuided" else []
         commands += [("nnDiffSeg_train", [DATASET_ID, "2d", f, "-tr", trainer, *RUN, *extra]) for f in range(5)]
     ran = run_batch(root, "folds", commands, env)
     for (tool, args), result in zip(commands, ran):
@@ -38,7 +40,7 @@ def folds(tmp_path_factory):
     return {"root": root, "env": env, "raw": raw, "results": results}
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("trainer", SELECTED_FROM)
 def test_every_fold_validates_as_nnunet_expects(folds, trainer):
     model = folds["results"] / f"{trainer}__{PLANS}__2d"
     assert (model / "plans.json").is_file() and (model / "dataset.json").is_file()
@@ -59,7 +61,7 @@ def test_every_fold_validates_as_nnunet_expects(folds, trainer):
 def selection(folds):
     """Stock find_best_configuration (nnUNet_extTrainer set as the README says), then ours."""
     from nndiffseg.ext_trainer import EXT_TRAINER_DIR
-    args = [DATASET_ID, "-c", "2d", "-p", PLANS, "-tr", *TRAINERS, "-np", 1]
+    args = [DATASET_ID, "-c", "2d", "-p", PLANS, "-tr", *SELECTED_FROM, "-np", 1]
     stock = run_tool("nnUNetv2_find_best_configuration", *args, env={**folds["env"], "nnUNet_extTrainer": EXT_TRAINER_DIR})
     stock_instructions = (folds["results"] / "inference_instructions.txt").read_text()
     ours = run_tool("nnDiffSeg_find_best_configuration", *args, env=folds["env"])
@@ -68,10 +70,12 @@ def selection(folds):
             "information": json.loads((folds["results"] / "inference_information.json").read_text())}
 
 
-def test_find_best_configuration_compares_both_trainers_and_their_ensemble(folds, selection):
+def test_find_best_configuration_compares_every_trainer_and_every_pair(folds, selection):
     results = selection["information"]["all_results"]
     ensemble = f"ensemble___nnUNetTrainer__{PLANS}__2d___nnDiffSegTrainerGuided__{PLANS}__2d___0_1_2_3_4"
-    assert set(results) == {f"{t}__{PLANS}__2d" for t in TRAINERS} | {ensemble}
+    models = [f"{t}__{PLANS}__2d" for t in SELECTED_FROM]
+    ensembles = {f"ensemble___{a}___{b}___0_1_2_3_4" for i, a in enumerate(models) for b in models[i + 1:]}
+    assert ensemble in ensembles and set(results) == set(models) | ensembles
     assert all(0 <= v <= 1 for v in results.values())
     assert "nnUNetv2_predict" in selection["stock_instructions"]
     assert "***Run inference like this:***" in selection["ours"].stdout
@@ -88,7 +92,7 @@ def test_our_instructions_name_our_tools(folds, selection):
 def test_crossval_summary_table_and_box_plot(folds, selection):
     table = (folds["results"] / "crossval_summary.md").read_text()
     rows = json.loads((folds["results"] / "crossval_summary.json").read_text())
-    for trainer in TRAINERS:
+    for trainer in SELECTED_FROM:
         row = rows[f"{trainer}__{PLANS}__2d"]
         fold_dice = [json.loads((folds["results"] / f"{trainer}__{PLANS}__2d" / f"fold_{f}" / "validation" /
                                  "summary.json").read_text())["foreground_mean"]["Dice"] for f in range(5)]
@@ -97,17 +101,42 @@ def test_crossval_summary_table_and_box_plot(folds, selection):
         assert len(row["case_dice"]) == 10
         assert f"| {trainer} (2d)" in table
     assert table.count("(selected)") == 1
+    assert "| ECE | Brier | pixel AUROC | case Spearman | AURC |" in table
+
+
+@pytest.mark.parametrize("trainer", SELECTED_FROM)
+def test_crossval_summary_scores_the_pooled_validation_probabilities(folds, selection, trainer):
+    """The Brier score of label 1 over all 10 validation cases of the 5 folds, computed here from their .npz and
+    nnU-Net's gt_segmentations, is the one in the summary."""
+    model = folds["results"] / f"{trainer}__{PLANS}__2d"
+    gt = folds["root"] / "nnUNet_preprocessed" / folds["raw"].name / "gt_segmentations"
+    squared, pixels = 0.0, 0
+    for f in range(5):
+        for npz in (model / f"fold_{f}" / "validation").glob("*.npz"):
+            p = np.load(npz)["probabilities"][1, 0].astype(np.float64)
+            reference = np.array(Image.open(gt / npz.name.replace(".npz", ".png"))) == 1
+            squared, pixels = squared + ((p - reference) ** 2).sum(), pixels + p.size
+    summary = json.loads((model / "crossval_results_folds_0_1_2_3_4" / "uncertainty_summary.json").read_text())
+    assert summary["num_cases"] == 10
+    assert summary["calibration"]["per_class"]["1"]["brier"] == pytest.approx(squared / pixels, rel=1e-4)
+    row = json.loads((folds["results"] / "crossval_summary.json").read_text())[f"{trainer}__{PLANS}__2d"]
+    assert row["softmax_entropy"]["calibration"]["brier"] == pytest.approx(squared / pixels, rel=1e-4)
+    assert 0 <= row["softmax_entropy"]["failure_detection"]["pixel_auroc"] <= 1
+    for picture in ("calibration.png", "risk_coverage.png"):
+        assert (model / "crossval_results_folds_0_1_2_3_4" / "summary_figures" / picture).is_file()
     picture = Image.open(folds["results"] / "crossval_dice.png")
     assert picture.size[0] >= 900 and picture.size[1] >= 700  # readable
 
 
 @pytest.fixture(scope="module")
 def predictions(folds):
-    """Both trainers' 5-fold predictions of the test cases with probabilities; the two ensembling tools over them;
-    nnU-Net's postprocessing from a rules file written here (keep the largest component of label 1)."""
+    """Both trainers' 5-fold predictions of the test cases with probabilities (and the guided one's uncertainty
+    maps); the two ensembling tools over them; nnU-Net's postprocessing from a rules file written here (keep the
+    largest component of label 1)."""
     root = folds["root"]
     commands = [("nnDiffSeg_predict", ["-i", folds["raw"] / "imagesTs", "-o", root / t, "-d", DATASET_ID, "-c", "2d",
-                                       "-tr", t, "-device", "cpu", "--save_probabilities", "-nps", 0])
+                                       "-tr", t, "-device", "cpu", "--save_probabilities", "-nps", 0,
+                                       *(["--save_uncertainty"] if t != "nnUNetTrainer" else [])])
                 for t in TRAINERS]
     commands.append(("nnDiffSeg_ensemble", ["-i", root / TRAINERS[0], root / TRAINERS[1], "-o", root / "ours",
                                             "-np", 1]))
@@ -134,7 +163,7 @@ def test_prediction_folders_are_what_nnunet_ensembles(predictions):
         folder = predictions["root"] / trainer
         names = sorted(p.name for p in folder.iterdir())
         expected = [f"{c[:-4]}{e}" for c in predictions["cases"] for e in (".npz", ".pkl", ".png")]
-        assert names == sorted(expected + RECORD)
+        assert names == sorted(expected + RECORD + (["uncertainty"] if trainer != "nnUNetTrainer" else []))
 
 
 def test_ensembles_are_the_argmax_of_the_mean_probabilities(predictions):
@@ -144,7 +173,37 @@ def test_ensembles_are_the_argmax_of_the_mean_probabilities(predictions):
         expected = ((a + b) / 2).argmax(0)[0]  # (classes, 1, H, W)
         for folder in ("ours", "stock"):
             np.testing.assert_array_equal(np.array(Image.open(root / folder / case)), expected)
-    assert sorted(p.name for p in (root / "ours").iterdir()) == sorted(predictions["cases"] + RECORD)
+    assert sorted(p.name for p in (root / "ours").iterdir()) == sorted(predictions["cases"] + RECORD + ["uncertainty"])
+    assert sorted(p.name for p in (root / "stock").iterdir()) == sorted(predictions["cases"] + ["dataset.json"])
+
+
+def test_ensemble_pools_the_uncertainty_of_its_members(predictions):
+    """Two classes: nnU-Net's member has no sample spread, the guided one u (the 5 folds pooled); the ensemble's
+    spread treats both members' samples as one set: sqrt(u^2 / 2 + ((p_a - p_b) / 2)^2) for the foreground
+    probabilities p of the two members."""
+    root = predictions["root"]
+    for case in predictions["cases"]:
+        name = case.replace(".png", ".npz")
+        a, b = (np.load(root / t / name)["probabilities"][1].astype(np.float64) for t in TRAINERS)
+        u = np.load(root / TRAINERS[1] / "uncertainty" / name)["uncertainty"].astype(np.float64)
+        assert u.shape == a.shape and u.max() > 0
+        pooled = np.load(root / "ours" / "uncertainty" / name)["uncertainty"]
+        np.testing.assert_allclose(pooled, np.sqrt(u ** 2 / 2 + ((a - b) / 2) ** 2), atol=2e-3)
+        assert (root / "ours" / "uncertainty" / case).is_file()  # the picture, with the image found via the record
+        assert Image.open(root / "ours" / "uncertainty" / case).size[0] >= 800
+
+
+def test_ensemble_names_a_corrupt_probability_file_before_writing(predictions, tmp_path):
+    from nndiffseg.errors import NnDiffSegError
+    from nndiffseg.inference.ensemble import ensemble
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(predictions["root"] / TRAINERS[0], broken)
+    npz = broken / predictions["cases"][0].replace(".png", ".npz")
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(NnDiffSegError, match=f"could not read {npz}"):
+        ensemble([str(predictions["root"] / TRAINERS[1]), str(broken)], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_postprocessing_keeps_the_largest_component(predictions):

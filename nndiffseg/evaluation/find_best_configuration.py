@@ -97,7 +97,8 @@ def find_best_configuration(dataset_name_or_id, trainers: List[str], configurati
                                               strict=True)
     finally:
         nnunet.print_inference_instructions = original
-    write_crossval_summary(Path(os.environ["nnUNet_results"]) / dataset_name, info)
+    write_crossval_summary(Path(os.environ["nnUNet_results"]) / dataset_name, info,
+                           Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "gt_segmentations", num_processes)
     return info
 
 

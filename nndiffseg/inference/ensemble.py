@@ -6,14 +6,22 @@ nnU-Net's export writes after its softmax: for a diffusion head that returns the
 the softmax gives those probabilities back, so every trainer enters the mean on the same scale. What this adds:
 the folders are checked first (each error names the folder and case), plans.json is written beside the
 ensemble too (nnU-Net's writes only dataset.json, and postprocessing needs both), and nothing is written when
-a check fails."""
+a check fails. When any folder holds uncertainty maps (``nnDiffSeg_predict --save_uncertainty``), the ensemble
+gets ``uncertainty/CASE.npz`` too: the members' sample spreads pooled with the spread across members
+(``nndiffseg.inference.pooled_spread``; a member without maps, such as nnU-Net's, counts as one that does not
+sample)."""
 import argparse
 import json
 import os
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.inference.pooled_spread import PooledSpread
 from nndiffseg.inference.predict import write_prediction_record
 
 
@@ -24,9 +32,23 @@ def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]
     return {c: (folder / f"{c}.npz").is_file() and (folder / f"{c}.pkl").is_file() for c in cases}
 
 
+UNCERTAINTY_FOLDER = "uncertainty"  # nndiffseg.inference.uncertainty's (not imported: it loads the predictor)
+
+
+def _check_npz(file: Path, key: str) -> None:
+    """Opening reads the archive's directory only: a truncated or corrupt file, or one without ``key``, is named."""
+    try:
+        with np.load(file) as data:
+            keys = data.files
+    except Exception as e:
+        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
+    if key not in keys:
+        raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(keys)})")
+
+
 def check_prediction_folders(folders: Sequence[Path]) -> tuple:
-    """(dataset.json, plans.json) of the first folder once every folder holds the same cases with probabilities
-    and the same labels."""
+    """(dataset.json, plans.json) of the first folder once every folder holds the same cases with readable
+    probabilities and the same labels, and every uncertainty/ folder a map for each case."""
     if len(folders) < 2:
         raise NnDiffSegError(f"-i needs at least two prediction folders to ensemble, got {len(folders)}")
     metadata = []
@@ -58,7 +80,59 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         elif set(cases) != reference:
             differ = sorted(set(cases) ^ reference)
             raise NnDiffSegError(f"{folder} and {folders[0]} hold different cases (e.g. {', '.join(differ[:5])})")
+        for case in sorted(cases):
+            _check_npz(folder / f"{case}.npz", "probabilities")
+        if (folder / UNCERTAINTY_FOLDER).is_dir():
+            maps = folder / UNCERTAINTY_FOLDER
+            without = sorted(c for c in cases if not (maps / f"{c}.npz").is_file())
+            if without:
+                raise NnDiffSegError(f"{maps} has no uncertainty map for case(s) {', '.join(without[:5])}: predict "
+                                     f"them again with --save_uncertainty, or remove the folder")
+            for case in sorted(cases):
+                _check_npz(maps / f"{case}.npz", "uncertainty")
     return dataset_json, plans
+
+
+def _load(file: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(file) as data:
+            return data[key]
+    except Exception as e:
+        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
+
+
+def _image_file(folder: Path, case: str) -> str | None:
+    """The case's first image, where nnDiffSeg_predict's record names its input folder (for the picture)."""
+    record = folder / "nndiffseg_predict_args.json"
+    if not record.is_file():
+        return None
+    input_folder = json.loads(record.read_text()).get("input_folder")
+    return str(Path(input_folder) / f"{case}_0000.png") if input_folder else None
+
+
+def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: str) -> List[str]:
+    """``out/uncertainty/CASE.npz`` (and a picture for 2D PNG images) for every case of the ensemble."""
+    from nndiffseg.inference.uncertainty import save_uncertainty_map
+    with_maps = [f for f in folders if (f / UNCERTAINTY_FOLDER).is_dir()]
+    cases = sorted(_cases_with_probabilities(folders[0], file_ending))
+    for case in tqdm(cases, desc="Pooling uncertainty", unit="case"):
+        pooled = PooledSpread()
+        for folder in folders:
+            probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
+            spread = torch.from_numpy(_load(folder / UNCERTAINTY_FOLDER / f"{case}.npz", "uncertainty")) \
+                if folder in with_maps else None
+            if spread is not None and spread.numel() != probabilities[0].numel():
+                raise NnDiffSegError(f"{folder / UNCERTAINTY_FOLDER / f'{case}.npz'} has shape {tuple(spread.shape)}, "
+                                     f"its probabilities {tuple(probabilities.shape[1:])}")
+            try:
+                pooled.add(probabilities, spread)
+            except ValueError:
+                raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape "
+                                     f"{tuple(probabilities.shape)}, unlike those of {folders[0]}") from None
+        image = next(filter(None, (_image_file(f, case) for f in folders)), None)
+        save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}",
+                             f"ensemble of {len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
+    return cases
 
 
 def ensemble(input_folders: Sequence[str], output_folder: str, save_probabilities: bool = False,
@@ -75,6 +149,8 @@ def ensemble(input_folders: Sequence[str], output_folder: str, save_probabilitie
     from nnunetv2.ensembling.ensemble import ensemble_folders
     print(f"Ensembling {len(folders)} folders ({', '.join(map(str, folders))}) into {out}")
     ensemble_folders([str(f) for f in folders], str(out), save_probabilities, num_processes, dataset_json, plans)
+    if any((f / UNCERTAINTY_FOLDER).is_dir() for f in folders):
+        write_pooled_uncertainty(folders, out, dataset_json["file_ending"])
     write_prediction_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
                                                        "save_probabilities": save_probabilities})
     print(f"Ensemble written to {out}")

@@ -210,9 +210,10 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
-    record = {"model_folder": str(model_folder), "trainer": trainer, "plans": plans, "configuration": configuration,
-              "folds": folds, "checkpoint_name": checkpoint_name, "use_tta": use_tta, "tile_step_size": tile_step_size,
-              "inference_options": options, "save_probabilities": save_probabilities}
+    record = {"input_folder": str(Path(input_folder).resolve()), "model_folder": str(model_folder), "trainer": trainer,
+              "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
+              "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
+              "save_probabilities": save_probabilities}
     write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     reader = predictor.plans_manager.image_reader_writer_class()
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)

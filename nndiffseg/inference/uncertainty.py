@@ -1,7 +1,7 @@
 """Uncertainty maps of the sampling heads (the guided trainers): class scores and the samples' spread from one
 call per tile (``DiffusionHead.predict_with_uncertainty``), stitched over nnU-Net's sliding window (its tile
-steps and Gaussian weighting, from nnunetv2's public helpers), averaged over mirrorings and folds, and
-written in the image's own geometry."""
+steps and Gaussian weighting, from nnunetv2's public helpers), averaged over mirrorings, pooled over folds
+(``nndiffseg.inference.pooled_spread``), and written in the image's own geometry."""
 import itertools
 import os
 from pathlib import Path
@@ -17,6 +17,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compu
 from nnunetv2.utilities.helpers import dummy_context
 from PIL import Image
 
+from nndiffseg.inference.pooled_spread import PooledSpread
 from nndiffseg.visualization.overlay import save_overlay
 
 UNCERTAINTY_FOLDER = "uncertainty"
@@ -86,11 +87,13 @@ class UncertaintyPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def predict_logits_and_uncertainty(self, data: torch.Tensor, keep_samples: bool = False):
         """(scores (C, *spatial), uncertainty (*spatial), samples (folds x K, C, *spatial) or None) of a
-        preprocessed image in preprocessed space; scores and uncertainty are the mean over the folds' models (the
-        spread across folds is not added: it is not the samples' spread), the samples those of every fold."""
+        preprocessed image in preprocessed space: the scores are the mean over the folds' models, as nnU-Net
+        averages its folds' logits; the uncertainty pools the samples of every fold (``PooledSpread``: the
+        spread across folds adds to the spread within each), and the samples are those of every fold."""
         self.network = self.network.to(self.device).eval()
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
-        scores = uncertainty = None
+        scores = None
+        pooled = PooledSpread()
         samples = []
         for params in self.list_of_parameters:
             getattr(self.network, "_orig_mod", self.network).load_state_dict(params)
@@ -99,11 +102,11 @@ class UncertaintyPredictor(nnUNetPredictor):
                     self.network, data, self.configuration_manager.patch_size, self.tile_step_size, mirror_axes,
                     self.use_gaussian, self.device, keep_samples)
             scores = fold_scores if scores is None else scores + fold_scores
-            uncertainty = fold_uncertainty if uncertainty is None else uncertainty + fold_uncertainty
+            pooled.add(fold_scores.softmax(0), fold_uncertainty)
             if keep_samples:
                 samples.append(fold_samples)
         n = len(self.list_of_parameters)
-        return scores / n, (uncertainty / n).numpy(), torch.cat(samples) if keep_samples else None
+        return scores / n, pooled.spread().numpy(), torch.cat(samples) if keep_samples else None
 
 
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,
@@ -119,17 +122,25 @@ def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_
     full = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=np.float32),
                                   np.asarray(resampled, dtype=np.float32), properties["bbox_used_for_cropping"])
     full = full.transpose(plans_manager.transpose_backward)
+    label_file = output_folder / f"{case}.png"
+    save_uncertainty_map(full, output_folder, case, image_files[0], label_file,
+                         "prediction and uncertainty (spread of the samples; 0: all agree)")
+
+
+def save_uncertainty_map(full: np.ndarray, output_folder: Path, case: str, image_file: Optional[str],
+                         label_file: Path, what: str) -> None:
+    """``uncertainty/CASE.npz`` (float32 ``uncertainty``, the image's geometry) and, for a 2D PNG image, a
+    picture beside it: the image with the predicted contours and the map as a heat panel."""
     folder = output_folder / UNCERTAINTY_FOLDER
     folder.mkdir(exist_ok=True)
     tmp = folder / f".partial_{case}.npz"  # renamed once complete, as the label maps are
-    np.savez_compressed(tmp, uncertainty=full)
+    np.savez_compressed(tmp, uncertainty=full.astype(np.float32))
     os.replace(tmp, folder / f"{case}.npz")
-    if full.ndim == 3 and full.shape[0] == 1 and image_files[0].endswith(".png"):
-        image = np.array(Image.open(image_files[0]))
-        label_file = output_folder / f"{case}.png"
+    if full.ndim == 3 and full.shape[0] == 1 and image_file is not None and str(image_file).endswith(".png") \
+            and os.path.isfile(image_file):
+        image = np.array(Image.open(image_file))
         prediction = np.array(Image.open(label_file)) if label_file.is_file() else np.zeros(full.shape[1:], np.uint8)
-        save_overlay(folder / f"{case}.png", image, prediction, uncertainty=full[0],
-                     title=f"{case}: prediction and uncertainty (spread of the samples; 0: all agree)",
+        save_overlay(folder / f"{case}.png", image, prediction, uncertainty=full[0], title=f"{case}: {what}",
                      min_panel_width=MIN_PANEL_WIDTH)
 
 
