@@ -2,11 +2,14 @@
 import json
 import os
 import sys
+import threading
 import traceback
 from typing import Callable, NoReturn
 
 # set (to anything but 0) to see the traceback behind an ERROR: line
 DEBUG_ENV = "nnDiffSeg_debug"
+# after Ctrl-C, the longest the interpreter's shutdown (worker processes, threads, atexit) may take
+EXIT_DEADLINE_S = 10.0
 
 
 class NnDiffSegError(Exception):
@@ -29,6 +32,16 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def _exit_by_deadline(code: int) -> None:
+    """One Ctrl-C must end the tool within seconds, even if a library's cleanup at exit hangs."""
+    def force() -> None:
+        sys.stderr.flush()
+        os._exit(code)
+    timer = threading.Timer(EXIT_DEADLINE_S, force)
+    timer.daemon = True
+    timer.start()
+
+
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a CLI's main function: user errors, file and environment faults and nnU-Net's own assertions become
     one ERROR: line on stderr and exit status 1 (with nnDiffSeg_debug=1 after the traceback)."""
@@ -41,6 +54,7 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
         sys.exit(1)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
+        _exit_by_deadline(130)
         sys.exit(130)
     except (OSError, json.JSONDecodeError, AssertionError, RuntimeError) as e:
         if debugging():

@@ -475,3 +475,37 @@ def test_evaluate_warns_of_labels_found_in_no_reference(tmp_path):
     assert len(summary["warnings"]) == 1 and "label(s) 5" in summary["warnings"][0] and "b (" in summary["warnings"][0]
     assert "WARNING: label(s) 5" in format_table(summary)
     assert json.loads((tmp_path / "pred" / "summary.json").read_text())["warnings"] == summary["warnings"]
+
+
+def test_stopping_the_export_pool_is_bounded_when_its_lock_is_held():
+    """Pool.terminate waits for the task queue's lock; were it held for good (a worker killed or stuck while
+    holding it), a Ctrl-C'd prediction would hang. stop_pool kills the workers after its timeout instead."""
+    import multiprocessing
+    from nndiffseg.inference.predict import stop_pool
+
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    pool.apply_async(time.sleep, (60,))  # the worker is busy, not waiting on the queue's lock
+    worker = pool._pool[0]
+    lock = pool._inqueue._rlock
+    assert lock.acquire(timeout=30)
+    try:
+        started = time.monotonic()
+        stop_pool(pool, timeout=1.0)
+        assert time.monotonic() - started < 5
+        assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+    finally:
+        lock.release()  # the abandoned terminate() then finishes in its thread
+
+
+def test_interrupted_tool_exits_even_if_its_cleanup_at_exit_hangs():
+    script = ("import atexit, time\n"
+              "import nndiffseg.errors as errors\n"
+              "errors.EXIT_DEADLINE_S = 0.5\n"
+              "atexit.register(time.sleep, 120)\n"
+              "def main():\n"
+              "    raise KeyboardInterrupt\n"
+              "errors.run_cli(main)\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 130 and result.stderr.strip() == "Interrupted.", result.stderr

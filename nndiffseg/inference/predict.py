@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,6 +32,7 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 
 PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
+POOL_STOP_TIMEOUT_S = 5.0
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -83,6 +85,19 @@ def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
         return multiprocessing.get_context("spawn").Pool(num_processes)
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def stop_pool(pool: multiprocessing.pool.Pool, timeout: float = POOL_STOP_TIMEOUT_S) -> None:
+    """Pool.terminate, bounded: it can block for good on the task queue's lock when a worker holds it (a
+    worker that died or is stuck mid-start), which once left a Ctrl-C'd prediction running for over a minute
+    on a loaded machine. After ``timeout`` the workers are killed and the pool's own shutdown is abandoned."""
+    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join(timeout)
 
 
 def _remove_partials(output_path: Path) -> None:
@@ -265,8 +280,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
             pool.join()
     except BaseException:  # Ctrl-C (or a fault): stop the exports now; finished cases stay for --continue_prediction
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool)
         _remove_partials(output_path)
         raise
     _remove_partials(output_path)  # exports that failed (a full disk) in a worker
