@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# tests/site/sitecustomize.py (fewer fingerprint samples for toy datasets) in this process and every one it starts
+_SITE = str(Path(__file__).resolve().parent / "site")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, _SITE)
+import sitecustomize  # noqa: E402,F401
+
 # ../shared/data beside the repository (also in CI); NNDIFFSEG_SHARED_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("NNDIFFSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 ISIC2017_SAMPLE = SHARED_DATA / "isic2017_sample"

@@ -10,13 +10,14 @@ from PIL import Image
 
 from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
-from toy_data import write_toy_dataset
+from toy_data import assert_beats_trivial_rules, write_toy_dataset
 
 DATASET_ID = 41
-# the learning run: 3-class toy discs (48 x 64 images, patch 64 x 64), 4 x 20 iterations of batch 2, about
-# 2 min on 2 cores with planning and the final validation
-EPOCHS, ITERS = 4, 20
-LEARNING_THRESHOLD = 0.8
+# the learning run: 3-class toy discs (48 x 64 images, patch 64 x 64), 2 x 20 iterations of batch 2, about
+# 90 s on one thread with planning, the final validation and the predictions
+EPOCHS, ITERS = 2, 20
+NOISE = 60  # against colour offsets of 70-140: a per-pixel colour rule confuses many pixels
+MARGIN = 0.05  # per class, over the better of the two trivial rules
 DDIM_TOLERANCE = 0.9
 
 
@@ -25,19 +26,11 @@ def _dice(prediction: np.ndarray, reference: np.ndarray, c: int) -> float:
     return 2 * float((p & r).sum()) / max(float(p.sum() + r.sum()), 1.0)
 
 
-def _mean_dice(folder, raw) -> float:
-    scores = []
-    for f in sorted((raw / "labelsTs").glob("*.png")):
-        reference, prediction = np.array(Image.open(f)), np.array(Image.open(folder / f.name))
-        scores += [_dice(prediction, reference, c) for c in (1, 2)]
-    return float(np.mean(scores))
-
-
 @pytest.fixture(scope="module")
 def guided(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
     env = nnunet_folders(root)
-    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=16, num_test=4, num_classes=2)
+    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=16, num_test=4, num_classes=2, noise=NOISE)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
     log = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
                    "--num_epochs", EPOCHS, "--iters_per_epoch", ITERS, "--clip_model", "random", env=env)
@@ -79,11 +72,11 @@ def predicted(guided, predictions):
 
 
 def test_guided_trainer_learns_toy_shapes(guided, predicted):
-    """Default prediction (cross-attention text, one DDIM step, 3 samples, mean fusion) of the 4 test cases.
-    Measured after 4 x 20 iterations: Dice 0.961 / 0.973 (mean 0.967); an all-foreground mask scores
-    0.15 / 0.13."""
-    dice = _mean_dice(predicted, guided["raw"])
-    assert dice >= LEARNING_THRESHOLD, dice
+    """Default prediction (cross-attention text, one DDIM step, 3 samples, mean fusion) of the 4 test cases, Dice
+    per class pooled. Measured after 2 x 20 iterations (unseeded, one thread): 0.899 / 0.955 (4 x 20: 0.924 /
+    0.961), against 0.151 / 0.128 for an all-foreground mask and 0.254 / 0.611 for the per-pixel colour rule.
+    (At the earlier noise sd of 20 the colour rule scored 0.886 / 0.970, above that test's bar of 0.8.)"""
+    assert_beats_trivial_rules(predicted, guided["raw"], 2, MARGIN)
 
 
 def test_checkpoint_carries_the_text_embeddings(guided):
@@ -135,7 +128,7 @@ def test_changed_class_defaults_do_not_change_what_the_saved_model_predicts(guid
 
 def test_sampler_options_and_staple_fusion_run(guided, predictions):
     out = _predicted(guided, predictions, "dpm_staple")
-    assert _mean_dice(out, guided["raw"]) >= LEARNING_THRESHOLD - 0.1
+    assert_beats_trivial_rules(out, guided["raw"], 2, MARGIN)
 
 
 def test_bad_sampler_options_are_refused_before_anything_is_written(guided, predictions):

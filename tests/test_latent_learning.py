@@ -2,36 +2,16 @@
 single-step trainer) on noisy toy discs, 2 classes (background + 1) and 3 classes (background + 2), predicted
 with nnDiffSeg_predict. The noise (sd 60 against colour offsets of 70-90) defeats a per-pixel colour rule, so
 the bar can only be passed by using the shapes' context, as a segmentation network must."""
-import numpy as np
 import pytest
-from PIL import Image
 
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
-from toy_data import per_pixel_rule_dice, write_toy_dataset
+from toy_data import assert_beats_trivial_rules, write_toy_dataset
 
 NOISE = 60
 # per number of classes: epochs x iterations, plus the mask autoencoder stage (at most half the epochs); two
 # classes are learnt well before the bar in half the run that three classes need
 RUN_LENGTH = {2: (5, 20), 3: (10, 20)}
 MARGIN = 0.05  # over the better of the two trivial rules, per class
-
-
-def _dice(prediction: np.ndarray, reference: np.ndarray, c: int) -> float:
-    p, r = prediction == c, reference == c
-    return 2 * float((p & r).sum()) / max(float(p.sum() + r.sum()), 1.0)
-
-
-def _pooled_dice(folder, raw, classes, predicted=None) -> list:
-    """Dice per class over all test pixels pooled (as per_pixel_rule_dice): ``predicted`` maps a reference to a
-    prediction (a trivial rule) instead of reading the model's from ``folder``."""
-    inter, total = np.zeros(len(classes)), np.zeros(len(classes))
-    for f in sorted((raw / "labelsTs").glob("*.png")):
-        reference = np.array(Image.open(f))
-        prediction = predicted(reference) if predicted else np.array(Image.open(folder / f.name))
-        for i, c in enumerate(classes):
-            inter[i] += ((prediction == c) & (reference == c)).sum()
-            total[i] += (prediction == c).sum() + (reference == c).sum()
-    return list(2 * inter / total)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["2 classes", "3 classes"])
@@ -57,10 +37,4 @@ def test_single_step_latent_trainer_beats_the_trivial_rules(trained):
     0.697 / 0.742, against 0.148 / 0.135 for an all-foreground mask and 0.245 / 0.634 for the per-pixel colour
     rule; 2 classes (5 x 20 iterations, one thread): 0.839, against 0.174 (all-foreground) and 0.372 (colour
     rule)."""
-    classes = trained["classes"]
-    model = _pooled_dice(trained["out"], trained["raw"], classes)
-    all_foreground = [_pooled_dice(None, trained["raw"], [c], lambda r, c=c: np.full_like(r, c))[0] for c in classes]
-    colour_rule = per_pixel_rule_dice(trained["raw"], len(classes))
-    for c, ours, fg, rule in zip(classes, model, all_foreground, colour_rule):
-        assert ours >= max(fg, rule) + MARGIN, (f"class {c}: Dice {ours:.3f}, all-foreground {fg:.3f}, "
-                                                f"per-pixel colour rule {rule:.3f}")
+    assert_beats_trivial_rules(trained["out"], trained["raw"], len(trained["classes"]), MARGIN)

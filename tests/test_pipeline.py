@@ -42,7 +42,7 @@ def test_plans_tile_the_latent_grid(toy):
     assert config["data_identifier"] == "nnDiffSegPlans_2d"
 
 
-def test_training_honours_run_length_and_learns(toy):
+def test_training_honours_run_length_and_validates(toy):
     fold = toy["model"] / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     record = json.loads((fold / "nndiffseg_run.json").read_text())
@@ -50,7 +50,9 @@ def test_training_honours_run_length_and_learns(toy):
                                     "num_val_iterations_per_epoch": 2}
     assert "Epoch 2" in toy["train_log"] and "Epoch 3" not in toy["train_log"]
     summary = json.loads((fold / "validation" / "summary.json").read_text())
-    # discs cover 3-15 % of a toy image: an all-foreground mask scores Dice < 0.3
+    # a sanity check of nnU-Net's final validation, not a learning test: on these low-noise toy discs a per-pixel
+    # colour rule scores higher (learning is tested against both trivial rules in test_guided_trainer and
+    # test_latent_learning)
     assert summary["foreground_mean"]["Dice"] > 0.6
 
 

@@ -37,24 +37,61 @@ def write_toy_dataset(raw: Path, dataset_id: int, num_train: int = 10, num_test:
     return folder
 
 
-def per_pixel_rule_dice(dataset: Path, num_classes: int) -> list:
-    """The Dice per foreground class on imagesTs/labelsTs of the best simple per-pixel rule: each pixel gets the
-    class whose mean colour over the training images is nearest (no spatial context)."""
-    def pairs(split):
-        for f in sorted((dataset / f"labels{split}").glob("*.png")):
-            image = np.asarray(Image.open(dataset / f"images{split}" / f.name.replace(".png", "_0000.png")), float)
-            yield image, np.asarray(Image.open(f))
-    sums = np.zeros((num_classes + 1, 3))
-    counts = np.zeros(num_classes + 1)
-    for image, label in pairs("Tr"):
+def nearest_mean_colour_rule(training_pairs, num_classes: int):
+    """The simple per-pixel rule: each pixel gets the class whose mean colour over the training (image, label)
+    pairs is nearest (no spatial context). Returns the rule, image (H, W, 3) -> label map."""
+    sums, counts = np.zeros((num_classes + 1, 3)), np.zeros(num_classes + 1)
+    for image, label in training_pairs:
         for c in range(num_classes + 1):
             sums[c] += image[label == c].sum(0)
             counts[c] += (label == c).sum()
     means = sums / counts[:, None]
+    return lambda image: np.argmin(((np.asarray(image, float)[..., None, :] - means) ** 2).sum(-1), axis=-1)
+
+
+def image_label_pairs(dataset: Path, split: str):
+    for f in sorted((dataset / f"labels{split}").glob("*.png")):
+        image = np.asarray(Image.open(dataset / f"images{split}" / f.name.replace(".png", "_0000.png")), float)
+        yield image, np.asarray(Image.open(f))
+
+
+def per_pixel_rule_dice(dataset: Path, num_classes: int) -> list:
+    """The Dice per foreground class on imagesTs/labelsTs, pooled, of nearest_mean_colour_rule fitted on
+    imagesTr/labelsTr."""
+    rule = nearest_mean_colour_rule(image_label_pairs(dataset, "Tr"), num_classes)
     inter, total = np.zeros(num_classes + 1), np.zeros(num_classes + 1)
-    for image, label in pairs("Ts"):
-        predicted = np.argmin(((image[..., None, :] - means) ** 2).sum(-1), axis=-1)
+    for image, label in image_label_pairs(dataset, "Ts"):
+        predicted = rule(image)
         for c in range(1, num_classes + 1):
             inter[c] += ((predicted == c) & (label == c)).sum()
             total[c] += (predicted == c).sum() + (label == c).sum()
     return [2 * inter[c] / total[c] for c in range(1, num_classes + 1)]
+
+
+def pooled_dice(dataset: Path, num_classes: int, predicted_folder: Path | None = None,
+                rule=None) -> list:
+    """Dice per foreground class over all labelsTs pixels pooled, as per_pixel_rule_dice: of the label maps in
+    ``predicted_folder``, or of ``rule(reference, c)`` (a trivial prediction of class c)."""
+    inter, total = np.zeros(num_classes + 1), np.zeros(num_classes + 1)
+    for f in sorted((dataset / "labelsTs").glob("*.png")):
+        reference = np.asarray(Image.open(f))
+        for c in range(1, num_classes + 1):
+            prediction = rule(reference, c) if rule else np.asarray(Image.open(predicted_folder / f.name))
+            inter[c] += ((prediction == c) & (reference == c)).sum()
+            total[c] += (prediction == c).sum() + (reference == c).sum()
+    return [2 * inter[c] / total[c] for c in range(1, num_classes + 1)]
+
+
+def all_foreground_dice(dataset: Path, num_classes: int) -> list:
+    """Per class: every pixel predicted as that class."""
+    return pooled_dice(dataset, num_classes, rule=lambda reference, c: np.full_like(reference, c))
+
+
+def assert_beats_trivial_rules(predicted_folder: Path, dataset: Path, num_classes: int, margin: float) -> list:
+    """Each foreground class's pooled Dice is at least ``margin`` above both trivial rules'; returns the Dice."""
+    model = pooled_dice(dataset, num_classes, predicted_folder)
+    for c, ours, fg, rule in zip(range(1, num_classes + 1), model, all_foreground_dice(dataset, num_classes),
+                                 per_pixel_rule_dice(dataset, num_classes)):
+        assert ours >= max(fg, rule) + margin, (f"class {c}: Dice {ours:.3f}, all-foreground {fg:.3f}, "
+                                                f"per-pixel colour rule {rule:.3f}")
+    return model
