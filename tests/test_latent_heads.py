@@ -233,3 +233,31 @@ def test_inference_timesteps_train_only_the_step_prediction_takes(segmenter):
     assert seen[0] != [999, 999] and seen[1] == [999, 999]
     with pytest.raises(ValueError, match="timesteps must be one of uniform, inference"):
         segmenter.register_to_config(timesteps="late")
+
+
+def test_mask_autoencoder_segmentation_loss_term_is_added_and_saved():
+    """segmentation_loss_weight > 0 adds the trainer's loss of the decoded class scores (it needs it set); the
+    weight is saved with the weights, and a checkpoint saved before the setting existed loads with 0."""
+    from nndiffseg.latent.mask_autoencoder import MaskAutoencoderHead
+    torch.manual_seed(0)
+    head = MaskAutoencoderHead(build_autoencoder("compact", mask_channels(3), 4), 3, "compact",
+                               segmentation_loss_weight=0.5).train()
+    y = torch.randint(0, 3, (2, 1, 32, 32))
+    with pytest.raises(RuntimeError, match="set_mask_loss"):
+        head(torch.zeros(2, 3, 32, 32), y)
+    head.set_mask_loss(_soft_dice_ce)
+    torch.manual_seed(1)
+    losses = head(torch.zeros(2, 3, 32, 32), y)
+    torch.manual_seed(1)
+    plain = mask_autoencoder_loss(head.autoencoder, y, 3)
+    assert losses["segmentation_loss"] > 0
+    torch.testing.assert_close(losses["loss"], plain["loss"] + 0.5 * losses["segmentation_loss"])
+    restored = MaskAutoencoderHead(build_autoencoder("compact", mask_channels(3), 4), 3, "compact")
+    restored.load_state_dict(head.state_dict())
+    assert restored.config["segmentation_loss_weight"] == 0.5
+    old = head.state_dict()
+    old_state = next(k for k in old if k.endswith("_extra_state"))
+    old[old_state] = {**old[old_state], "config": {k: v for k, v in old[old_state]["config"].items()
+                                                   if k != "segmentation_loss_weight"}}
+    restored.load_state_dict(old)
+    assert restored.config["segmentation_loss_weight"] == 0.0

@@ -100,6 +100,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
     RECONSTRUCTION_TARGET per class or the epochs run out; validation reports the reconstruction Dice per class
     (nnU-Net's pseudo Dice of decode(encode(mask)))."""
     head_class = MaskAutoencoderHead
+    head_settings: dict = {"segmentation_loss_weight": 0.0}
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -107,7 +108,10 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         downsampling = cls.downsampling or latent_downsampling(configuration_manager.patch_size, cls.preset)
         return MaskAutoencoderHead(build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling),
-                                   num_output_channels, cls.preset)
+                                   num_output_channels, cls.preset, **cls.head_settings)
+
+    def after_initialize(self) -> None:
+        self.module.set_mask_loss(self.loss)
 
     def load_initial_weights(self) -> None:
         pretrained = self._pretrained_autoencoder()

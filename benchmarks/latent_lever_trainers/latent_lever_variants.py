@@ -30,3 +30,8 @@ class nnDiffSegTrainerLatent_before(nnDiffSegTrainerLatent):
     downsampling = 8
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE_f8"
     head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}
+
+
+class nnDiffSegTrainerMaskVAE_dice(nnDiffSegTrainerMaskVAE):
+    """The mask autoencoder with nnU-Net's Dice + CE on its decoded class scores added to its loss."""
+    head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 1.0}

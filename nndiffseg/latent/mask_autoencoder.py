@@ -5,8 +5,12 @@ segmentation is read by argmax over them, so their margins are what matters), an
 This is Stable Diffusion's autoencoder loss with the perceptual and adversarial terms, which suit
 photographs rather than masks, replaced by the cross-entropy. Pixels at nnU-Net's ignore label are left out
 of the reconstruction and cross-entropy terms.
+
+``segmentation_loss_weight`` > 0 adds a segmentation loss of the decoded class scores (nnU-Net's Dice + CE,
+set by the trainer with ``set_mask_loss``): Dice weighs each class's border pixels as much as its interior,
+where the per-pixel terms are dominated by the easy interior and background.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -20,7 +24,8 @@ KL_WEIGHT = 1e-6
 
 
 def mask_autoencoder_loss(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int,
-                          kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None) -> dict:
+                          kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None,
+                          segmentation_loss: Optional[Callable] = None, segmentation_loss_weight: float = 0.0) -> dict:
     target = encode_labels(labels, num_classes, ignore_label)
     posterior = autoencoder.encode(target).latent_dist
     reconstruction = autoencoder.decode(posterior.sample()).sample
@@ -36,8 +41,16 @@ def mask_autoencoder_loss(autoencoder: AutoencoderKL, labels: torch.Tensor, num_
                                          .masked_fill(flat == ignore_label, -100), ignore_index=-100)
         ce = torch.nan_to_num(ce)  # a batch without any labelled pixel
     kl = posterior.kl().mean()
-    return {"loss": rec_loss + ce + kl_weight * kl, "reconstruction_loss": rec_loss.detach(),
-            "cross_entropy": ce.detach(), "kl": kl.detach()}
+    losses = {"loss": rec_loss + ce + kl_weight * kl, "reconstruction_loss": rec_loss.detach(),
+              "cross_entropy": ce.detach(), "kl": kl.detach()}
+    if segmentation_loss_weight > 0:
+        if segmentation_loss is None:
+            raise RuntimeError("segmentation_loss_weight > 0 needs a segmentation loss: call set_mask_loss first")
+        seg = segmentation_loss(decoded_to_scores(reconstruction, num_classes), labels if labels.ndim == 4
+                                else labels[:, None])
+        losses["loss"] = losses["loss"] + segmentation_loss_weight * seg
+        losses["segmentation_loss"] = seg.detach()
+    return losses
 
 
 @torch.no_grad()
@@ -53,13 +66,21 @@ class MaskAutoencoderHead(DiffusionHead):
     returns the autoencoder's losses on the target (the image is not used); it reconstructs label maps and
     cannot segment images, so eval-mode prediction is refused."""
     architecture_settings = ("num_classes", "preset")
+    added_settings = dict(segmentation_loss_weight=0.0)  # checkpoints saved before it existed
 
     def __init__(self, autoencoder: AutoencoderKL, num_classes: int, preset: Optional[str] = None,
-                 kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None):
+                 kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None,
+                 segmentation_loss_weight: float = 0.0):
         super().__init__()
         self.autoencoder = autoencoder
+        self.__dict__["_mask_loss"] = None
         self.register_to_config(num_classes=num_classes, preset=preset, kl_weight=kl_weight,
-                                ignore_label=ignore_label)
+                                ignore_label=ignore_label, segmentation_loss_weight=segmentation_loss_weight)
+
+    def set_mask_loss(self, loss: Optional[Callable]) -> None:
+        """The segmentation loss of the decoded class scores, ``loss(class_scores, target)`` (nnU-Net's Dice + CE,
+        which also leaves out the ignore label); needed when ``segmentation_loss_weight`` > 0."""
+        self.__dict__["_mask_loss"] = loss
 
     @property
     def num_classes(self) -> int:
@@ -75,7 +96,8 @@ class MaskAutoencoderHead(DiffusionHead):
 
     def losses(self, image: torch.Tensor, target: torch.Tensor, **unused) -> dict:
         return mask_autoencoder_loss(self.autoencoder, target, self.num_classes, self._config["kl_weight"],
-                                     self._config["ignore_label"])
+                                     self._config["ignore_label"], self.__dict__["_mask_loss"],
+                                     self._config["segmentation_loss_weight"])
 
     def reconstruct(self, labels: torch.Tensor) -> torch.Tensor:
         return reconstruct_labels(self.autoencoder, labels, self.num_classes, self._config["ignore_label"])
