@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_isic_sample_arguments, make_work_dir, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+from common import add_isic_sample_arguments, make_work_dir, run_child, seconds_per_train_iter, train_timed  # noqa: E402,I001
 from latent_levers import PLANS, VARIANTS_DIR, _epoch_curve  # noqa: E402
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 DATASET_ID = 983  # isic_head_to_head._prepare converts the sample under this ID
-TRAINERS = ("nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_dice")
+TRAINERS = ("nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_noDice")
 THRESHOLDS = (0.95, 0.98, 0.99)
 
 
@@ -39,24 +39,38 @@ def _child(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
-    make_work_dir(work)
+    """Trains what results.json in the work folder does not hold yet (--resume goes on with it)."""
+    saved = json.loads((work / "results.json").read_text()) if args.resume else None
+    if saved is None:
+        make_work_dir(work)
+        saved = {"prepared": None, "rows": {}, "wall_s": 0.0}
+    started = time.time() - saved["wall_s"]
+
+    def save() -> None:
+        saved["wall_s"] = time.time() - started
+        (work / "results.json").write_text(json.dumps(saved, indent=1))
+
     os.environ["nnUNet_extTrainer"] = str(VARIANTS_DIR)
     options = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size,
                "--epochs", args.epochs, "--iters", args.iters]
-    started = time.time()
-    prepared = run_child(HERE, work, "prepare", options=options)
+    prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=options)
+    saved["num_val"] = len(list(Path(prepared["labels"]).iterdir()))
+    save()
     dataset_name = Path(prepared["dataset"]).name
-    rows = {}
     for trainer in args.trainers:
-        print(f"training {trainer}: at most {args.epochs} epochs x {args.iters} iterations", flush=True)
-        result = run_child(HERE, work, "train", trainer, options=options)
         fold = work / "nnUNet_results" / dataset_name / f"{trainer}__{PLANS}__2d" / "fold_0"
+        if trainer in saved["rows"]:
+            continue
+        if not (fold / "validation" / "summary.json").is_file():
+            print(f"training {trainer}: at most {args.epochs} epochs x {args.iters} iterations", flush=True)
+            run_child(HERE, work, "train", trainer, options=options)
         summary = json.loads((fold / "validation" / "summary.json").read_text())
         curve = _epoch_curve(work, "nnUNet_results", dataset_name, trainer)
-        rows[trainer] = {**result, "pseudo_dice": [d for _, d in curve],
-                         "s_per_iter": seconds_per_train_iter(work, dataset_name, trainer, args.iters, plans=PLANS),
-                         "reconstruction": {k: v["Dice"] for k, v in summary["mean"].items()}}
-    return {"rows": rows, "wall_s": time.time() - started, "num_val": len(list(Path(prepared["labels"]).iterdir()))}
+        saved["rows"][trainer] = {
+            "pseudo_dice": [d for _, d in curve], "reconstruction": summary["reconstruction_dice"],
+            "s_per_iter": seconds_per_train_iter(work, dataset_name, trainer, args.iters, plans=PLANS)}
+        save()
+    return saved
 
 
 def _first_reaching(dice: list, threshold: float, iters: int) -> str:
@@ -106,6 +120,7 @@ def main(argv=None) -> int:
     add_isic_sample_arguments(parser, REPO, max_size=64, epochs=40, iters=25)
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS))
     parser.add_argument("--figure", default=None, help="default: docs/mask_autoencoder_budget_<max_size>.png")
+    parser.add_argument("--resume", action="store_true", help="go on with the work folder's results.json")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work_dir).resolve()
@@ -113,7 +128,6 @@ def main(argv=None) -> int:
         print(json.dumps(_child(args, work)))
         return 0
     saved = _measure(args, work)
-    (work / "results.json").write_text(json.dumps(saved, indent=1))
     figure = Path(args.figure or REPO / "docs" / f"mask_autoencoder_budget_{args.max_size}.png")
     plot(saved, args, figure)
     text = report(saved, args, figure)

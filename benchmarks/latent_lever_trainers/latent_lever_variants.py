@@ -32,6 +32,6 @@ class nnDiffSegTrainerLatent_before(nnDiffSegTrainerLatent):
     head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}
 
 
-class nnDiffSegTrainerMaskVAE_dice(nnDiffSegTrainerMaskVAE):
-    """The mask autoencoder with nnU-Net's Dice + CE on its decoded class scores added to its loss."""
-    head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 1.0}
+class nnDiffSegTrainerMaskVAE_noDice(nnDiffSegTrainerMaskVAE):
+    """The mask autoencoder without nnU-Net's Dice + CE on its decoded class scores (L1, CE and KL only)."""
+    head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 0.0}
