@@ -46,11 +46,12 @@ def isic2017_sample() -> Path:
 
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
 # collection order, so a long module collected last would run alone at the end.
-# Measured 2026-12-02 (fresh clone, 2 workers, suite 23 min 16 s before test_model_selection.py existed): latent
-# learning about 500 s, guided trainer 400 s, latent heads 260 s, latent trainers 250 s, pipeline 200 s, fault
-# injection 150 s, ISIC sample 140 s, DDP 135 s, demo 125 s; model selection (added later) about 300 s alone.
-LONGEST_FIRST = ("test_latent_learning.py", "test_guided_trainer.py", "test_model_selection.py", "test_latent_heads.py",
-                 "test_latent_trainers.py", "test_pipeline.py", "test_fault_injection.py",
+# Estimated from the durations and tool log of a run on 2026-12-03 (2 workers, suite 17 min 35 s): model
+# selection about 320 s, latent learning 300 s (before its 3-class run was shortened), latent trainers 250 s,
+# guided trainer 200 s, latent heads 170 s, pipeline 150 s, fault injection 150 s, ISIC sample 110 s, DDP 100 s,
+# demo 80 s.
+LONGEST_FIRST = ("test_model_selection.py", "test_latent_learning.py", "test_latent_trainers.py",
+                 "test_guided_trainer.py", "test_latent_heads.py", "test_pipeline.py", "test_fault_injection.py",
                  "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py", "test_ignore_label_and_regions.py",
                  "test_convert_stroke2021.py")
 

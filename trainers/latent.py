@@ -264,6 +264,7 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
 
 class nnDiffSegTrainerMaskVAE_sd(nnDiffSegTrainerMaskVAE):
     preset = "sd"
+    head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 0.0}  # SDSeg's loss
 
 
 class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
