@@ -1,6 +1,8 @@
 """Errors caused by what the user gave us, and how the command-line tools report them."""
+import faulthandler
 import json
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -9,7 +11,7 @@ from typing import Callable, NoReturn
 # set (to anything but 0) to see the traceback behind an ERROR: line
 DEBUG_ENV = "nnDiffSeg_debug"
 # after Ctrl-C, the longest the interpreter's shutdown (worker processes, threads, atexit) may take
-EXIT_DEADLINE_S = 10.0
+EXIT_DEADLINE_S = 5.0
 
 
 class NnDiffSegError(Exception):
@@ -44,7 +46,12 @@ def _exit_by_deadline(code: int) -> None:
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a CLI's main function: user errors, file and environment faults and nnU-Net's own assertions become
-    one ERROR: line on stderr and exit status 1 (with nnDiffSeg_debug=1 after the traceback)."""
+    one ERROR: line on stderr and exit status 1 (with nnDiffSeg_debug=1 after the traceback). SIGUSR1 prints
+    every thread's stack to stderr (to see where a tool that seems stuck is waiting)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows), or no real stderr
+        pass
     try:
         code = main()
     except NnDiffSegError as e:

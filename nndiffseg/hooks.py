@@ -6,6 +6,9 @@ import time
 HOOK_ENV = "nnDiffSeg_test_hook"  # POINT or POINT:pause; several separated by commas
 MARKER = "nnDiffSeg_test_hook reached"
 PAUSE_S = 120  # long enough for any test to send its signal; the process carries on after it
+# A signal the kernel hands to another thread (torch's, the export pool's) does not wake the main thread from
+# a long sleep: Python runs its handler only when the main thread next runs bytecode. Short sleeps let it.
+SLEEP_SLICE_S = 0.1
 
 
 def reached(point: str) -> None:
@@ -15,5 +18,7 @@ def reached(point: str) -> None:
         if name == point:
             print(f"{MARKER}: {point}", flush=True)
             if mode == "pause":
-                time.sleep(PAUSE_S)
+                deadline = time.monotonic() + PAUSE_S
+                while time.monotonic() < deadline:
+                    time.sleep(SLEEP_SLICE_S)
             return

@@ -274,7 +274,13 @@ def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
         wait_for_marker(process)
         os.killpg(process.pid, signal.SIGINT)
         sent = time.monotonic()
-        _, stderr = process.communicate(timeout=60)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # where it waits: every thread's stack (run_cli's SIGUSR1 handler)
+            os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"no exit 60 s after SIGINT; its stacks:\n{process.communicate()[1][-6000:]}")
         elapsed = time.monotonic() - sent
     finally:
         if process.poll() is None:

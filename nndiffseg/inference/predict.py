@@ -32,7 +32,7 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 
 PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
-POOL_STOP_TIMEOUT_S = 5.0
+POOL_STOP_TIMEOUT_S = 3.0
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -87,10 +87,19 @@ def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
         signal.signal(signal.SIGINT, handler)
 
 
+def _wait(result: multiprocessing.pool.AsyncResult) -> None:
+    """Wait for an export in short slices: Ctrl-C delivered to another thread (torch's, the pool's) is only
+    acted on when the main thread runs bytecode, so one long blocking wait would hold it off until the export
+    ends."""
+    while not result.ready():
+        result.wait(0.2)
+
+
 def stop_pool(pool: multiprocessing.pool.Pool, timeout: float = POOL_STOP_TIMEOUT_S) -> None:
     """Pool.terminate, bounded: it can block for good on the task queue's lock when a worker holds it (a
-    worker that died or is stuck mid-start), which once left a Ctrl-C'd prediction running for over a minute
-    on a loaded machine. After ``timeout`` the workers are killed and the pool's own shutdown is abandoned."""
+    worker that died or is stuck mid-start): the likely cause of a Ctrl-C'd prediction that once ran on for over
+    a minute on a loaded machine. After ``timeout`` the workers are killed and the pool's own shutdown is
+    abandoned."""
     stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
     stopper.start()
     stopper.join(timeout)
@@ -263,7 +272,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
                     if os.environ.get(HOOK_ENV):
-                        pending[-1][1].wait()  # the hook marks an exported case
+                        _wait(pending[-1][1])  # the hook marks an exported case
                 reached("case_exported")
             except Exception as e:  # one bad case must not stop the others
                 failures[case] = f"{type(e).__name__}: {e} (files: {', '.join(files)})"
@@ -272,6 +281,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                     traceback.print_exc()
         for case, result in pending:
             try:
+                _wait(result)
                 result.get()
             except Exception as e:
                 failures[case] = f"export failed: {type(e).__name__}: {e}"
