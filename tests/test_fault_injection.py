@@ -515,3 +515,23 @@ def test_interrupted_tool_exits_even_if_its_cleanup_at_exit_hangs():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 30
     assert result.returncode == 130 and result.stderr.strip() == "Interrupted.", result.stderr
+
+
+def test_a_paused_tool_acts_on_ctrl_c_delivered_to_another_thread():
+    """The kernel may hand SIGINT to any thread (torch's, the export pool's); Python then raises
+    KeyboardInterrupt only when the main thread next runs bytecode. A pause in one long sleep held it off for
+    the whole pause (the Ctrl-C test's intermittent 60 s timeout); the hook's sliced pause does not."""
+    script = ("import os, signal, threading, time\n"
+              "os.environ['nnDiffSeg_test_hook'] = 'here:pause'\n"
+              "from nndiffseg.hooks import reached\n"
+              "other = threading.Thread(target=threading.Event().wait, daemon=True)\n"
+              "other.start()\n"
+              "threading.Timer(1.0, signal.pthread_kill, (other.ident, signal.SIGINT)).start()\n"
+              "start = time.monotonic()\n"
+              "try:\n"
+              "    reached('here')\n"
+              "except KeyboardInterrupt:\n"
+              "    print(f'interrupted after {time.monotonic() - start:.1f} s')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=200)
+    assert result.stdout.splitlines()[-1].startswith("interrupted after"), result.stdout + result.stderr
+    assert float(result.stdout.split()[-2]) < 5, result.stdout
