@@ -79,7 +79,7 @@ def _first_reaching(dice: list, threshold: float, iters: int) -> str:
 
 def report(saved: dict, args: argparse.Namespace, figure: Path) -> str:
     lines = [f"    OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/"
-             f"mask_autoencoder_budget.py {' '.join(sys.argv[1:])}", "",
+             f"mask_autoencoder_budget.py {' '.join(a for a in sys.argv[1:] if a != '--resume')}", "",
              f"ISIC 2017 sample, max_size {args.max_size}, fold 0 ({saved['num_val']} validation cases), at most "
              f"{args.epochs} x {args.iters} iterations, stopping once the epoch's validation patches reconstruct at "
              f"0.99. {os.cpu_count()} CPU cores; whole run {saved['wall_s'] / 60:.0f} min.", "",
