@@ -3,13 +3,15 @@
 Rows: nnUNetTrainer at the latent runs' iterations and at the default latent run's total training time (mask
 autoencoder stage included); nnDiffSegTrainerLatent (every lever on) and one variant per lever switched off or
 changed (benchmarks/latent_lever_trainers/); the compact trainer as it was before ("before": KL-f8 image
-encoder, f8 latent, latent losses only). Columns: Dice on the fold's validation cases, the paired difference
+encoder, f8 latent, latent losses only, noise prediction with t uniform). Columns: Dice on the fold's validation cases, the paired difference
 against nnU-Net at equal time (Wilcoxon signed-rank), seconds per training iteration and per image (nnU-Net's
 predictor, batch 1, no mirroring, network time only), and the mask autoencoders' reconstruction Dice. Also a
 curve: nnU-Net's pseudo Dice against training time for nnUNetTrainer and the default latent trainer.
 
     python benchmarks/latent_levers.py --work_dir /tmp/levers --max_size 128 --epochs 12 --iters 25
 
+With ``--data stroke_fixture`` the same on synthetic 3-class brain CT written by stroke2021_fixture (the SDMC-Seg
+setting: Dice per class), predicting its SDMC-Seg test split; ``--main_only`` leaves out the lever rows.
 Every step runs in its own process; results.json in the work folder keeps what is done (--resume goes on).
 """
 import argparse
@@ -24,23 +26,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_isic_sample_arguments, make_work_dir, predict_timed, run_child,  # noqa: E402
                     seconds_per_train_iter, train_timed)
 
+from nndiffseg.trainers.latent import MASK_STAGE_EPOCH_FRACTION  # noqa: E402
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 VARIANTS_DIR = HERE.parent / "latent_lever_trainers"
-DATASET_ID = 983  # isic_head_to_head._prepare converts the sample under this ID
+DATASET_IDS = {"isic": 983, "stroke_fixture": 984}  # isic_head_to_head._prepare converts the sample under 983
 PLANS = "nnDiffSegPlans"
 BASELINE, LATENT = "nnUNetTrainer", "nnDiffSegTrainerLatent"
 MASK_STAGES = ("nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_f8")
 # row name -> (trainer, its mask autoencoder stage)
 LATENT_ROWS = {
-    "latent, all levers (default)": (LATENT, MASK_STAGES[0]),
-    "- t at the inference step only": ("nnDiffSegTrainerLatent_inferenceT", MASK_STAGES[0]),
+    "latent, all levers (default: clean latent predicted at t = 999)": (LATENT, MASK_STAGES[0]),
+    "- noise prediction (SDSeg's) at t = 999": ("nnDiffSegTrainerLatent_epsInferenceT", MASK_STAGES[0]),
+    "- clean latent, t uniform": ("nnDiffSegTrainerLatent_x0uniform", MASK_STAGES[0]),
+    "- noise prediction, t uniform (SDSeg's; the default before)": ("nnDiffSegTrainerLatent_epsUniform",
+                                                                    MASK_STAGES[0]),
     "- no decoded-mask loss": ("nnDiffSegTrainerLatent_noDecodedLoss", MASK_STAGES[0]),
     "- KL image encoder instead of nnU-Net's": ("nnDiffSegTrainerLatent_klEncoder", MASK_STAGES[0]),
     "- f8 latent": ("nnDiffSegTrainerLatent_f8", MASK_STAGES[1]),
-    "before (KL encoder, f8, latent losses only)": ("nnDiffSegTrainerLatent_before", MASK_STAGES[1]),
+    "before (KL encoder, f8, latent losses only, noise prediction, t uniform)": ("nnDiffSegTrainerLatent_before",
+                                                                                  MASK_STAGES[1]),
 }
-DEFAULT_ROW = "latent, all levers (default)"
+DEFAULT_ROW = "latent, all levers (default: clean latent predicted at t = 999)"
+FIRST_LEVERS = ("- noise prediction (SDSeg's) at t = 999", "- clean latent, t uniform",
+                "- noise prediction, t uniform (SDSeg's; the default before)")
 EQUAL_TIME, EQUAL_TIME_RESULTS = "nnUNetTrainer (equal time)", "nnUNet_results_equal_time"
 
 
@@ -59,21 +69,38 @@ def _epoch_curve(work: Path, results: str, dataset_name: str, trainer: str, offs
     return [list(p) for p in zip(times, dice)]
 
 
+def _prepare_stroke_fixture(work: Path, size: int, per_class: int) -> dict:
+    """Synthetic 3-class brain CT (background, ischemic, hemorrhagic) from stroke2021_fixture, converted with
+    SDMC-Seg's split (80/10/10 % per class; fold 0 = its train/val); its test slices are the ones predicted."""
+    from nndiffseg.dataset_conversion.stroke2021 import convert_stroke2021
+    from nndiffseg.dataset_conversion.stroke2021_fixture import write_stroke2021_fixture
+    from nndiffseg.planning.plan_and_preprocess import plan_and_preprocess
+    fixture = write_stroke2021_fixture(work / "stroke2021_fixture", "competition", num_ischemic=per_class,
+                                       num_hemorrhagic=per_class, num_nonstroke=0, size=size)
+    dataset = convert_stroke2021(fixture.source, DATASET_IDS["stroke_fixture"], split="sdmcseg", num_processes=2)
+    plan_and_preprocess([DATASET_IDS["stroke_fixture"]], ["2d"], num_processes=[2], num_processes_fingerprint=2)
+    return {"dataset": str(dataset), "images": str(dataset / "imagesTs"), "labels": str(dataset / "labelsTs"),
+            "num_train": len(list((dataset / "labelsTr").iterdir()))}
+
+
 def _child(args: argparse.Namespace, work: Path) -> dict:
     step, *rest = args._child
     os.environ["nnUNet_results"] = str(work / args.results)
+    dataset_id = DATASET_IDS[args.data]
+    if step == "prepare" and args.data == "stroke_fixture":
+        return _prepare_stroke_fixture(work, args.max_size, args.fixture_slices)
     if step == "prepare":
         from isic_head_to_head import _prepare
         return _prepare(work, Path(args.isic_sample), args.max_size, 0)
     if step == "train":
-        return train_timed(DATASET_ID, rest[0], int(rest[1]), args.iters, plans=PLANS)
+        return train_timed(dataset_id, rest[0], int(rest[1]), args.iters, plans=PLANS)
     if step == "reconstruction":
         from nndiffseg.utils import dataset_name_from_id
-        summary = (work / args.results / dataset_name_from_id(DATASET_ID) / f"{rest[0]}__{PLANS}__2d" / "fold_0" /
+        summary = (work / args.results / dataset_name_from_id(dataset_id) / f"{rest[0]}__{PLANS}__2d" / "fold_0" /
                    "validation" / "summary.json")
         return json.loads(summary.read_text())
     return predict_timed(Path(args.prepared_images), Path(args.prepared_labels), work / "predictions" / rest[1],
-                         DATASET_ID, rest[0], plans=PLANS)
+                         dataset_id, rest[0], plans=PLANS)
 
 
 def _train_s(training: dict, name: str, iters: int) -> float:
@@ -94,7 +121,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
         (work / "results.json").write_text(json.dumps(saved, indent=1))
 
     os.environ["nnUNet_extTrainer"] = str(VARIANTS_DIR)
-    forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size, "--iters", args.iters]
+    forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size, "--iters", args.iters,
+                 "--data", args.data, "--fixture_slices", args.fixture_slices]
     prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
     save()
     forwarded += ["--prepared_images", prepared["images"], "--prepared_labels", prepared["labels"]]
@@ -105,11 +133,18 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     # early (and its report) holds complete rows
     plan = [(f"{BASELINE} (same iterations)", BASELINE, args.epochs, "nnUNet_results"),
             (MASK_STAGES[0], MASK_STAGES[0], mask_epochs, "nnUNet_results"),
-            (DEFAULT_ROW, LATENT, args.epochs, "nnUNet_results"),
-            (EQUAL_TIME, BASELINE, None, EQUAL_TIME_RESULTS),
-            (MASK_STAGES[1], MASK_STAGES[1], mask_epochs, "nnUNet_results")]
-    plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, _) in LATENT_ROWS.items()
-             if name != DEFAULT_ROW]
+            (DEFAULT_ROW, LATENT, args.epochs, "nnUNet_results")]
+    # the most telling before equal time; --main_only: the default and nnU-Net alone
+    first_levers = [] if args.main_only else [name for name in LATENT_ROWS if name in FIRST_LEVERS]
+    plan += [(name, LATENT_ROWS[name][0], args.epochs, "nnUNet_results") for name in first_levers]
+    plan += [(EQUAL_TIME, BASELINE, None, EQUAL_TIME_RESULTS)]
+    if args.main_only:
+        plan = plan[:4]
+    plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, stage) in LATENT_ROWS.items()
+             if name != DEFAULT_ROW and stage == MASK_STAGES[0] and name not in first_levers]
+    plan += [(MASK_STAGES[1], MASK_STAGES[1], mask_epochs, "nnUNet_results")]
+    plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, stage) in LATENT_ROWS.items()
+             if stage == MASK_STAGES[1]]
     for name, trainer, epochs, results in plan:
         key = MASK_STAGES[MASK_STAGES.index(name)] if name in MASK_STAGES else \
             (EQUAL_TIME if name == EQUAL_TIME else trainer)
@@ -170,8 +205,12 @@ def report(saved: dict, argv: list, figure: Path) -> str:
     base_image_s = rows[f"{BASELINE} (same iterations)"]["s_per_image"]
     base_iter_s = training[BASELINE]["s_per_iter"]
     lines = ["    python benchmarks/latent_levers.py " + " ".join(argv), "",
-             f"ISIC 2017 sample, max_size {saved['max_size']}, fold 0 ({len(next(iter(rows.values()))['case_dice'])} "
-             f"validation cases), "
+             (f"ISIC 2017 sample, max_size {saved['max_size']}, fold 0 ({len(next(iter(rows.values()))['case_dice'])} "
+              f"validation cases), " if saved.get("data", "isic") == "isic" else
+              f"Synthetic 3-class brain CT (stroke2021_fixture, {saved['max_size']} x {saved['max_size']} slices, "
+              f"{saved['prepared']['num_train']} for training, fold 0 = SDMC-Seg's train/val split; "
+              f"{len(next(iter(rows.values()))['case_dice'])} test slices predicted; Dice per class in brackets: "
+              f"ischemic / hemorrhagic), ") +
              f"{training[BASELINE]['epochs']} x {iters} iterations per latent trainer, its mask autoencoder stage "
              f"at most "
              f"{training[MASK_STAGES[0]]['epochs']} x {iters} (it ran {training[MASK_STAGES[0]]['epochs_run']}). "
@@ -197,7 +236,10 @@ def report(saved: dict, argv: list, figure: Path) -> str:
                 total = training[name]["epochs"] * iters * training[BASELINE]["s_per_iter"]
         s_iter = training[trainer]["s_per_iter"]
         versus = "-" if name == EQUAL_TIME or reference is None else _wilcoxon(row["case_dice"], reference)
-        lines.append(f"| {name} | {row['dice']:.4f} | {versus} | {s_iter:.2f} | {s_iter / base_iter_s:.2f} | "
+        per_class = row.get("class_dice") or {}
+        dice = f"{row['dice']:.4f}" + (" (" + " / ".join(f"{v:.3f}" for v in per_class.values()) + ")"
+                                       if len(per_class) > 1 else "")
+        lines.append(f"| {name} | {dice} | {versus} | {s_iter:.2f} | {s_iter / base_iter_s:.2f} | "
                      f"{total / 60:.1f} | {row['s_per_image']:.3f} | {row['s_per_image'] / base_image_s:.2f} | "
                      f"{recon} |")
     lines += ["", f"![Pseudo Dice against training time]({figure.name})"]
@@ -215,7 +257,8 @@ def plot_curve(saved: dict, path: Path) -> None:
             ax.plot([x / 60 for x in t], d, marker="o", markersize=3, label=name)
     ax.set_xlabel("training time (min; epochs x iterations x median s / iteration of the runs that set the budget)")
     ax.set_ylabel("nnU-Net's pseudo Dice (validation patches)")
-    ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0")
+    ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0" if saved.get("data", "isic") == "isic" else
+                 f"synthetic 3-class brain CT, {saved['max_size']} px slices, fold 0")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -227,7 +270,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_isic_sample_arguments(parser, REPO)
-    parser.add_argument("--mask_epoch_fraction", type=float, default=0.5,
+    parser.add_argument("--data", choices=tuple(DATASET_IDS), default="isic",
+                        help="the real ISIC sample (fold 0's validation cases predicted) or synthetic 3-class brain "
+                             "CT from stroke2021_fixture (its SDMC-Seg test split predicted; --max_size: the slice "
+                             "edge)")
+    parser.add_argument("--main_only", action="store_true",
+                        help="only nnUNetTrainer (same iterations and equal time) and the default latent trainer")
+    parser.add_argument("--fixture_slices", type=int, default=60, help="stroke_fixture: slices per lesion class")
+    parser.add_argument("--mask_epoch_fraction", type=float, default=MASK_STAGE_EPOCH_FRACTION,
                         help="the mask autoencoder stage's epochs at most, as a fraction of --epochs (default: "
                              "the trainer's own MASK_STAGE_EPOCH_FRACTION)")
     parser.add_argument("--figure", default=str(REPO / "docs" / "latent_levers_curve.png"))
@@ -244,7 +294,7 @@ def main(argv=None) -> int:
         print(json.dumps(_child(args, work)))
         return 0
     saved = json.loads((work / "results.json").read_text()) if args.report_only else _measure(args, work)
-    saved.update(max_size=args.max_size, iters=args.iters, curve=_curves(saved, work, args.iters))
+    saved.update(max_size=args.max_size, iters=args.iters, data=args.data, curve=_curves(saved, work, args.iters))
     figure = Path(args.figure)
     plot_curve(saved, figure)
     text = report(saved, [a for a in argv if a not in ("--resume", "--report_only")], figure)

@@ -100,6 +100,14 @@ def test_stock_predict_gives_the_same_seeded_output(guided, predicted):
         assert set(np.unique(ours)) <= {0, 1, 2}
 
 
+def test_trainer_head_settings_are_the_ones_whose_samples_carry_doubt():
+    """tests/test_guided_heads.py shows on a toy head that these settings' samples split where the label is a
+    coin flip and agree where it is sure; that holds for the trainer only while it uses them."""
+    from test_guided_heads import TRAINER_HEAD_SETTINGS
+    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
+    assert {k: nnDiffSegTrainerGuided.head_settings[k] for k in TRAINER_HEAD_SETTINGS} == TRAINER_HEAD_SETTINGS
+
+
 _PREDICT_WITH_OTHER_DEFAULTS = """
 import sys
 from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
@@ -148,9 +156,9 @@ def test_freeze_prior_without_a_prior_is_refused_before_any_work():
 
 def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided, predictions):
     """At the default sampling (one DDIM step, 3 samples) the samples differ, and --save_samples writes each.
-    (Where they differ is measured on real data, not asserted on this toy model: after 80 iterations its
-    one-step samples differ about as little near the borders as away from them; see docs/benchmarks.md,
-    "Guided uncertainty", and tests/test_guided_heads.py for what a stochastic sampler draws.)"""
+    (Where they differ is asserted on a toy head whose labels are partly a coin flip, in tests/test_guided_heads.py,
+    and measured on real data in docs/benchmarks.md, "Guided uncertainty"; this model's toy discs have no such
+    ambiguity, and after 40 iterations its samples differ about as little near the borders as away from them.)"""
     spread, single = (_predicted(guided, predictions, name) for name in ("uncertainty3", "uncertainty1"))
     cases = [f.name[:-len("_0000.png")] for f in sorted((guided["raw"] / "imagesTs").glob("*_0000.png"))]
     for case in cases:

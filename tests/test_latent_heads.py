@@ -173,6 +173,9 @@ def test_inference_steps_are_set_by_option_and_checked(segmenter):
     with pytest.raises(ValueError, match="sampling steps must be an integer from 1 to 1000"):
         segmenter.set_inference_options(steps=0)
     assert segmenter.setting("steps") == 10
+    segmenter.register_to_config(timesteps="inference")
+    with pytest.warns(UserWarning, match="trained at the last timestep only .* 4 sampling steps"):
+        segmenter.set_inference_options(steps=4)
 
 
 def _planned_like_segmenter(**settings):
@@ -261,3 +264,26 @@ def test_mask_autoencoder_segmentation_loss_term_is_added_and_saved():
                                                    if k != "segmentation_loss_weight"}}
     restored.load_state_dict(old)
     assert restored.config["segmentation_loss_weight"] == 0.0
+
+
+def test_clean_latent_prediction_is_the_one_step_estimate_and_the_latent_loss(segmenter):
+    """prediction_type 'sample': the denoiser's output is z0_hat. The loss is its L1 to the mask latent (no
+    noise term), and one DDIM step returns it unchanged, decoded; other prediction types are refused."""
+    segmenter.register_to_config(prediction_type="sample")
+    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
+    z0 = segmenter.encode_mask(y)
+    noise, t = torch.randn_like(z0), torch.tensor([999, 300])
+    segmenter.train()
+    losses = segmenter.losses(x, y, noise=noise, timesteps=t)
+    noisy = segmenter.train_scheduler.add_noise(z0, noise, t)
+    output = segmenter.denoiser(torch.cat([noisy, segmenter.image_encoder(x)], dim=1), t).sample
+    assert set(losses) == {"loss", "latent_loss"}
+    torch.testing.assert_close(losses["loss"], (output - z0).abs().mean())
+    segmenter.eval()
+    with torch.no_grad():
+        cond = segmenter.image_encoder(x)
+        z_t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(segmenter.setting("seed")))
+        expected = segmenter.decode_mask(segmenter.denoiser(torch.cat([z_t, cond], dim=1), torch.tensor(999)).sample)
+        torch.testing.assert_close(segmenter(x), expected)
+    with pytest.raises(ValueError, match="predicts the noise .* or the clean latent"):
+        segmenter.register_to_config(prediction_type="v_prediction")

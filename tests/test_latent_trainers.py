@@ -38,7 +38,7 @@ def _final(results, model, fold=0):
 
 
 def test_one_command_runs_the_mask_autoencoder_stage_first(latent):
-    assert "running the mask autoencoder stage first (nnDiffSegTrainerMaskVAE, 2 epochs x 2 iterations)" in \
+    assert f"running the mask autoencoder stage first (nnDiffSegTrainerMaskVAE, {EPOCHS} epochs x 2 iterations)" in \
         latent["seg_log"]
     summary = json.loads((latent["results"] / MASK_VAE / "fold_0" / "validation" / "summary.json").read_text())
     assert set(summary["reconstruction_dice"]) == {"1", "2"}  # per foreground class

@@ -36,8 +36,11 @@ DEFAULT_SD_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LATENT_SCALE_BATCHES = 8
 CONDITIONING_CHANNELS = 32  # the planned image encoder's projection, concatenated with the 4 latent channels
 # the mask autoencoder stage that nnDiffSegTrainerLatent runs itself: at most this fraction of its own epochs,
-# less when the validation patches reconstruct at RECONSTRUCTION_TARGET per class first
-MASK_STAGE_EPOCH_FRACTION = 0.5
+# less when the validation patches reconstruct at RECONSTRUCTION_TARGET per class first. The ISIC sample needed
+# ~500-850 stage iterations for 0.99 (docs/benchmarks.md, "Mask autoencoder budget"): half the epochs starved short
+# runs (150 iterations: 0.934), while a long run stops early anyway. A stage iteration costs a fifth (64 px) to
+# four fifths (128 px) of a latent one, so a short run's stage can take almost as long as the run itself
+MASK_STAGE_EPOCH_FRACTION = 1.0
 RECONSTRUCTION_TARGET = 0.99
 
 
@@ -164,8 +167,11 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
     """Single-step latent diffusion segmentation; in eval mode the network returns class scores, so
     nnU-Net's sliding window, validation and stock nnUNetv2_predict work unchanged."""
     head_class = LatentSegmenter
-    head_settings = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
-                         steps=1, decoded_loss_weight=1.0, timesteps="uniform")
+    # the clean latent predicted at the one timestep prediction uses: on the ISIC sample at 128 px (12 x 25
+    # iterations) Dice 0.66 against 0.31 for SDSeg's noise prediction with t uniform, 0.50 for noise prediction
+    # at that timestep and about 0.3 for the clean latent with t uniform (docs/benchmarks.md, "Latent trainer levers")
+    head_settings = dict(schedule="scaled_linear", prediction_type="sample", latent_loss_weight=1.0, sampler="ddim",
+                         steps=1, decoded_loss_weight=1.0, timesteps="inference")
     conditioning = "planned"
     option_names = ("seed", "sd_weights", "mask_vae")
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE"
@@ -272,5 +278,6 @@ class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
     latent losses only (noise L1 + latent estimation L1), t uniform over the schedule."""
     preset = "sd"
     conditioning = "kl"
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0, "timesteps": "uniform"}
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon", "decoded_loss_weight": 0.0,
+                     "timesteps": "uniform"}
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE_sd"

@@ -7,8 +7,18 @@ class nnDiffSegTrainerMaskVAE_f8(nnDiffSegTrainerMaskVAE):
     downsampling = 8
 
 
-class nnDiffSegTrainerLatent_inferenceT(nnDiffSegTrainerLatent):
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "timesteps": "inference"}
+# the prediction parametrisation and the training timesteps, each against the default (clean latent, t = 999)
+class nnDiffSegTrainerLatent_epsInferenceT(nnDiffSegTrainerLatent):
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon"}
+
+
+class nnDiffSegTrainerLatent_x0uniform(nnDiffSegTrainerLatent):
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "timesteps": "uniform"}
+
+
+class nnDiffSegTrainerLatent_epsUniform(nnDiffSegTrainerLatent):
+    """SDSeg's parametrisation, the default until the levers run at 128 px: noise prediction, t uniform."""
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon", "timesteps": "uniform"}
 
 
 class nnDiffSegTrainerLatent_noDecodedLoss(nnDiffSegTrainerLatent):
@@ -25,11 +35,13 @@ class nnDiffSegTrainerLatent_f8(nnDiffSegTrainerLatent):
 
 
 class nnDiffSegTrainerLatent_before(nnDiffSegTrainerLatent):
-    """The compact trainer as it was before these levers: KL-f8 image encoder, f8 latent, latent losses only."""
+    """The compact trainer as it was before these levers: KL-f8 image encoder, f8 latent, latent losses only,
+    noise prediction with t uniform."""
     conditioning = "kl"
     downsampling = 8
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE_f8"
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0, "prediction_type": "epsilon",
+                     "timesteps": "uniform"}
 
 
 class nnDiffSegTrainerMaskVAE_noDice(nnDiffSegTrainerMaskVAE):

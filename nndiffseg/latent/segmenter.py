@@ -4,8 +4,9 @@ Training (``forward`` in train mode): the mask is encoded by a frozen mask autoe
 a trainable image encoder into c; t is uniform over the 1000-step schedule, z_t = sqrt(a_t) z0 +
 sqrt(1 - a_t) eps, and the denoiser sees [z_t, c]. Loss = |eps_hat - eps|_1 + latent_loss_weight x
 |z0_hat - z0|_1, where z0_hat is the clean latent recovered from eps_hat (SDSeg's latent estimation loss,
-weight 1). With nnU-Net's ignore label, each latent cell is weighted by the fraction of its pixels that carry
-a label, so wholly unlabelled cells count for nothing.
+weight 1; with ``prediction_type="sample"`` the denoiser outputs z0_hat and only the second term is left).
+With nnU-Net's ignore label, each latent cell is weighted by the fraction of its pixels that carry a label, so
+wholly unlabelled cells count for nothing.
 Prediction: ONE denoiser call at the last timestep from seeded noise, z0_hat in closed form (DDIM-1 with
 trailing spacing is exactly that), decoded by the mask decoder into class scores. ``steps`` > 1 runs the
 shared samplers (for comparison).
@@ -19,8 +20,13 @@ Additions of nndiffseg, each a setting saved with the weights (SDSeg's recipe is
   ``set_mask_loss``) on the mask decoded from z0_hat through the frozen decoder, so training sees the
   segmentation itself and not only its latent;
 - ``timesteps="inference"``: train at the timestep that one-step prediction starts from (t = 999) instead
-  of uniformly over the schedule, so all training goes to the one step that prediction uses.
+  of uniformly over the schedule, so all training goes to the one step that prediction uses;
+- ``prediction_type="sample"``: the denoiser outputs the clean latent z0_hat itself, and the loss is the latent
+  L1 (plus the decoded-mask loss). With SDSeg's noise prediction at t = 999, z0_hat = (z_t - sqrt(1 - a) eps_hat)
+  / sqrt(a) multiplies the noise estimate's error by 1 / sqrt(a) = 15 on the scaled-linear schedule, so the
+  network must reproduce its noise input to about 1 % before its mask estimate is usable.
 """
+import warnings
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -37,6 +43,7 @@ from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedu
 DEFAULTS = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
                 steps=1, seed=0, ignore_label=None, preset=None, decoded_loss_weight=0.0, timesteps="uniform")
 TIMESTEPS = ("uniform", "inference")
+PREDICTION_TYPES = ("epsilon", "sample")
 
 
 class ImageEncoder(nn.Module):
@@ -107,13 +114,22 @@ class LatentSegmenter(DiffusionHead):
 
     def check_config(self, config: Mapping) -> None:
         check_schedule(config["schedule"], config["prediction_type"])
-        if config["prediction_type"] != "epsilon":
-            raise ValueError("the latent head predicts the noise (SDSeg's latent estimation loss needs it)")
+        if config["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(f"the latent head predicts the noise (SDSeg's) or the clean latent ('sample'), not "
+                             f"{config['prediction_type']!r}")
         check_sampler(config["sampler"], config["steps"])
         if config["timesteps"] not in TIMESTEPS:
             raise ValueError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {config['timesteps']!r}")
         if config["decoded_loss_weight"] < 0:
             raise ValueError(f"decoded_loss_weight must be >= 0, got {config['decoded_loss_weight']}")
+
+    def set_inference_options(self, **options) -> None:
+        """As the base class; warns when a model trained at the last timestep only is asked for several steps."""
+        super().set_inference_options(**options)
+        if self.setting("steps") > 1 and self._config["timesteps"] == "inference":
+            warnings.warn(f"this latent model was trained at the last timestep only (timesteps='inference'): "
+                          f"{self.setting('steps')} sampling steps run it at timesteps it never learned; one step "
+                          f"is what it was trained for", stacklevel=2)
 
     def set_mask_loss(self, loss: Optional[Callable]) -> None:
         """The segmentation loss of the decoded mask, ``loss(class_scores, target)`` (nnU-Net's Dice + CE, which
@@ -210,7 +226,7 @@ class LatentSegmenter(DiffusionHead):
         elif timesteps is None:
             timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (z0.shape[0],), device=z0.device)
         noisy = self.train_scheduler.add_noise(z0, noise, timesteps)
-        noise_pred = self.denoiser(torch.cat([noisy, cond], dim=1), timesteps).sample
+        prediction = self.denoiser(torch.cat([noisy, cond], dim=1), timesteps).sample
         weights = self._latent_weights(target, z0.shape)
 
         def l1(a, b):
@@ -219,11 +235,16 @@ class LatentSegmenter(DiffusionHead):
                 return error.mean()
             return (error * weights).sum() / (weights.sum() * error.shape[1]).clamp_min(1e-6)
 
-        noise_loss = l1(noise_pred, noise)
-        clean = self._clean_latent(noisy, noise_pred, timesteps)
-        latent_loss = l1(clean, z0)
-        losses = {"loss": noise_loss + self._config["latent_loss_weight"] * latent_loss,
-                  "noise_loss": noise_loss.detach(), "latent_loss": latent_loss.detach()}
+        if self._config["prediction_type"] == "epsilon":
+            noise_loss = l1(prediction, noise)
+            clean = self._clean_latent(noisy, prediction, timesteps)
+            latent_loss = l1(clean, z0)
+            losses = {"loss": noise_loss + self._config["latent_loss_weight"] * latent_loss,
+                      "noise_loss": noise_loss.detach(), "latent_loss": latent_loss.detach()}
+        else:  # the clean latent itself: the latent estimation loss is the whole latent loss
+            clean = prediction
+            latent_loss = l1(clean, z0)
+            losses = {"loss": self._config["latent_loss_weight"] * latent_loss, "latent_loss": latent_loss.detach()}
         if self._config["decoded_loss_weight"] > 0:
             if self._mask_loss is None:
                 raise RuntimeError("decoded_loss_weight > 0 needs a segmentation loss: call set_mask_loss first")
