@@ -254,13 +254,19 @@ def plot_curve(saved: dict, path: Path) -> None:
     for name, points in saved["curve"].items():
         if points:
             t, d = zip(*points)
-            ax.plot([x / 60 for x in t], d, marker="o", markersize=3, label=name)
+            minutes = [x / 60 for x in t]
+            ema = [d[0]]
+            for value in d[1:]:  # nnU-Net's own smoothing of the pseudo Dice (its "EMA pseudo Dice")
+                ema.append(0.9 * ema[-1] + 0.1 * value)
+            line, = ax.plot(minutes, ema, linewidth=2, label=f"{name}: EMA (nnU-Net's smoothing)")
+            ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color(),
+                    label=f"{name}: per epoch")
     ax.set_xlabel("training time (min; epochs x iterations x median s / iteration of the runs that set the budget)")
     ax.set_ylabel("nnU-Net's pseudo Dice (validation patches)")
     ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0" if saved.get("data", "isic") == "isic" else
                  f"synthetic 3-class brain CT, {saved['max_size']} px slices, fold 0")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
