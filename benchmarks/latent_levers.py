@@ -3,10 +3,11 @@
 Rows: nnUNetTrainer at the latent runs' iterations and at the default latent run's total training time (mask
 autoencoder stage included); nnDiffSegTrainerLatent (every lever on) and one variant per lever switched off or
 changed (benchmarks/latent_lever_trainers/); the compact trainer as it was before ("before": KL-f8 image
-encoder, f8 latent, latent losses only, noise prediction with t uniform). Columns: Dice on the fold's validation cases, the paired difference
-against nnU-Net at equal time (Wilcoxon signed-rank), seconds per training iteration and per image (nnU-Net's
-predictor, batch 1, no mirroring, network time only), and the mask autoencoders' reconstruction Dice. Also a
-curve: nnU-Net's pseudo Dice against training time for nnUNetTrainer and the default latent trainer.
+encoder, f8 latent, latent losses only, noise prediction with t uniform). Columns: Dice on the fold's
+validation cases, the paired difference against nnU-Net at equal time (Wilcoxon signed-rank), seconds per
+training iteration and per image (nnU-Net's predictor, batch 1, no mirroring, network time only), and the mask
+autoencoders' reconstruction Dice. Also a curve: nnU-Net's pseudo Dice against training time for nnUNetTrainer
+and the default latent trainer.
 
     python benchmarks/latent_levers.py --work_dir /tmp/levers --max_size 128 --epochs 12 --iters 25
 

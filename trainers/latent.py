@@ -169,7 +169,7 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
     head_class = LatentSegmenter
     # the clean latent predicted at the one timestep prediction uses: on the ISIC sample at 128 px (12 x 25
     # iterations) Dice 0.66 against 0.31 for SDSeg's noise prediction with t uniform, 0.50 for noise prediction
-    # at that timestep and about 0.3 for the clean latent with t uniform (docs/benchmarks.md, "Latent trainer levers")
+    # at that timestep and 0.51 for the clean latent with t uniform (docs/benchmarks.md, "Latent trainer levers")
     head_settings = dict(schedule="scaled_linear", prediction_type="sample", latent_loss_weight=1.0, sampler="ddim",
                          steps=1, decoded_loss_weight=1.0, timesteps="inference")
     conditioning = "planned"

@@ -7,9 +7,9 @@ sqrt(1 - a_t) eps, and the denoiser sees [z_t, c]. Loss = |eps_hat - eps|_1 + la
 weight 1; with ``prediction_type="sample"`` the denoiser outputs z0_hat and only the second term is left).
 With nnU-Net's ignore label, each latent cell is weighted by the fraction of its pixels that carry a label, so
 wholly unlabelled cells count for nothing.
-Prediction: ONE denoiser call at the last timestep from seeded noise, z0_hat in closed form (DDIM-1 with
-trailing spacing is exactly that), decoded by the mask decoder into class scores. ``steps`` > 1 runs the
-shared samplers (for comparison).
+Prediction: ONE denoiser call at the last timestep from seeded noise, z0_hat in closed form or, with
+``prediction_type="sample"``, the output itself (DDIM-1 with trailing spacing is exactly that), decoded by
+the mask decoder into class scores. ``steps`` > 1 runs the shared samplers (for comparison).
 
 Additions of nndiffseg, each a setting saved with the weights (SDSeg's recipe is the ``_sd`` trainers'):
 - ``conditioning="planned"``: the image encoder is the first stages of the U-Net nnU-Net planned (built by the
