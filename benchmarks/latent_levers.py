@@ -38,20 +38,23 @@ BASELINE, LATENT = "nnUNetTrainer", "nnDiffSegTrainerLatent"
 MASK_STAGES = ("nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_f8")
 # row name -> (trainer, its mask autoencoder stage)
 LATENT_ROWS = {
-    "latent, all levers (default: clean latent predicted at t = 999)": (LATENT, MASK_STAGES[0]),
-    "- noise prediction (SDSeg's) at t = 999": ("nnDiffSegTrainerLatent_epsInferenceT", MASK_STAGES[0]),
-    "- clean latent, t uniform": ("nnDiffSegTrainerLatent_x0uniform", MASK_STAGES[0]),
-    "- noise prediction, t uniform (SDSeg's; the default before)": ("nnDiffSegTrainerLatent_epsUniform",
-                                                                    MASK_STAGES[0]),
-    "- no decoded-mask loss": ("nnDiffSegTrainerLatent_noDecodedLoss", MASK_STAGES[0]),
+    "latent, default (clean latent predicted at t = 999, latent L1 only)": (LATENT, MASK_STAGES[0]),
+    "+ decoded-mask loss (the default of the first rows)": ("nnDiffSegTrainerLatent_decodedLoss", MASK_STAGES[0]),
+    "+ decoded-mask loss, noise prediction (SDSeg's) at t = 999": ("nnDiffSegTrainerLatent_epsInferenceT",
+                                                                   MASK_STAGES[0]),
+    "+ decoded-mask loss, clean latent, t uniform": ("nnDiffSegTrainerLatent_x0uniform", MASK_STAGES[0]),
+    "+ decoded-mask loss, noise prediction, t uniform (SDSeg's; the default before)": (
+        "nnDiffSegTrainerLatent_epsUniform", MASK_STAGES[0]),
     "- KL image encoder instead of nnU-Net's": ("nnDiffSegTrainerLatent_klEncoder", MASK_STAGES[0]),
     "- f8 latent": ("nnDiffSegTrainerLatent_f8", MASK_STAGES[1]),
     "before (KL encoder, f8, latent losses only, noise prediction, t uniform)": ("nnDiffSegTrainerLatent_before",
                                                                                   MASK_STAGES[1]),
 }
-DEFAULT_ROW = "latent, all levers (default: clean latent predicted at t = 999)"
-FIRST_LEVERS = ("- noise prediction (SDSeg's) at t = 999", "- clean latent, t uniform",
-                "- noise prediction, t uniform (SDSeg's; the default before)")
+DEFAULT_ROW = "latent, default (clean latent predicted at t = 999, latent L1 only)"
+FIRST_LEVERS = ("+ decoded-mask loss (the default of the first rows)",
+                "+ decoded-mask loss, noise prediction (SDSeg's) at t = 999",
+                "+ decoded-mask loss, clean latent, t uniform",
+                "+ decoded-mask loss, noise prediction, t uniform (SDSeg's; the default before)")
 EQUAL_TIME, EQUAL_TIME_RESULTS = "nnUNetTrainer (equal time)", "nnUNet_results_equal_time"
 
 
@@ -139,13 +142,13 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     first_levers = [] if args.main_only else [name for name in LATENT_ROWS if name in FIRST_LEVERS]
     plan += [(name, LATENT_ROWS[name][0], args.epochs, "nnUNet_results") for name in first_levers]
     plan += [(EQUAL_TIME, BASELINE, None, EQUAL_TIME_RESULTS)]
-    if args.main_only:
-        plan = plan[:4]
     plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, stage) in LATENT_ROWS.items()
              if name != DEFAULT_ROW and stage == MASK_STAGES[0] and name not in first_levers]
     plan += [(MASK_STAGES[1], MASK_STAGES[1], mask_epochs, "nnUNet_results")]
     plan += [(name, trainer, args.epochs, "nnUNet_results") for name, (trainer, stage) in LATENT_ROWS.items()
              if stage == MASK_STAGES[1]]
+    if args.main_only:
+        plan = plan[:4]
     for name, trainer, epochs, results in plan:
         key = MASK_STAGES[MASK_STAGES.index(name)] if name in MASK_STAGES else \
             (EQUAL_TIME if name == EQUAL_TIME else trainer)

@@ -7,22 +7,25 @@ class nnDiffSegTrainerMaskVAE_f8(nnDiffSegTrainerMaskVAE):
     downsampling = 8
 
 
-# the prediction parametrisation and the training timesteps, each against the default (clean latent, t = 999)
+# measured in the 128 px levers run while the decoded-mask loss was on by default: each pins it
+class nnDiffSegTrainerLatent_decodedLoss(nnDiffSegTrainerLatent):
+    """+ nnU-Net's Dice + CE on the mask decoded from the one-step clean-latent estimate (the default before)."""
+    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 1.0}
+
+
 class nnDiffSegTrainerLatent_epsInferenceT(nnDiffSegTrainerLatent):
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon"}
+    head_settings = {**nnDiffSegTrainerLatent_decodedLoss.head_settings, "prediction_type": "epsilon"}
 
 
 class nnDiffSegTrainerLatent_x0uniform(nnDiffSegTrainerLatent):
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "timesteps": "uniform"}
+    head_settings = {**nnDiffSegTrainerLatent_decodedLoss.head_settings, "timesteps": "uniform"}
 
 
 class nnDiffSegTrainerLatent_epsUniform(nnDiffSegTrainerLatent):
-    """SDSeg's parametrisation, the default until the levers run at 128 px: noise prediction, t uniform."""
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon", "timesteps": "uniform"}
-
-
-class nnDiffSegTrainerLatent_noDecodedLoss(nnDiffSegTrainerLatent):
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "decoded_loss_weight": 0.0}
+    """SDSeg's parametrisation, the default until the levers run at 128 px: noise prediction, t uniform (with
+    the decoded-mask loss, as then)."""
+    head_settings = {**nnDiffSegTrainerLatent_decodedLoss.head_settings, "prediction_type": "epsilon",
+                     "timesteps": "uniform"}
 
 
 class nnDiffSegTrainerLatent_klEncoder(nnDiffSegTrainerLatent):
