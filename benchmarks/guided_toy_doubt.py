@@ -13,36 +13,17 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_guided_heads import _square_cases  # noqa: E402
-
-from nndiffseg.guided.denoiser import build_denoiser  # noqa: E402
-from nndiffseg.guided.segmenter import GuidedSegmenter  # noqa: E402
-from nndiffseg.guided.text_prior import RANDOM_CLIP_CONFIG, embed_prompts  # noqa: E402
+from test_guided_heads import TRAINER_HEAD_SETTINGS, _square_cases, trained_square_head  # noqa: E402
 
 PREDICTION_TYPES = ("sample", "v_prediction", "epsilon")
 
 
 def measure(prediction_type: str, seed: int, steps: int, num_samples: int) -> dict:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    prior = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
-    segmenter = GuidedSegmenter(prior, build_denoiser(2, 1, RANDOM_CLIP_CONFIG["embed_dim"], "time", (8, 16)),
-                                prediction_type=prediction_type, schedule="linear", sampler="ddim", steps=1)
-    segmenter.set_text_embeddings(embed_prompts(["background", "square"], "random"))
-    segmenter.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0]))
-    optimizer = torch.optim.AdamW(segmenter.parameters(), lr=2e-3)
-    for _ in range(steps):
-        loss = segmenter(*_square_cases(rng, 8))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    segmenter.eval()
+    segmenter, rng = trained_square_head({**TRAINER_HEAD_SETTINGS, "prediction_type": prediction_type}, seed, steps)
     images, _ = _square_cases(rng, 4)
     with torch.no_grad():
         samples = segmenter.sample(images, num_samples=num_samples)[:, :, 1]

@@ -492,6 +492,24 @@ def _square_cases(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch
     return images, labels
 
 
+def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSegmenter, np.random.Generator]:
+    """A tiny guided head with ``settings`` trained ``steps`` steps (batch 8, AdamW 2e-3) on _square_cases, in
+    eval mode, and the case generator to draw new cases from (also used by benchmarks/guided_toy_doubt.py)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    prior = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+    segmenter = GuidedSegmenter(prior, build_denoiser(2, 1, TEXT_DIM, "time", TINY), **settings)
+    segmenter.set_text_embeddings(embed_prompts(["background", "square"], "random"))
+    segmenter.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0]))
+    optimizer = torch.optim.AdamW(segmenter.parameters(), lr=2e-3)
+    for _ in range(steps):
+        loss = segmenter(*_square_cases(rng, 8))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return segmenter.eval(), rng
+
+
 def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_it_is_sure():
     """A tiny guided head trained with the trainer's default settings (300 steps, about 25 s on one thread),
     then sampled at the default: one DDIM step, 3 samples. Where the label is a coin flip the samples split;
@@ -501,19 +519,7 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     0-3 after 200 to 1000 steps (and benchmarks/guided_toy_doubt.py): spread 0.11-0.21 on the coin-flip block
     against 0.01-0.03 elsewhere, all 8 thresholded samples agreeing on 0-26 % of the coin-flip pixels and on
     99.9-100 % of the others."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    prior = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
-    segmenter = GuidedSegmenter(prior, build_denoiser(2, 1, TEXT_DIM, "time", TINY), **TRAINER_HEAD_SETTINGS)
-    segmenter.set_text_embeddings(embed_prompts(["background", "square"], "random"))
-    segmenter.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0]))
-    optimizer = torch.optim.AdamW(segmenter.parameters(), lr=2e-3)
-    for _ in range(300):
-        loss = segmenter(*_square_cases(rng, 8))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    segmenter.eval()
+    segmenter, rng = trained_square_head(TRAINER_HEAD_SETTINGS, seed=0, steps=300)
     images, _ = _square_cases(rng, 4)
     with torch.no_grad():
         samples = segmenter.predict_samples(images)[:, :, 1]  # (K, B, H, W) foreground probability
