@@ -40,17 +40,17 @@ setup(
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3.6", "scikit-image"]},
     entry_points={
         "console_scripts": [
-            "nnDiffSeg_plan_and_preprocess = nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",
-            "nnDiffSeg_train = nndiffseg.run.train:train_entry",
-            "nnDiffSeg_predict = nndiffseg.inference.predict:predict_entry",
-            "nnDiffSeg_evaluate = nndiffseg.evaluation.evaluate:evaluate_entry",
-            "nnDiffSeg_find_best_configuration = nndiffseg.evaluation.find_best_configuration:find_best_configuration_entry",
-            "nnDiffSeg_ensemble = nndiffseg.inference.ensemble:ensemble_entry",
-            "nnDiffSeg_apply_postprocessing = nndiffseg.inference.postprocessing:apply_postprocessing_entry",
-            "nnDiffSeg_convert_isic = nndiffseg.dataset_conversion.isic:convert_isic_entry",
-            "nnDiffSeg_convert_stroke2021 = nndiffseg.dataset_conversion.stroke2021:convert_stroke2021_entry",
-            "nnDiffSeg_demo = nndiffseg.demo.run_demo:demo_entry",
-            "nnDiffSeg_ext_trainer_dir = nndiffseg.ext_trainer:print_ext_trainer_dir_entry",
+            "nnDiffSeg_plan_and_preprocess = nndiffseg.console:plan_and_preprocess",
+            "nnDiffSeg_train = nndiffseg.console:train",
+            "nnDiffSeg_predict = nndiffseg.console:predict",
+            "nnDiffSeg_evaluate = nndiffseg.console:evaluate",
+            "nnDiffSeg_find_best_configuration = nndiffseg.console:find_best_configuration",
+            "nnDiffSeg_ensemble = nndiffseg.console:ensemble",
+            "nnDiffSeg_apply_postprocessing = nndiffseg.console:apply_postprocessing",
+            "nnDiffSeg_convert_isic = nndiffseg.console:convert_isic",
+            "nnDiffSeg_convert_stroke2021 = nndiffseg.console:convert_stroke2021",
+            "nnDiffSeg_demo = nndiffseg.console:demo",
+            "nnDiffSeg_ext_trainer_dir = nndiffseg.console:ext_trainer_dir",
         ]
     },
 )

@@ -17,18 +17,7 @@ import sys
 import time
 import traceback
 
-ENTRIES = {
-    "nnDiffSeg_plan_and_preprocess": "nndiffseg.planning.plan_and_preprocess:plan_and_preprocess_entry",
-    "nnDiffSeg_train": "nndiffseg.run.train:train_entry",
-    "nnDiffSeg_predict": "nndiffseg.inference.predict:predict_entry",
-    "nnDiffSeg_evaluate": "nndiffseg.evaluation.evaluate:evaluate_entry",
-    "nnDiffSeg_find_best_configuration": "nndiffseg.evaluation.find_best_configuration:find_best_configuration_entry",
-    "nnDiffSeg_ensemble": "nndiffseg.inference.ensemble:ensemble_entry",
-    "nnDiffSeg_apply_postprocessing": "nndiffseg.inference.postprocessing:apply_postprocessing_entry",
-    "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic:convert_isic_entry",
-    "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021:convert_stroke2021_entry",
-    "nnDiffSeg_demo": "nndiffseg.demo.run_demo:demo_entry",
-}
+from nndiffseg.console import TOOLS as ENTRIES
 
 
 class CaseTimeout(Exception):

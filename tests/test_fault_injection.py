@@ -535,3 +535,29 @@ def test_a_paused_tool_acts_on_ctrl_c_delivered_to_another_thread():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=200)
     assert result.stdout.splitlines()[-1].startswith("interrupted after"), result.stdout + result.stderr
     assert float(result.stdout.split()[-2]) < 5, result.stdout
+
+
+def test_ctrl_c_while_a_tool_is_still_importing_ends_quietly():
+    """Ctrl-C lands while the tool's imports (torch, nnU-Net: seconds) run: emulated by a module finder that
+    raises KeyboardInterrupt when the console script imports nnDiffSeg_predict's module."""
+    script = ("import sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'nndiffseg.inference.predict':\n"
+              "            raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "from nndiffseg.console import predict\n"
+              "predict()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and result.stderr.strip() == "Interrupted.", result.stderr
+
+
+def test_every_console_script_runs_its_tool():
+    from importlib.metadata import entry_points
+
+    import nndiffseg.console as console
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.value.startswith("nndiffseg.")}
+    assert set(scripts) == set(console.TOOLS)
+    for name, script in scripts.items():
+        assert script.value == f"nndiffseg.console:{name.removeprefix('nnDiffSeg_')}"
+        assert callable(console.load_tool(name))
