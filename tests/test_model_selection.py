@@ -212,6 +212,22 @@ def test_ensemble_names_a_corrupt_probability_file_before_writing(predictions, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("wrong", ["probabilities", "uncertainty"])
+def test_ensemble_refuses_arrays_of_another_shape_before_writing(predictions, tmp_path, wrong):
+    from nndiffseg.errors import NnDiffSegError
+    from nndiffseg.inference.ensemble import ensemble
+    import shutil
+    changed = tmp_path / "changed"
+    shutil.copytree(predictions["root"] / TRAINERS[1], changed)
+    name = predictions["cases"][-1].replace(".png", ".npz")
+    npz = changed / name if wrong == "probabilities" else changed / "uncertainty" / name
+    array = np.load(npz)[wrong]
+    np.savez_compressed(npz, **{wrong: array[..., :-1]})
+    with pytest.raises(NnDiffSegError, match=f"{npz} (holds probabilities|has shape) .*{array.shape[-1] - 1}"):
+        ensemble([str(predictions["root"] / TRAINERS[0]), str(changed)], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_postprocessing_keeps_the_largest_component(predictions):
     """Label 1 keeps one component, at least as large as the largest of the input's, and loses nothing else;
     ours and nnU-Net's tool give the same maps."""

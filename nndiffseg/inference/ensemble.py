@@ -13,6 +13,7 @@ sample)."""
 import argparse
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -35,20 +36,28 @@ def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]
 UNCERTAINTY_FOLDER = "uncertainty"  # nndiffseg.inference.uncertainty's (not imported: it loads the predictor)
 
 
-def _check_npz(file: Path, key: str) -> None:
-    """Opening reads the archive's directory only: a truncated or corrupt file, or one without ``key``, is named."""
+def _npz_shape(file: Path, key: str) -> tuple:
+    """The shape of ``key`` in ``file``, from the array's header only: a truncated or corrupt file, or one without
+    ``key``, is named."""
     try:
-        with np.load(file) as data:
-            keys = data.files
+        with zipfile.ZipFile(file) as archive:
+            names = [n[:-len(".npy")] for n in archive.namelist()]
+            if key not in names:
+                raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(names)})")
+            with archive.open(f"{key}.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(member)
+        return tuple(shape)
+    except NnDiffSegError:
+        raise
     except Exception as e:
         raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
-    if key not in keys:
-        raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(keys)})")
 
 
 def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     """(dataset.json, plans.json) of the first folder once every folder holds the same cases with readable
-    probabilities and the same labels, and every uncertainty/ folder a map for each case."""
+    probabilities and the same labels and shapes, and every uncertainty/ folder a map of that shape for each case."""
     if len(folders) < 2:
         raise NnDiffSegError(f"-i needs at least two prediction folders to ensemble, got {len(folders)}")
     metadata = []
@@ -63,7 +72,7 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         metadata.append([json.loads(f.read_text()) for f in files])
     dataset_json, plans = metadata[0]
     ending = dataset_json["file_ending"]
-    reference = None
+    reference, first_shapes = None, None
     for folder, (other_json, _) in zip(folders, metadata):
         if other_json.get("labels") != dataset_json.get("labels"):
             raise NnDiffSegError(f"{folder} predicts the labels {other_json.get('labels')}, {folders[0]} "
@@ -80,16 +89,23 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         elif set(cases) != reference:
             differ = sorted(set(cases) ^ reference)
             raise NnDiffSegError(f"{folder} and {folders[0]} hold different cases (e.g. {', '.join(differ[:5])})")
-        for case in sorted(cases):
-            _check_npz(folder / f"{case}.npz", "probabilities")
+        shapes = {case: _npz_shape(folder / f"{case}.npz", "probabilities") for case in sorted(cases)}
+        if first_shapes is None:
+            first_shapes = shapes
+        for case, shape in shapes.items():
+            if shape != first_shapes[case]:
+                raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape {shape}, "
+                                     f"{folders[0] / f'{case}.npz'} of shape {first_shapes[case]}")
         if (folder / UNCERTAINTY_FOLDER).is_dir():
             maps = folder / UNCERTAINTY_FOLDER
             without = sorted(c for c in cases if not (maps / f"{c}.npz").is_file())
             if without:
                 raise NnDiffSegError(f"{maps} has no uncertainty map for case(s) {', '.join(without[:5])}: predict "
                                      f"them again with --save_uncertainty, or remove the folder")
-            for case in sorted(cases):
-                _check_npz(maps / f"{case}.npz", "uncertainty")
+            for case, shape in shapes.items():
+                spread = _npz_shape(maps / f"{case}.npz", "uncertainty")
+                if int(np.prod(spread)) != int(np.prod(shape[1:])):
+                    raise NnDiffSegError(f"{maps / f'{case}.npz'} has shape {spread}, its probabilities {shape[1:]}")
     return dataset_json, plans
 
 
@@ -121,14 +137,7 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
             probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
             spread = torch.from_numpy(_load(folder / UNCERTAINTY_FOLDER / f"{case}.npz", "uncertainty")) \
                 if folder in with_maps else None
-            if spread is not None and spread.numel() != probabilities[0].numel():
-                raise NnDiffSegError(f"{folder / UNCERTAINTY_FOLDER / f'{case}.npz'} has shape {tuple(spread.shape)}, "
-                                     f"its probabilities {tuple(probabilities.shape[1:])}")
-            try:
-                pooled.add(probabilities, spread)
-            except ValueError:
-                raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape "
-                                     f"{tuple(probabilities.shape)}, unlike those of {folders[0]}") from None
+            pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)
         save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}",
                              f"ensemble of {len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
