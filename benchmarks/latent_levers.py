@@ -12,7 +12,8 @@ and the default latent trainer.
     python benchmarks/latent_levers.py --work_dir /tmp/levers --max_size 128 --epochs 12 --iters 25
 
 With ``--data stroke_fixture`` the same on synthetic 3-class brain CT written by stroke2021_fixture (the SDMC-Seg
-setting: Dice per class), predicting its SDMC-Seg test split; ``--main_only`` leaves out the lever rows.
+setting: Dice per class), predicting its SDMC-Seg test split; ``--main_only`` leaves out the lever rows,
+``--only TRAINER ...`` keeps only those trainers' rows (with ``--resume``, to add rows to a finished run).
 Every step runs in its own process; results.json in the work folder keeps what is done (--resume goes on).
 """
 import argparse
@@ -49,6 +50,7 @@ LATENT_ROWS = {
     "- f8 latent": ("nnDiffSegTrainerLatent_f8", MASK_STAGES[1]),
     "before (KL encoder, f8, latent losses only, noise prediction, t uniform)": ("nnDiffSegTrainerLatent_before",
                                                                                   MASK_STAGES[1]),
+    "+ foreground weight 4 in the latent L1": ("nnDiffSegTrainerLatent_fgWeight4", MASK_STAGES[0]),
 }
 DEFAULT_ROW = "latent, default (clean latent predicted at t = 999, latent L1 only)"
 FIRST_LEVERS = ("+ decoded-mask loss (the default of the first rows)",
@@ -149,6 +151,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
              if stage == MASK_STAGES[1]]
     if args.main_only:
         plan = plan[:4]
+    if args.only:
+        plan = [step for step in plan if step[1] in args.only]
     for name, trainer, epochs, results in plan:
         key = MASK_STAGES[MASK_STAGES.index(name)] if name in MASK_STAGES else \
             (EQUAL_TIME if name == EQUAL_TIME else trainer)
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
                              "edge)")
     parser.add_argument("--main_only", action="store_true",
                         help="only nnUNetTrainer (same iterations and equal time) and the default latent trainer")
+    parser.add_argument("--only", nargs="+", metavar="TRAINER",
+                        help="train and predict only the rows of these trainers (with --resume: add rows to a run)")
     parser.add_argument("--fixture_slices", type=int, default=60, help="stroke_fixture: slices per lesion class")
     parser.add_argument("--mask_epoch_fraction", type=float, default=MASK_STAGE_EPOCH_FRACTION,
                         help="the mask autoencoder stage's epochs at most, as a fraction of --epochs (default: "

@@ -287,3 +287,29 @@ def test_clean_latent_prediction_is_the_one_step_estimate_and_the_latent_loss(se
         torch.testing.assert_close(segmenter(x), expected)
     with pytest.raises(ValueError, match="predicts the noise .* or the clean latent"):
         segmenter.register_to_config(prediction_type="v_prediction")
+
+
+def test_foreground_weight_weighs_latent_cells_by_their_foreground_fraction(segmenter):
+    """f4 latent cells of an 8 x 8 label map: a wholly foreground cell weighs w, a background one 1, a cell half
+    foreground 1 + (w - 1) / 2; with an ignore label the weight is also scaled by the labelled fraction (ignored
+    pixels are not foreground)."""
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    labels[..., :4, :4] = 2   # cell (0, 0): all foreground
+    labels[..., :4, 4:6] = 1  # cell (0, 1): half foreground
+    labels[..., 4:, 4:6] = 7  # cell (1, 1): half label 7 (foreground, or ignored once 7 is the ignore label)
+    assert segmenter._latent_weights(labels, (1, 4, 2, 2)) is None
+    segmenter.register_to_config(foreground_weight=4.0)
+    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)), torch.tensor([[[[4.0, 2.5], [1.0, 2.5]]]]))
+    segmenter.register_to_config(ignore_label=7)
+    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)), torch.tensor([[[[4.0, 2.5], [1.0, 0.5]]]]))
+    with pytest.raises(ValueError, match="foreground_weight must be >= 1"):
+        segmenter.register_to_config(foreground_weight=0.5)
+
+
+def test_foreground_weight_is_saved_and_old_checkpoints_load_without_it(segmenter):
+    segmenter.register_to_config(foreground_weight=4.0)
+    state = segmenter.get_extra_state()
+    assert state["config"]["foreground_weight"] == 4.0
+    del state["config"]["foreground_weight"]
+    segmenter.set_extra_state(state)
+    assert segmenter.config["foreground_weight"] == 1.0

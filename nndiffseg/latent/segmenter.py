@@ -6,7 +6,9 @@ sqrt(1 - a_t) eps, and the denoiser sees [z_t, c]. Loss = |eps_hat - eps|_1 + la
 |z0_hat - z0|_1, where z0_hat is the clean latent recovered from eps_hat (SDSeg's latent estimation loss,
 weight 1; with ``prediction_type="sample"`` the denoiser outputs z0_hat and only the second term is left).
 With nnU-Net's ignore label, each latent cell is weighted by the fraction of its pixels that carry a label, so
-wholly unlabelled cells count for nothing.
+wholly unlabelled cells count for nothing; ``foreground_weight`` w > 1 weighs a cell by 1 + (w - 1) x its
+foreground fraction, so that a cell the model is unsure about leaves the background code sooner (under the L1
+loss a cell moves to a class's code once its weighted odds pass even).
 Prediction: ONE denoiser call at the last timestep from seeded noise, z0_hat in closed form or, with
 ``prediction_type="sample"``, the output itself (DDIM-1 with trailing spacing is exactly that), decoded by
 the mask decoder into class scores. ``steps`` > 1 runs the shared samplers (for comparison).
@@ -41,7 +43,8 @@ from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedu
                                 training_scheduler)
 
 DEFAULTS = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
-                steps=1, seed=0, ignore_label=None, preset=None, decoded_loss_weight=0.0, timesteps="uniform")
+                steps=1, seed=0, ignore_label=None, preset=None, decoded_loss_weight=0.0, timesteps="uniform",
+                foreground_weight=1.0)
 TIMESTEPS = ("uniform", "inference")
 PREDICTION_TYPES = ("epsilon", "sample")
 
@@ -88,7 +91,8 @@ class LatentSegmenter(DiffusionHead):
     architecture_settings = ("num_classes", "image_channels", "preset", "conditioning", "latent_downsampling")
     inference_option_names = ("steps", "sampler", "seed")
     # what checkpoints saved before these settings existed were trained with
-    added_settings = dict(conditioning="kl", latent_downsampling=8, decoded_loss_weight=0.0, timesteps="uniform")
+    added_settings = dict(conditioning="kl", latent_downsampling=8, decoded_loss_weight=0.0, timesteps="uniform",
+                          foreground_weight=1.0)
 
     def __init__(self, image_encoder: Union[AutoencoderKL, nn.Module], mask_autoencoder: AutoencoderKL,
                  denoiser: UNet2DModel, num_classes: int, image_channels: int, **settings):
@@ -122,6 +126,8 @@ class LatentSegmenter(DiffusionHead):
             raise ValueError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {config['timesteps']!r}")
         if config["decoded_loss_weight"] < 0:
             raise ValueError(f"decoded_loss_weight must be >= 0, got {config['decoded_loss_weight']}")
+        if config["foreground_weight"] < 1:
+            raise ValueError(f"foreground_weight must be >= 1, got {config['foreground_weight']}")
 
     def set_inference_options(self, **options) -> None:
         """As the base class; warns when a model trained at the last timestep only is asked for several steps."""
@@ -210,9 +216,18 @@ class LatentSegmenter(DiffusionHead):
         return (noisy - (1 - a).sqrt() * noise_pred) / a.sqrt()
 
     def _latent_weights(self, labels: torch.Tensor, latent_shape) -> Optional[torch.Tensor]:
-        """(B, 1, h, w) fraction of labelled pixels under each latent cell; None without an ignore label."""
+        """(B, 1, h, w) weight of each latent cell in the latent L1: the fraction of its pixels that carry a label
+        (with an ignore label), times 1 + (foreground_weight - 1) x the fraction that are foreground; None when
+        every cell weighs the same."""
         valid = self.valid_mask(labels)
-        return None if valid is None else nn.functional.adaptive_avg_pool2d(valid, latent_shape[-2:])
+        weights = None if valid is None else nn.functional.adaptive_avg_pool2d(valid, latent_shape[-2:])
+        if self._config["foreground_weight"] != 1:
+            labels = labels if labels.ndim == 4 else labels[:, None]
+            foreground = (labels > 0).float() if valid is None else (labels > 0).float() * valid
+            foreground = nn.functional.adaptive_avg_pool2d(foreground, latent_shape[-2:])
+            emphasis = 1 + (self._config["foreground_weight"] - 1) * foreground
+            weights = emphasis if weights is None else weights * emphasis
+        return weights
 
     # ---- training
     def losses(self, image: torch.Tensor, target: torch.Tensor, noise: Optional[torch.Tensor] = None,
