@@ -1,8 +1,8 @@
 """nnU-Net's model-selection workflow with the diffusion trainers (issue 15): 5 folds of nnUNetTrainer,
 nnDiffSegTrainerGuided and nnDiffSegTrainerLatent (1 epoch x 2 iterations each, --npz; the latent one with its
-mask autoencoder stage), stock nnUNetv2_find_best_configuration over nnUNetTrainer and the guided trainer and
-ours over all three, prediction folders of nnUNetTrainer and the guided trainer ensembled by nnUNetv2_ensemble
-and nnDiffSeg_ensemble, and postprocessing.
+mask autoencoder stage in fold 0, which folds 1-4 take with --mask_vae), stock nnUNetv2_find_best_configuration
+over nnUNetTrainer and the guided trainer and ours over all three, prediction folders of nnUNetTrainer and the
+guided trainer ensembled by nnUNetv2_ensemble and nnDiffSeg_ensemble, and postprocessing.
 
 The folds train in one process (tests/cli.py run_batch, one import for all fifteen); what the short runs learn
 does not matter here, only that every file nnU-Net's tools read is there and what they write is right."""
@@ -31,9 +31,14 @@ def folds(tmp_path_factory):
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2)
     commands = [("nnDiffSeg_plan_and_preprocess", ["-d", DATASET_ID, *PLAN_QUICKLY])]
+    # the latent trainer runs its mask autoencoder stage in fold 0; folds 1-4 take that one with --mask_vae
+    stage = (root / "nnUNet_results" / raw.name / f"nnDiffSegTrainerMaskVAE__{PLANS}__2d" / "fold_0" /
+             "checkpoint_final.pth")
     for trainer in SELECTED_FROM:
-        extra = ["--clip_model", "random"] if trainer == "nnDiffSegTrainerGuided" else []
-        commands += [("nnDiffSeg_train", [DATASET_ID, "2d", f, "-tr", trainer, *RUN, *extra]) for f in range(5)]
+        for f in range(5):
+            extra = ["--clip_model", "random"] if trainer == "nnDiffSegTrainerGuided" else \
+                ["--mask_vae", stage] if trainer == "nnDiffSegTrainerLatent" and f > 0 else []
+            commands.append(("nnDiffSeg_train", [DATASET_ID, "2d", f, "-tr", trainer, *RUN, *extra]))
     ran = run_batch(root, "folds", commands, env)
     for (tool, args), result in zip(commands, ran):
         assert result.returncode == 0, (tool, args, result.stderr[-3000:])
