@@ -50,4 +50,3 @@ class nnDiffSegTrainerLatent_before(nnDiffSegTrainerLatent):
 class nnDiffSegTrainerMaskVAE_noDice(nnDiffSegTrainerMaskVAE):
     """The mask autoencoder without nnU-Net's Dice + CE on its decoded class scores (L1, CE and KL only)."""
     head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 0.0}
-
