@@ -6,8 +6,9 @@
 the mask autoencoder stage itself first when the fold has none (one command per fold). The ``_sd`` variants
 are SDSeg's recipe: Stable Diffusion's architecture (its weights load with ``--sd_weights``), a KL-f8 image
 encoder, latent losses only. The plain names use the compact architecture trained from scratch, with the
-image encoder taken from the U-Net nnU-Net planned, the latent factor chosen from the patch and a loss on the
-decoded mask (see ``nndiffseg.latent.segmenter``). The variant is part of the trainer name, as nnU-Net does
+image encoder taken from the U-Net nnU-Net planned, the latent factor chosen from the patch and the clean latent
+predicted at t = 999 (see ``nndiffseg.latent.segmenter``); ``_fgWeight4`` weighs lesion cells 4 times in the
+latent loss, for small lesions. The variant is part of the trainer name, as nnU-Net does
 for trainer variants, because nnU-Net rebuilds a network for prediction from the trainer class and the plans
 alone.
 """
