@@ -60,19 +60,23 @@ FIRST_LEVERS = ("+ decoded-mask loss (the default of the first rows)",
 EQUAL_TIME, EQUAL_TIME_RESULTS = "nnUNetTrainer (equal time)", "nnUNet_results_equal_time"
 
 
-def _epoch_curve(work: Path, results: str, dataset_name: str, trainer: str, offset_s: float = 0.0) -> list:
-    """[(cumulative training seconds, mean pseudo Dice)] per epoch, from nnU-Net's log."""
+def epoch_dice_per_class(work: Path, results: str, dataset_name: str, trainer: str) -> tuple:
+    """(epoch seconds, pseudo Dice per foreground class) per epoch, from nnU-Net's log."""
     fold = work / results / dataset_name / f"{trainer}__{PLANS}__2d" / "fold_0"
     text = "".join(log.read_text() for log in sorted(fold.glob("training_log_*.txt")))
-    dice = []
-    for listed in re.findall(r"Pseudo dice \[(.*?)\]", text):
-        values = [float(v) for v in re.findall(r"(?<![\w.])(\d+\.?\d*(?:e-?\d+)?)(?![\w(])", listed)]
-        dice.append(sum(values) / len(values))
+    dice = [[float(v) for v in re.findall(r"(?<![\w.])(\d+\.?\d*(?:e-?\d+)?)(?![\w(])", listed)]
+            for listed in re.findall(r"Pseudo dice \[(.*?)\]", text)]
+    return [float(s) for s in re.findall(r"Epoch time: ([\d.]+) s", text)], dice
+
+
+def _epoch_curve(work: Path, results: str, dataset_name: str, trainer: str, offset_s: float = 0.0) -> list:
+    """[(cumulative training seconds, mean pseudo Dice)] per epoch, from nnU-Net's log."""
+    seconds, dice = epoch_dice_per_class(work, results, dataset_name, trainer)
     times, total = [], offset_s
-    for seconds in re.findall(r"Epoch time: ([\d.]+) s", text):
-        total += float(seconds)
+    for s in seconds:
+        total += s
         times.append(total)
-    return [list(p) for p in zip(times, dice)]
+    return [[t, sum(d) / len(d)] for t, d in zip(times, dice)]
 
 
 def _prepare_stroke_fixture(work: Path, size: int, per_class: int) -> dict:
