@@ -12,6 +12,9 @@ one denoiser pass per sample and step); the seconds per image measured here are 
 
     python benchmarks/guided_uncertainty.py --work_dir /tmp/gu --max_size 128 --epochs 12 --iters 25
 
+``--variants`` adds guided training variants (benchmarks/guided_variant_trainers/: v prediction, a smaller
+denoiser), each trained like the guided trainer and predicted under ``--variant_settings``; ``--settings``
+keeps only some of the guided trainer's sampling settings.
 Every step runs in its own process; results.json in the work folder keeps what is done (--resume goes on).
 """
 import argparse
@@ -31,6 +34,7 @@ REPO = HERE.parents[1]
 DATASET_ID = 983  # isic_head_to_head._prepare converts the sample under this ID
 BASELINE, GUIDED, PRIOR = "nnUNetTrainer", "nnDiffSegTrainerGuided", "prior alone"
 EQUAL_TIME_RESULTS = "nnUNet_results_equal_time"
+VARIANTS_DIR = HERE.parent / "guided_variant_trainers"
 TWO_STAGE, TWO_STAGE_RESULTS = "two-stage guided", "nnUNet_results_two_stage"
 PLANS = "nnDiffSegPlans"
 # name -> inference options; the first is the checkpoint's own setting
@@ -86,7 +90,7 @@ def predict_and_score(work: Path, images: Path, labels: Path, out: Path, trainer
     from nndiffseg.evaluation.evaluate import evaluate_folders
     from nndiffseg.inference.predict import predict_folder
     torch.set_num_threads(os.cpu_count() or 1)
-    guided = trainer == GUIDED
+    guided = trainer.startswith(GUIDED)
     start = time.perf_counter()
     failures = predict_folder(str(images), str(out), DATASET_ID, "2d", trainer, PLANS, [0], device="cpu",
                               use_tta=False, save_probabilities=True, num_processes_export=0,
@@ -111,7 +115,7 @@ def _child(args: argparse.Namespace, work: Path) -> dict:
     if step == "train":
         trainer, epochs = rest[0], int(rest[1])
         os.environ["nnUNet_results"] = str(work / rest[2])
-        options = {"clip_model": "random"} if trainer == GUIDED else None
+        options = {"clip_model": "random"} if trainer.startswith(GUIDED) else None
         if len(rest) > 3:  # the two-stage way: a finished nnUNetTrainer fold as the frozen prior
             options.update(prior=rest[3], freeze_prior=True)
         return train_timed(DATASET_ID, trainer, epochs, args.iters, plans=PLANS, options=options)
@@ -142,6 +146,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     training = saved["training"]
     plan = [(BASELINE, args.epochs, "nnUNet_results"), (GUIDED, args.epochs, "nnUNet_results"),
             ("equal time", None, EQUAL_TIME_RESULTS)]
+    plan += [(variant, args.epochs, "nnUNet_results") for variant in args.variants]
     if args.two_stage_epochs:
         plan.append((TWO_STAGE, args.two_stage_epochs, TWO_STAGE_RESULTS))
     for trainer, epochs, results in plan:
@@ -166,7 +171,9 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     runs = [(f"{BASELINE} (same iterations)", BASELINE, "nnUNet_results", {}),
             (f"{BASELINE} (equal time)", BASELINE, EQUAL_TIME_RESULTS, {}),
             (f"{PRIOR} (guided model's U-Net)", BASELINE, "nnUNet_results_prior", {})]
-    runs += [(f"guided {name}", GUIDED, "nnUNet_results", options) for name, options in SETTINGS.items()]
+    runs += [(f"guided {name}", GUIDED, "nnUNet_results", SETTINGS[name]) for name in args.settings]
+    runs += [(f"{variant} {name}", variant, "nnUNet_results", SETTINGS[name])
+             for variant in args.variants for name in args.variant_settings]
     if TWO_STAGE in training:
         runs += [(f"{TWO_STAGE} {name}", GUIDED, TWO_STAGE_RESULTS, SETTINGS[name]) for name in args.two_stage_settings]
     for name, trainer, results, options in runs:
@@ -182,7 +189,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
 
 def choose_default(rows: dict) -> str:
     guided = {n: r for n, r in rows.items() if n.startswith("guided ") and
-              derived_ratio_256(SETTINGS[n[len("guided "):]]) <= TIME_LIMIT}
+              derived_ratio_256(SETTINGS[n[len("guided "):]]) <= TIME_LIMIT}  # the variants' rows are not candidates
     best = max(r["dice"] for r in guided.values())
     close = {n: r for n, r in guided.items() if r["dice"] >= best - DICE_TOLERANCE}
     return max(close, key=lambda n: close[n]["spread"]["pixel_auroc"])
@@ -197,6 +204,8 @@ def report(saved: dict, argv: list) -> str:
     minutes = {k: v["wall_s"] / 60 for k, v in training.items()}
 
     def ratio_256(name: str) -> str:
+        if name.startswith(GUIDED):  # a variant: the cost model holds for the default denoiser only
+            return "-"
         setting = name.split(" ", 1)[1] if name.startswith("guided ") else name[len(TWO_STAGE) + 1:]
         return f"{derived_ratio_256(SETTINGS[setting]):.1f}" if setting in SETTINGS else "1.0"
     two_stage = [] if TWO_STAGE not in training else [
@@ -209,7 +218,10 @@ def report(saved: dict, argv: list) -> str:
              f"Training: nnUNetTrainer {training[BASELINE]['epochs']} x {saved['iters']} iterations "
              f"({training[BASELINE]['s_per_iter']:.2f} s each), guided {training[GUIDED]['epochs']} x {saved['iters']} "
              f"({training[GUIDED]['s_per_iter']:.2f} s each, {training[GUIDED]['s_per_iter'] / training[BASELINE]['s_per_iter']:.1f}x), "
-             f"nnUNetTrainer at the guided run's time {training['equal time']['epochs']} x {saved['iters']}. "
+             + "".join(f"{v} {training[v]['epochs']} x {saved['iters']} ({training[v]['s_per_iter']:.2f} s each, "
+                       f"{training[v]['s_per_iter'] / training[BASELINE]['s_per_iter']:.1f}x), "
+                       for v in training if v.startswith(GUIDED) and v != GUIDED)
+             + f"nnUNetTrainer at the guided run's time {training['equal time']['epochs']} x {saved['iters']}. "
              f"Whole run {saved['wall_s'] / 60:.0f} min.", *two_stage, "",
              "| model / setting | Dice | vs nnU-Net equal time (Wilcoxon p) | ECE | Brier | uncertainty | pixel AUROC "
              "| overlap | case Spearman | AURC | s / image | x nnU-Net | x nnU-Net at 256² (derived) |",
@@ -240,10 +252,18 @@ def main(argv=None) -> int:
                         help="also train the guided trainer on the finished nnUNetTrainer fold as a frozen --prior")
     parser.add_argument("--two_stage_settings", nargs="+", default=["ddim-1 K3", "ddim-1 K5"],
                         help="sampling settings predicted with the two-stage model")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
+                        help="the guided trainer's sampling settings to predict with (default: all of SETTINGS)")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="TRAINER",
+                        help="guided trainer variants of benchmarks/guided_variant_trainers/ to train and predict")
+    parser.add_argument("--variant_settings", nargs="+", default=["ddim-1 K3"], choices=list(SETTINGS), metavar="SETTING",
+                        help="sampling settings predicted with each variant")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work_dir).resolve()
+    if args.variants:
+        os.environ["nnUNet_extTrainer"] = str(VARIANTS_DIR)  # the children inherit it
     if args._child:
         print(json.dumps(_child(args, work)))
         return 0
