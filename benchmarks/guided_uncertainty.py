@@ -15,6 +15,7 @@ one denoiser pass per sample and step); the seconds per image measured here are 
 ``--variants`` adds guided training variants (benchmarks/guided_variant_trainers/: v prediction, a smaller
 denoiser), each trained like the guided trainer and predicted under ``--variant_settings``; ``--settings``
 keeps only some of the guided trainer's sampling settings.
+
 Every step runs in its own process; results.json in the work folder keeps what is done (--resume goes on).
 """
 import argparse
