@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("ischemic", "hemorrhagic")
 
 
-def curves(work: Path, latent_trainers: list, iters: int) -> dict:
-    """{label: [(derived training seconds, [pseudo Dice per class])]} per epoch."""
+def curves(work: Path, latent_trainers: list, iters: int) -> tuple:
+    """({label: [(derived training seconds, [pseudo Dice per class])] per epoch}, the stage's seconds)."""
     saved = json.loads((work / "results.json").read_text())
     training = saved["training"]
+    if EQUAL_TIME not in training:
+        raise SystemExit(f"ERROR: {work / 'results.json'} has no '{EQUAL_TIME}' run")
     dataset_name = Path(saved["prepared"]["dataset"]).name
     stage_s = _train_s(training, MASK_STAGES[0], iters)
     runs = [(f"{BASELINE} (equal-time run)", EQUAL_TIME_RESULTS, BASELINE, BASELINE, 0.0)]
@@ -38,8 +40,6 @@ def curves(work: Path, latent_trainers: list, iters: int) -> dict:
         if not dice:
             raise SystemExit(f"ERROR: no pseudo Dice in the training log of {trainer} under {work / results}")
         out[label] = [(offset + (i + 1) * iters * training[clock]["s_per_iter"], d) for i, d in enumerate(dice)]
-    if EQUAL_TIME not in training:
-        raise SystemExit(f"ERROR: {work / 'results.json'} has no '{EQUAL_TIME}' run")
     return out, stage_s
 
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         print(f"ERROR: {work / 'results.json'} does not say the iterations per epoch: give --iters", file=sys.stderr)
         return 1
     data, stage_s = curves(work, args.latent, iters)
-    plot(data, stage_s, Path(args.figure), "synthetic brain CT" + (f", {saved['max_size']} px" if "max_size" in saved else ""))
+    title = "synthetic brain CT" + (f", {saved['max_size']} px" if "max_size" in saved else "")
+    plot(data, stage_s, Path(args.figure), title)
     for label, points in data.items():
         t, last = points[-1]
         print(f"{label}: {len(points)} epochs, {t / 60:.1f} min, last pseudo Dice "
