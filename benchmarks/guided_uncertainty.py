@@ -21,6 +21,7 @@ Every step runs in its own process; results.json in the work folder keeps what i
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -264,6 +265,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.work_dir).resolve()
     if args.variants:
+        defined = set(re.findall(r"^class (\w+)\(", "".join(f.read_text() for f in VARIANTS_DIR.glob("*.py")), re.M))
+        unknown = [v for v in args.variants if v not in defined]
+        if unknown:
+            print(f"ERROR: --variants {' '.join(unknown)}: not defined in {VARIANTS_DIR} (there: "
+                  f"{', '.join(sorted(defined))})", file=sys.stderr)
+            return 2
         os.environ["nnUNet_extTrainer"] = str(VARIANTS_DIR)  # the children inherit it
     if args._child:
         print(json.dumps(_child(args, work)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latent_levers import (BASELINE, EQUAL_TIME, EQUAL_TIME_RESULTS, LATENT, MASK_STAGES,  # noqa: E402,I001
-                           epoch_dice_per_class, _train_s)
+                           epoch_dice_per_class, trailing_mean, _train_s)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("ischemic", "hemorrhagic")
@@ -52,8 +52,7 @@ def plot(data: dict, stage_s: float, path: Path, title: str) -> None:
         for label, points in data.items():
             minutes = [t / 60 for t, _ in points]
             d = [per_class[k] for _, per_class in points]
-            mean3 = [sum(d[max(0, i - 2):i + 1]) / len(d[max(0, i - 2):i + 1]) for i in range(len(d))]
-            line, = ax.plot(minutes, mean3, linewidth=2, label=f"{label}: mean of the last 3 epochs")
+            line, = ax.plot(minutes, trailing_mean(d), linewidth=2, label=f"{label}: mean of the last 3 epochs")
             ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color())
         ax.axvspan(0, stage_s / 60, color="grey", alpha=0.12, label="latent trainers' mask autoencoder stage")
         ax.set_title(f"{title}: {name}")
