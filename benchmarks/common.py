@@ -67,18 +67,18 @@ def peak_mib(device: str = "cpu") -> float:
 
 
 def train_timed(dataset_id: int, trainer: str, epochs: int, iters: int, plans: str = "nnDiffSegPlans",
-                options: Optional[dict] = None, device: str = "cpu") -> dict:
+                options: Optional[dict] = None, device: str = "cpu", fold: int = 0) -> dict:
     from nndiffseg.run.train import train
     start = time.time()
-    train(dataset_id, "2d", 0, trainer, plans, device=device, num_epochs=epochs, iters_per_epoch=iters,
+    train(dataset_id, "2d", fold, trainer, plans, device=device, num_epochs=epochs, iters_per_epoch=iters,
           trainer_options=options or {})
     return {"wall_s": time.time() - start, "peak_mib": peak_mib(device)}
 
 
 def seconds_per_train_iter(work: Path, dataset_name: str, trainer: str, iters: int,
-                           plans: str = "nnDiffSegPlans", results: str = "nnUNet_results") -> float:
+                           plans: str = "nnDiffSegPlans", results: str = "nnUNet_results", fold: int = 0) -> float:
     """Median epoch time / training iterations, from nnU-Net's log (first epoch left out: warm-up)."""
-    fold = work / results / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
+    fold = work / results / dataset_name / f"{trainer}__{plans}__2d" / f"fold_{fold}"
     times = [float(m) for log in sorted(fold.glob("training_log_*.txt"))
              for m in re.findall(r"Epoch time: ([\d.]+) s", log.read_text())]
     return statistics.median(times[1:] or times) / iters

@@ -1,12 +1,13 @@
-"""Does the guided head's sample spread say where it is wrong, better than nnU-Net's own softmax? On the real
-ISIC sample (fold 0): nnUNetTrainer (at the guided run's iterations and at its training time), the guided
-trainer under several sampling settings, and the guided model's prior alone ("does diffusion matter"), each
+"""Does the guided head's uncertainty map say where it is wrong, better than nnU-Net's own softmax? On the real
+ISIC sample (fold 0, or --fold): nnUNetTrainer (at the guided run's iterations and at its training time), the
+guided trainer under several sampling settings, and the guided model's prior alone ("does diffusion matter"), each
 predicted with probabilities and (guided) uncertainty maps and scored by nnDiffSeg_evaluate's calibration and
 failure-detection metrics. Dice is compared case by case (Wilcoxon signed-rank) against nnUNetTrainer at
 equal time.
 
 Default rule (the issue's): among the guided settings within 0.5 Dice points of the best guided Dice, the best
-pixel AUROC of the spread, at no more than 10x nnU-Net's seconds per image at 256 x 256 on the CPU. That ratio is
+pixel AUROC of the uncertainty map (the samples' spread, or the total with the prior's variance: the settings
+named "... total"), at no more than 10x nnU-Net's seconds per image at 256 x 256 on the CPU. That ratio is
 derived from the cost model measured at 256 x 256 by benchmarks/guided_vs_nnunet.py (the prior once per image,
 one denoiser pass per sample and step); the seconds per image measured here are at the run's --max_size.
 
@@ -52,7 +53,11 @@ SETTINGS = {
     "ddim-1 K3": dict(sampler="ddim", steps=1, num_samples=3),
     "ddim-1 from prior@0.3 K3": dict(sampler="ddim", steps=1, strength=0.3, num_samples=3),
     "ddim-1 from prior@0.5 K3": dict(sampler="ddim", steps=1, strength=0.5, num_samples=3),
+    # the uncertainty that adds the prior's own variance to the samples' (the others: the samples' spread alone)
+    "ddim-1 K3 total": dict(sampler="ddim", steps=1, num_samples=3, uncertainty="total"),
+    "ddim-1 K5 total": dict(sampler="ddim", steps=1, num_samples=5, uncertainty="total"),
 }
+SETTINGS = {name: {"uncertainty": "spread", **options} for name, options in SETTINGS.items()}
 DICE_TOLERANCE = 0.005
 TIME_LIMIT = 10.0  # x nnU-Net's seconds per image at 256 x 256 on the CPU
 # Seconds per 256 x 256 image on the 2-core CPU, measured by benchmarks/guided_vs_nnunet.py (docs/benchmarks.md,
@@ -66,7 +71,7 @@ def derived_ratio_256(options: dict) -> float:
     return (GUIDED_FIXED_256 + PER_SAMPLE_STEP_256 * options["num_samples"] * options["steps"]) / NNUNET_256
 
 
-def _prior_alone_model(work: Path, dataset_name: str) -> None:
+def _prior_alone_model(work: Path, dataset_name: str, fold: int) -> None:
     """An nnUNetTrainer fold holding the guided model's prior (the same planned U-Net), in its own results
     folder, so nnU-Net's predictor predicts with the prior exactly as it would with a plain nnU-Net."""
     import shutil
@@ -74,17 +79,18 @@ def _prior_alone_model(work: Path, dataset_name: str) -> None:
     import torch
     source = work / "nnUNet_results" / dataset_name / f"{GUIDED}__{PLANS}__2d"
     target = work / "nnUNet_results_prior" / dataset_name / f"{BASELINE}__{PLANS}__2d"
-    (target / "fold_0").mkdir(parents=True, exist_ok=True)
+    (target / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     for f in ("dataset.json", "plans.json"):
         shutil.copy(source / f, target / f)
-    checkpoint = torch.load(source / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(source / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     checkpoint["network_weights"] = {k[len("prior."):]: v for k, v in checkpoint["network_weights"].items()
                                      if k.startswith("prior.")}
     checkpoint["trainer_name"] = BASELINE
-    torch.save(checkpoint, target / "fold_0" / "checkpoint_final.pth")
+    torch.save(checkpoint, target / f"fold_{fold}" / "checkpoint_final.pth")
 
 
-def predict_and_score(work: Path, images: Path, labels: Path, out: Path, trainer: str, options: dict) -> dict:
+def predict_and_score(work: Path, images: Path, labels: Path, out: Path, trainer: str, options: dict,
+                      fold: int) -> dict:
     """nnDiffSeg_predict's predict_folder with probabilities (and uncertainty maps for the guided trainer), timed
     per image end to end, then nnDiffSeg_evaluate's summary."""
     import torch
@@ -94,7 +100,7 @@ def predict_and_score(work: Path, images: Path, labels: Path, out: Path, trainer
     torch.set_num_threads(os.cpu_count() or 1)
     guided = trainer.startswith(GUIDED)
     start = time.perf_counter()
-    failures = predict_folder(str(images), str(out), DATASET_ID, "2d", trainer, PLANS, [0], device="cpu",
+    failures = predict_folder(str(images), str(out), DATASET_ID, "2d", trainer, PLANS, [fold], device="cpu",
                               use_tta=False, save_probabilities=True, num_processes_export=0,
                               inference_options=options if guided else None, save_uncertainty=guided)
     seconds = (time.perf_counter() - start) / len(list(images.glob("*.png")))
@@ -113,20 +119,20 @@ def _child(args: argparse.Namespace, work: Path) -> dict:
     step, *rest = args._child
     if step == "prepare":
         from isic_head_to_head import _prepare
-        return _prepare(work, Path(args.isic_sample), args.max_size, 0)
+        return _prepare(work, Path(args.isic_sample), args.max_size, args.fold)
     if step == "train":
         trainer, epochs = rest[0], int(rest[1])
         os.environ["nnUNet_results"] = str(work / rest[2])
         options = {"clip_model": "random"} if trainer.startswith(GUIDED) else None
         if len(rest) > 3:  # the two-stage way: a finished nnUNetTrainer fold as the frozen prior
             options.update(prior=rest[3], freeze_prior=True)
-        return train_timed(DATASET_ID, trainer, epochs, args.iters, plans=PLANS, options=options)
+        return train_timed(DATASET_ID, trainer, epochs, args.iters, plans=PLANS, options=options, fold=args.fold)
     if step == "prior":
-        _prior_alone_model(work, rest[0])
+        _prior_alone_model(work, rest[0], args.fold)
         return {}
     trainer, results, images, labels, out, options = rest[0], rest[1], *map(Path, rest[2:5]), json.loads(rest[5])
     os.environ["nnUNet_results"] = str(work / results)
-    return predict_and_score(work, images, labels, out, trainer, options)
+    return predict_and_score(work, images, labels, out, trainer, options, args.fold)
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
@@ -141,7 +147,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
         (work / "results.json").write_text(json.dumps(saved, indent=1))
 
     forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size,
-                 "--iters", args.iters]
+                 "--iters", args.iters, "--fold", args.fold]
     prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
     save()
     dataset_name = Path(prepared["dataset"]).name
@@ -160,12 +166,12 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
             name, epochs = BASELINE, max(1, round(args.epochs * ratio))
         if trainer == TWO_STAGE:
             name = GUIDED
-            extra = [work / "nnUNet_results" / dataset_name / f"{BASELINE}__{PLANS}__2d" / "fold_0" /
+            extra = [work / "nnUNet_results" / dataset_name / f"{BASELINE}__{PLANS}__2d" / f"fold_{args.fold}" /
                      "checkpoint_final.pth"]
         print(f"training {trainer}: {epochs} epochs x {args.iters} iterations", flush=True)
         result = run_child(HERE, work, "train", name, epochs, results, *extra, options=forwarded)
         result.update(epochs=epochs, s_per_iter=seconds_per_train_iter(work, dataset_name, name, args.iters,
-                                                                         plans=PLANS, results=results))
+                                                                         plans=PLANS, results=results, fold=args.fold))
         training[trainer] = result
         save()
     if not (work / "nnUNet_results_prior").exists():
@@ -250,6 +256,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_isic_sample_arguments(parser, REPO)
+    parser.add_argument("--fold", type=int, default=0, choices=range(5), help="the cross-validation fold to train")
     parser.add_argument("--two_stage_epochs", type=int, default=0,
                         help="also train the guided trainer on the finished nnUNetTrainer fold as a frozen --prior")
     parser.add_argument("--two_stage_settings", nargs="+", default=["ddim-1 K3", "ddim-1 K5"],

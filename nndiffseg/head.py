@@ -4,8 +4,8 @@ the loss and the sampling loop live in the head).
 - ``forward(image, target)`` in train mode returns the losses (a dict with ``loss``), so training goes
   through ``forward`` and DistributedDataParallel's hooks see every parameter that is used; in eval mode
   ``forward(image)`` returns class scores (B, C, H, W), what nnU-Net's predictor and validation expect.
-- ``predict_with_uncertainty(image)`` returns the scores and the per-pixel spread of the samples (None for a
-  head that draws one deterministic sample) in one call.
+- ``predict_with_uncertainty(image)`` returns the scores and the per-pixel uncertainty map (None for a head
+  that draws one deterministic sample) in one call.
 - The head's config holds every setting that decides what a checkpoint predicts (prediction type, noise
   schedule, sampler defaults, ...). Like diffusers' ``register_to_config``, it is set when the head is
   built; unlike a diffusers model it travels *inside* the state dict (torch's ``get_extra_state``), because

@@ -14,7 +14,7 @@ from torch import nn
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
-from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, uncertainty
+from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, total_uncertainty, uncertainty, uncertainty_map
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, SAMPLING_DEFAULTS, GuidedSegmenter
 from nndiffseg.sampling import sampling_scheduler, training_scheduler
@@ -215,6 +215,23 @@ def test_mean_fusion_and_uncertainty_by_hand():
     assert (uncertainty(identical) == 0).all()
 
 
+def test_total_uncertainty_adds_the_priors_variance_to_the_samples_by_hand():
+    samples = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.0, 1.0]]).view(3, 1, 2, 1, 1).expand(3, 1, 2, 2, 3)
+    prior = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1).expand(1, 2, 2, 3)
+    # per class: the samples' variance 0.14 (see above) + the prior's 0.8 x 0.2 = 0.16
+    torch.testing.assert_close(total_uncertainty(samples, prior), torch.full((1, 2, 3), 0.30 ** 0.5))
+    # samples that all agree: the prior's doubt alone; a sure prior: the samples' spread alone
+    identical = _one_hot_samples([np.eye(2, 3, dtype=int)] * 4)
+    torch.testing.assert_close(total_uncertainty(identical, prior), torch.full((1, 2, 3), 0.16 ** 0.5))
+    sure = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 3)
+    torch.testing.assert_close(total_uncertainty(samples, sure), uncertainty(samples))
+    assert (total_uncertainty(identical, sure) == 0).all()
+    torch.testing.assert_close(uncertainty_map(samples, prior, "total"), total_uncertainty(samples, prior))
+    torch.testing.assert_close(uncertainty_map(samples, prior, "spread"), uncertainty(samples))
+    with pytest.raises(ValueError, match="unknown uncertainty 'entropy', choose one of spread, total"):
+        uncertainty_map(samples, prior, "entropy")
+
+
 def test_staple_by_hand():
     a = np.array([[1, 1, 0], [0, 0, 0]])
     b = np.array([[1, 0, 0], [0, 0, 0]])
@@ -300,6 +317,13 @@ def test_eval_forward_gives_log_fused_probabilities_and_train_forward_the_losses
     both = segmenter.predict_with_uncertainty(image)
     torch.testing.assert_close(both[0], scores)
     torch.testing.assert_close(both[1], uncertainty(samples))
+    segmenter.set_inference_options(uncertainty="total")
+    prior_probabilities = torch.softmax(segmenter.prior(image), dim=1)
+    scores_total, total, samples_again = segmenter.predict_with_samples(image)
+    torch.testing.assert_close(scores_total, scores)
+    torch.testing.assert_close(samples_again, samples)
+    torch.testing.assert_close(total, total_uncertainty(samples, prior_probabilities))
+    assert (total >= both[1]).all()
     segmenter.train()
     labels = torch.randint(0, 3, (1, 1, 16, 16))
     noise, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
@@ -430,6 +454,7 @@ def test_inference_options_are_checked_before_they_are_set():
                          ({"sampler": "euler"}, "unknown sampler"),
                          ({"num_samples": 0}, "--num_samples must be at least 1"),
                          ({"fusion": "vote"}, "unknown fusion"),
+                         ({"uncertainty": "entropy"}, "unknown uncertainty"),
                          ({"strength": 0}, "start strength must be in"),
                          ({"eta": 1.5}, "eta must be in"),
                          ({"eta": 0.5}, "the dpmsolver sampler takes none")):
@@ -513,8 +538,8 @@ def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSe
 def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_it_is_sure():
     """A tiny guided head trained with the trainer's default settings (300 steps, about 25 s on one thread),
     then sampled at the default: one DDIM step, 3 samples. Where the label is a coin flip the samples split;
-    on the sure block and the background they agree. The spread comes from how the trained network answers
-    its noise input (an exact posterior-mean x0 model would give no spread at one step: see the test above);
+    on the sure block and the background they agree; the default map (total) is high on the coin flip too.
+    The spread comes from how the trained network answers its noise input (an exact posterior-mean x0 model would give no spread at one step: see the test above);
     training leaves that answer noise-dependent where the target itself is. Measured with 8 samples over seeds
     0-3 after 200 to 1000 steps (and benchmarks/guided_toy_doubt.py): spread 0.11-0.21 on the coin-flip block
     against 0.01-0.03 elsewhere, all 8 thresholded samples agreeing on 0-26 % of the coin-flip pixels and on
@@ -522,13 +547,18 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     segmenter, rng = trained_square_head(TRAINER_HEAD_SETTINGS, seed=0, steps=300)
     images, _ = _square_cases(rng, 4)
     with torch.no_grad():
-        samples = segmenter.predict_samples(images)[:, :, 1]  # (K, B, H, W) foreground probability
-        _, spread = segmenter.predict_with_uncertainty(images)
+        _, total, all_samples = segmenter.predict_with_samples(images)
+    samples = all_samples[:, :, 1]  # (K, B, H, W) foreground probability
     assert samples.shape[0] == SAMPLING_DEFAULTS["num_samples"] == 3
     unsure = torch.zeros(16, 16, dtype=torch.bool)
     unsure[5:11, 2:7] = True
+    spread = uncertainty(all_samples)
     on_unsure, elsewhere = spread[:, unsure].mean().item(), spread[:, ~unsure].mean().item()
     assert on_unsure > 0.08 and on_unsure > 4 * elsewhere, (on_unsure, elsewhere)
+    # the default map (total) adds the prior's doubt, which the coin-flip block has too
+    assert SAMPLING_DEFAULTS["uncertainty"] == "total"
+    on_unsure, elsewhere = total[:, unsure].mean().item(), total[:, ~unsure].mean().item()
+    assert on_unsure > spread[:, unsure].mean().item() and on_unsure > 4 * elsewhere, (on_unsure, elsewhere)
     foreground = samples > 0.5
     agree = (foreground == foreground[0]).all(0)  # (B, H, W)
     assert agree[:, ~unsure].float().mean() >= 0.98, agree[:, ~unsure].float().mean()

@@ -49,7 +49,8 @@ PREDICTIONS = {
     "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--seed", 1],
     "never": ["--num_samples", 0],
     "uncertainty3": ["--save_uncertainty", "--save_samples"],
-    "uncertainty1": ["--save_uncertainty", "--num_samples", 1, "--save_samples"],
+    "uncertainty3_spread": ["--save_uncertainty", "--uncertainty", "spread"],
+    "uncertainty1": ["--save_uncertainty", "--num_samples", 1, "--save_samples", "--uncertainty", "spread"],
 }
 
 
@@ -159,22 +160,30 @@ def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided, prediction
     (Where they differ is asserted on a toy head whose labels are partly a coin flip, in tests/test_guided_heads.py,
     and measured on real data in docs/benchmarks.md, "Guided uncertainty"; this model's toy discs have no such
     ambiguity, and after 40 iterations its samples differ about as little near the borders as away from them.)"""
-    spread, single = (_predicted(guided, predictions, name) for name in ("uncertainty3", "uncertainty1"))
+    total_run, spread_run, single = (_predicted(guided, predictions, name)
+                                     for name in ("uncertainty3", "uncertainty3_spread", "uncertainty1"))
+    assert json.loads((spread_run / "nndiffseg_predict_args.json").read_text())["inference_options"] == \
+        {"uncertainty": "spread"}
     cases = [f.name[:-len("_0000.png")] for f in sorted((guided["raw"] / "imagesTs").glob("*_0000.png"))]
     for case in cases:
-        u = np.load(spread / "uncertainty" / f"{case}.npz")["uncertainty"]
-        assert u.shape == (1, 48, 64) and u.min() >= 0 and u.max() <= 0.5 + 1e-6  # std of values in [0, 1]
-        assert Image.open(spread / "uncertainty" / f"{case}.png").size[0] >= 2 * 400  # overlay + heat map, enlarged
-        assert u.max() > 0  # the 3 samples are not identical
+        spread = np.load(spread_run / "uncertainty" / f"{case}.npz")["uncertainty"]
+        assert spread.shape == (1, 48, 64) and spread.min() >= 0 and spread.max() <= 0.5 + 1e-6  # std in [0, 1]
+        assert spread.max() > 0  # the 3 samples are not identical
+        # the default map (total): the same samples (same seed) with the prior's variance added, so never less,
+        # and at most sqrt(0.25 + 0.25)
+        total = np.load(total_run / "uncertainty" / f"{case}.npz")["uncertainty"]
+        assert (total >= spread - 1e-5).all() and total.max() <= 0.5 ** 0.5 + 1e-6 and (total > spread + 1e-3).any()
+        assert Image.open(total_run / "uncertainty" / f"{case}.png").size[0] >= 2 * 400  # overlay + map, enlarged
         assert not (np.load(single / "uncertainty" / f"{case}.npz")["uncertainty"]).any()  # one sample: no spread
         # --save_samples: with one sample, that sample's label map is the prediction
         np.testing.assert_array_equal(np.array(Image.open(single / "samples" / "sample_0" / f"{case}.png")),
                                       np.array(Image.open(single / f"{case}.png")))
-    assert sorted(p.name for p in (spread / "samples").iterdir()) == ["sample_0", "sample_1", "sample_2"]
-    for folder in (spread / "samples").iterdir():  # each a complete prediction folder
+    assert sorted(p.name for p in (total_run / "samples").iterdir()) == ["sample_0", "sample_1", "sample_2"]
+    for folder in (total_run / "samples").iterdir():  # each a complete prediction folder
         assert sorted(f.name for f in folder.iterdir()) == sorted([f"{c}.png" for c in cases] + [
             "dataset.json", "nndiffseg_predict_args.json", "plans.json"])
-    samples = [np.array(Image.open(spread / "samples" / f"sample_{k}" / f"{c}.png")) for k in range(3) for c in cases]
+    samples = [np.array(Image.open(total_run / "samples" / f"sample_{k}" / f"{c}.png"))
+               for k in range(3) for c in cases]
     assert any((a != b).any() for a, b in zip(samples[:len(cases)], samples[len(cases):]))  # they differ
 
 

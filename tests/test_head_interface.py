@@ -155,11 +155,12 @@ def test_a_checkpoint_saved_before_a_setting_existed_loads_with_the_value_that_r
     image = torch.randn(1, 1, 16, 16)
     expected = trained(image)
     state = trained.state_dict()
-    for added in ("eta", "strength"):  # settings added after the first checkpoints were saved
+    for added in ("eta", "strength", "uncertainty"):  # settings added after the first checkpoints were saved
         del state["_extra_state"]["config"][added]
-    rebuilt = _guided(eta=0.5, strength=0.4).eval()
+    rebuilt = _guided(eta=0.5, strength=0.4, uncertainty="total").eval()
     rebuilt.load_state_dict(state)
     assert rebuilt.setting("eta") == 0.0 and rebuilt.setting("strength") == 1.0
+    assert rebuilt.setting("uncertainty") == "spread"
     torch.testing.assert_close(rebuilt(image), expected)
 
 

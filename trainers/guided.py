@@ -40,7 +40,8 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300
     # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). Sampling
     # (SAMPLING_DEFAULTS, one DDIM step x 3 samples): on the real ISIC sample every stochastic or multi-step
-    # sampler lost Dice, and 3 samples are what fits 10x nnU-Net's time (benchmarks/guided_uncertainty.py).
+    # sampler lost Dice, and 3 samples are what fits 10x nnU-Net's time; the map adds the prior's variance to the
+    # samples' ("total": a better pixel AUROC than the spread alone in three runs; benchmarks/guided_uncertainty.py).
     head_settings = dict(prediction_type="sample", schedule="linear", fusion="mean", prior_weight=10.0,
                          **SAMPLING_DEFAULTS)
     option_names = ("seed", "clip_model", "prompts", "prior", "freeze_prior")

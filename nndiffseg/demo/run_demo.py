@@ -117,13 +117,15 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     source = "spread" if guided else "entropy"
     detection = summary["uncertainty"][source]["all_labels"]
     print(f"  mean Dice on {len(summary['cases'])} held-out cases: {summary['mean']['dice']:.3f}; the uncertainty "
-          f"({'spread of the samples' if guided else 'entropy of the softmax'}) tells wrong pixels from right ones "
+          f"({'the prior and the samples' spread' if guided else 'entropy of the softmax'}) tells wrong pixels from "
+          f"right ones "
           f"with AUROC {detection['pixel_auroc']:.3f} (0.5: chance, 1: perfect)")
     print(f"  predictions:  {predictions}")
     print(f"  summary:      {predictions / 'summary.json'} (figures: {predictions / FIGURES_FOLDER})")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
     if guided:
-        print(f"  uncertainty:  {predictions / 'uncertainty'} (spread of the samples per pixel, .npz and PNG)")
+        print(f"  uncertainty:  {predictions / 'uncertainty'} (per pixel, .npz and PNG; 0: the prior is sure and all "
+              f"samples agree)")
     print(f"  model:        {out / 'nnUNet_results'}")
     return summary
 

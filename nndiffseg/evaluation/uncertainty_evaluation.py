@@ -5,7 +5,8 @@ per case what the dataset-level numbers need, and pool them.
 Uncertainty sources, each scored by the same code:
 - ``entropy``: the normalised entropy of the predicted probabilities (nnU-Net's softmax for nnU-Net's
   trainers; the fused samples' probabilities for the guided trainers);
-- ``spread``: the guided trainers' sample spread, as written by ``nnDiffSeg_predict --save_uncertainty``.
+- ``spread``: the guided trainers' uncertainty map, as written by ``nnDiffSeg_predict --save_uncertainty`` (a
+  standard deviation: the samples' spread, or the total that adds the prior's variance; ``--uncertainty``).
 """
 import os
 import zlib

@@ -1,5 +1,5 @@
-"""Fusing K diffusion samples of class probabilities (K, B, C, *spatial) into one (B, C, *spatial), and their
-spread as a per-pixel uncertainty.
+"""Fusing K diffusion samples of class probabilities (K, B, C, *spatial) into one (B, C, *spatial), and the
+per-pixel uncertainty: the samples' spread alone, or the total that adds the prior's own variance.
 
 ``mean``: the average of the samples' probabilities (with near one-hot samples, the vote fraction).
 ``staple``: SimpleITK's STAPLE (Warfield et al., 2004), the fusion MedSegDiff uses. Each sample is one
@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 FUSIONS = ("mean", "staple")
+UNCERTAINTIES = ("spread", "total")
 _EPS = 1e-6
 
 
@@ -59,3 +60,23 @@ def uncertainty(samples: torch.Tensor) -> torch.Tensor:
     unlike the entropy of the fused probabilities, which is also high where every sample is unsure; for
     two classes it is at most 0.5, reached where half the samples say each class."""
     return samples.std(dim=0, correction=0).mean(dim=1)
+
+
+def total_uncertainty(samples: torch.Tensor, prior_probabilities: torch.Tensor) -> torch.Tensor:
+    """(K, B, C, *spatial) samples and the prior's (B, C, *spatial) probabilities -> (B, *spatial): per class
+    sqrt(p (1 - p) + variance of the samples), averaged over classes, where p (1 - p) is the variance of the
+    class's label when the prior's probability p is read as a coin. The samples alone miss the prior's doubt
+    wherever they all follow it (a one-step sampler mostly does); the prior alone misses the samples' doubt.
+    In the same units as ``uncertainty`` (a standard deviation), so folds pool the same way; 0 only where the
+    prior is sure and every sample agrees, at most sqrt(0.5) for two classes."""
+    prior_variance = prior_probabilities * (1 - prior_probabilities)
+    return (prior_variance + samples.var(dim=0, correction=0)).sqrt().mean(dim=1)
+
+
+def uncertainty_map(samples: torch.Tensor, prior_probabilities: torch.Tensor, measure: str = "spread") -> torch.Tensor:
+    """(B, *spatial) uncertainty of one of UNCERTAINTIES."""
+    if measure == "spread":
+        return uncertainty(samples)
+    if measure == "total":
+        return total_uncertainty(samples, prior_probabilities)
+    raise ValueError(f"unknown uncertainty '{measure}', choose one of {', '.join(UNCERTAINTIES)}")

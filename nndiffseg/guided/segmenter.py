@@ -12,8 +12,9 @@ Dice + CE with deep supervision, set by the trainer). The prior's probabilities 
 undetached, as in GuidedDiff, which trains both end to end; a frozen prior (``freeze_prior``) gets neither
 its own loss nor the diffusion loss's gradient.
 Prediction: the prior and the text condition are computed once per image; K samples run as one batch
-through DDPM / DDIM / DPM-Solver++ from seeded noise; the samples are fused (mean or STAPLE) and their
-spread is the uncertainty.
+through DDPM / DDIM / DPM-Solver++ from seeded noise; the samples are fused (mean or STAPLE). The
+uncertainty (``uncertainty``) is their spread, or the total: the prior's own variance added to the
+samples' (``fusion.total_uncertainty``).
 """
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from nndiffseg.guided.denoiser import GuidedDenoiser
-from nndiffseg.guided.fusion import FUSIONS, fuse, uncertainty
+from nndiffseg.guided.fusion import FUSIONS, UNCERTAINTIES, fuse, uncertainty_map
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.head import DiffusionHead
 from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, check_start, denoise,
@@ -32,16 +33,16 @@ from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedu
 PROBABILITY_FLOOR = 1e-4
 # The sampling nnDiffSegTrainerGuided trains new models with (chosen by measurement: docs/benchmarks.md,
 # "Guided uncertainty"); a checkpoint keeps the settings it was trained with.
-SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3)
+SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3, uncertainty="total")
 DEFAULTS = dict(prediction_type="epsilon", schedule="linear", sampler="ddim", steps=50, num_samples=5,
                 fusion="mean", seed=0, eta=0.0, strength=1.0, prior_weight=10.0, freeze_prior=False,
-                ignore_label=None, clip_model=None, prompts=None)
+                ignore_label=None, clip_model=None, prompts=None, uncertainty="spread")
 
 
 class GuidedSegmenter(DiffusionHead):
     architecture_settings = ("num_classes", "conditioning", "text_dim")
-    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed", "eta", "strength")
-    added_settings = {"eta": 0.0, "strength": 1.0}
+    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed", "eta", "strength", "uncertainty")
+    added_settings = {"eta": 0.0, "strength": 1.0, "uncertainty": "spread"}
     has_uncertainty = True
 
     def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, **settings):
@@ -66,6 +67,8 @@ class GuidedSegmenter(DiffusionHead):
             raise ValueError(f"--num_samples must be at least 1, got {config['num_samples']}")
         if config["fusion"] not in FUSIONS:
             raise ValueError(f"unknown fusion '{config['fusion']}', choose one of {', '.join(FUSIONS)}")
+        if config["uncertainty"] not in UNCERTAINTIES:
+            raise ValueError(f"unknown uncertainty '{config['uncertainty']}', choose one of {', '.join(UNCERTAINTIES)}")
 
     def set_inference_options(self, **options) -> None:
         """As the base class; an explicit ``eta`` > 0 needs DDIM (the checkpoint's own eta is simply not used by
@@ -179,6 +182,13 @@ class GuidedSegmenter(DiffusionHead):
         """(K, B, num_classes, H, W) class probabilities of K samples for each image; the defaults are the
         settings in force. The same seed gives the same samples. ``strength`` < 1 starts from the prior's
         probabilities (as a mask in [-1, 1]) noised to about strength x 1000 instead of from pure noise."""
+        return self._sample_with_prior(image, num_samples, sampler, steps, seed, eta, strength)[0]
+
+    @torch.no_grad()
+    def _sample_with_prior(self, image: torch.Tensor, num_samples: Optional[int] = None,
+                           sampler: Optional[str] = None, steps: Optional[int] = None, seed: Optional[int] = None,
+                           eta: Optional[float] = None, strength: Optional[float] = None):
+        """(the samples as ``sample`` returns them, the prior's probabilities (B, num_classes, H, W))."""
         num_samples = self.setting("num_samples") if num_samples is None else num_samples
         sampler = self.setting("sampler") if sampler is None else sampler
         steps = self.setting("steps") if steps is None else steps
@@ -202,21 +212,19 @@ class GuidedSegmenter(DiffusionHead):
             start = torch.full((shape[0],), start_timestep(scheduler), device=image.device)
             x = scheduler.add_noise((2 * prior_probs - 1).repeat(num_samples, 1, 1, 1), x, start)
         x = denoise(scheduler, lambda x_t, t: self.denoiser.predict(x_t, t, condition, text), x, generator, eta)
-        return mask_to_probabilities(x).reshape((num_samples, batch) + x.shape[1:])
+        return mask_to_probabilities(x).reshape((num_samples, batch) + x.shape[1:]), prior_probs
 
     def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class scores (B, num_classes, H, W), uncertainty (B, H, W)) with the settings in force; the
         scores are the log of the fused probabilities, floored at PROBABILITY_FLOOR."""
-        return self.scores_and_uncertainty(self.predict_samples(image))
+        return self.predict_with_samples(image)[:2]
 
-    def predict_samples(self, image: torch.Tensor) -> torch.Tensor:
-        """(K, B, num_classes, H, W) class probabilities of the K samples, with the settings in force."""
-        return self.sample(image)
-
-    def scores_and_uncertainty(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``predict_with_uncertainty`` makes of the samples: log fused probabilities and their spread."""
+    def predict_with_samples(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``predict_with_uncertainty``'s scores and uncertainty, and the samples they were made of."""
+        samples, prior_probs = self._sample_with_prior(image)
         fused = fuse(samples, self.setting("fusion"))
-        return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty(samples)
+        uncertainty = uncertainty_map(samples, prior_probs, self.setting("uncertainty"))
+        return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty, samples
 
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One sample per patch with the configured sampler (K samples would make epochs long)."""

@@ -180,7 +180,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     that failed (empty when all worked). ``use_tta`` None: the trainer's default (mirroring for nnU-Net's
     trainers; off for the iterative diffusion trainers, where it costs 4x). ``inference_options`` (e.g.
     {"steps": 10}) go to a diffusion network's ``set_inference_options``; networks without it refuse them.
-    ``save_uncertainty``: also write the samples' spread per pixel (networks that sample: the guided
+    ``save_uncertainty``: also write the uncertainty per pixel (networks that sample: the guided
     trainers) under ``uncertainty/``; ``save_samples``: also each sample's label map, as the prediction folders
     ``samples/sample_K/``."""
     check_nnunet_paths("nnUNet_results")
@@ -267,8 +267,9 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                        dataset_json, output_path, case)
                     export_atomically(*args)
                     if save_uncertainty:
+                        head = getattr(predictor.network, "_orig_mod", predictor.network)
                         export_uncertainty(uncertainty, properties, predictor.configuration_manager,
-                                           predictor.plans_manager, files, output_path, case)
+                                           predictor.plans_manager, files, output_path, case, head.setting("uncertainty"))
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
                     if os.environ.get(HOOK_ENV):
@@ -349,6 +350,9 @@ def predict_entry() -> None:
     diffusion.add_argument("--strength", type=float, default=None,
                            help="guided trainers: start from the prior's mask noised to about STRENGTH x 1000 "
                                 "instead of from pure noise (1) (the checkpoint's)")
+    diffusion.add_argument("--uncertainty", choices=("spread", "total"), default=None,
+                           help="guided trainers: the uncertainty map: the samples' spread, or total (the prior's "
+                                "own variance added to the samples'; new models: total) (the checkpoint's)")
     diffusion.add_argument("--seed", type=int, default=None,
                            help="seed of the sampling noise (the checkpoint's: 0; the same seed gives the same "
                                 "output)")
@@ -356,15 +360,16 @@ def predict_entry() -> None:
                            help="guided trainers: also write each sample's label map; OUT/samples/sample_K/ is then a "
                                 "prediction folder per sample (K = 0 .. num_samples - 1, times the folds)")
     diffusion.add_argument("--save_uncertainty", action="store_true",
-                           help="guided trainers: write the per-pixel spread of the samples to OUT/uncertainty/CASE.npz, "
-                                "and for 2D images a PNG with the prediction and the uncertainty map")
+                           help="guided trainers: write the per-pixel uncertainty (--uncertainty) to "
+                                "OUT/uncertainty/CASE.npz, and for 2D images a PNG with the prediction and the map")
     args = parser.parse_args()
 
     def main() -> int:
         if args.device == "cpu":
             torch.set_num_threads(cpu_threads())
         options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
-                   "fusion": args.fusion, "seed": args.seed, "eta": args.eta, "strength": args.strength}
+                   "fusion": args.fusion, "seed": args.seed, "eta": args.eta, "strength": args.strength,
+                   "uncertainty": args.uncertainty}
         failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
                                   False if args.disable_tta else (True if args.enable_tta else None), args.step_size, args.save_probabilities,
                                   args.continue_prediction, args.nps, options, args.save_uncertainty,

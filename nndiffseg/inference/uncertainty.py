@@ -29,8 +29,7 @@ def _tile_prediction(head: torch.nn.Module, tile: torch.Tensor, keep_samples: bo
     """(scores, spread, samples or None) of one tile: the samples' probabilities (K, B, C, *tile) too when asked."""
     if not keep_samples:
         return (*head.predict_with_uncertainty(tile), None)
-    samples = head.predict_samples(tile)
-    return (*head.scores_and_uncertainty(samples), samples)
+    return head.predict_with_samples(tile)
 
 
 @torch.inference_mode()
@@ -109,8 +108,13 @@ class UncertaintyPredictor(nnUNetPredictor):
         return scores / n, pooled.spread().numpy(), torch.cat(samples) if keep_samples else None
 
 
+# the picture's title per uncertainty measure (GuidedSegmenter's ``uncertainty`` setting)
+MEASURE_TITLES = {"spread": "spread of the samples; 0: all agree",
+                  "total": "prior's and samples' spread; 0: the prior is sure and all samples agree"}
+
+
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,
-                       image_files: List[str], output_folder: Path, case: str) -> None:
+                       image_files: List[str], output_folder: Path, case: str, measure: str = "spread") -> None:
     """The uncertainty map back in the image's geometry (nnU-Net's resampling of probabilities, cropping
     reverted) as ``uncertainty/CASE.npz`` (float32 ``uncertainty``) and, for 2D images, a PNG beside it:
     the image with the predicted contours and the map as a heat panel."""
@@ -124,7 +128,7 @@ def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_
     full = full.transpose(plans_manager.transpose_backward)
     label_file = output_folder / f"{case}.png"
     save_uncertainty_map(full, output_folder, case, image_files[0], label_file,
-                         "prediction and uncertainty (spread of the samples; 0: all agree)")
+                         f"prediction and uncertainty ({MEASURE_TITLES[measure]})")
 
 
 def save_uncertainty_map(full: np.ndarray, output_folder: Path, case: str, image_file: Optional[str],
