@@ -1,11 +1,10 @@
 """The uncertainty of an ensemble (fold models of one trainer, or prediction folders of several trainers).
 
-Each member m gives class probabilities p_m (C, *spatial) and a per-pixel spread u_m: the guided heads' uncertainty
-map, a standard deviation (``nndiffseg.guided.fusion``: the spread across samples of each class probability,
-averaged over classes, or the total that adds the prior's own variance to it), 0 for a member that does not
-sample (nnU-Net's trainers). The ensemble's
-spread treats the samples of all members as one set, so the spread across members adds to the spread within
-them (the law of total variance), per class c:
+Each member m gives class probabilities p_m (C, *spatial) and a per-pixel spread u_m: the guided heads'
+uncertainty map, a standard deviation (``nndiffseg.guided.fusion``: the spread across samples of each class
+probability, averaged over classes, or the total that adds the prior's own variance to it), 0 for a member
+that does not sample (nnU-Net's trainers). The ensemble's spread treats the samples of all members as one
+set, so the spread across members adds to the spread within them (the law of total variance), per class c:
 
     spread = mean_c sqrt( mean_m u_m^2 + var_m p_m,c )
 
