@@ -56,8 +56,11 @@ SETTINGS = {
     # the uncertainty that adds the prior's own variance to the samples' (the others: the samples' spread alone)
     "ddim-1 K3 total": dict(sampler="ddim", steps=1, num_samples=3, uncertainty="total"),
     "ddim-1 K5 total": dict(sampler="ddim", steps=1, num_samples=5, uncertainty="total"),
+    # the samples' mean averaged with the prior's probabilities (the others: the samples' mean)
+    "ddim-1 K3 total with_prior": dict(sampler="ddim", steps=1, num_samples=3, uncertainty="total",
+                                       fusion="with_prior"),
 }
-SETTINGS = {name: {"uncertainty": "spread", **options} for name, options in SETTINGS.items()}
+SETTINGS = {name: {"uncertainty": "spread", "fusion": "mean", **options} for name, options in SETTINGS.items()}
 DICE_TOLERANCE = 0.005
 TIME_LIMIT = 10.0  # x nnU-Net's seconds per image at 256 x 256 on the CPU
 # Seconds per 256 x 256 image on the 2-core CPU, measured by benchmarks/guided_vs_nnunet.py (docs/benchmarks.md,

@@ -232,6 +232,16 @@ def test_total_uncertainty_adds_the_priors_variance_to_the_samples_by_hand():
         uncertainty_map(samples, prior, "entropy")
 
 
+def test_with_prior_fusion_averages_the_samples_mean_and_the_prior_by_hand():
+    samples = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.0, 1.0]]).view(3, 1, 2, 1, 1).expand(3, 1, 2, 2, 3)
+    prior = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1).expand(1, 2, 2, 3)
+    fused = fuse(samples, "with_prior", prior)  # ((0.5, 0.5) + (0.8, 0.2)) / 2
+    torch.testing.assert_close(fused[0, :, 1, 2], torch.tensor([0.65, 0.35]))
+    torch.testing.assert_close(fused.sum(1), torch.ones(1, 2, 3))
+    with pytest.raises(ValueError, match="needs the prior's probabilities"):
+        fuse(samples, "with_prior")
+
+
 def test_staple_by_hand():
     a = np.array([[1, 1, 0], [0, 0, 0]])
     b = np.array([[1, 0, 0], [0, 0, 0]])
@@ -324,6 +334,9 @@ def test_eval_forward_gives_log_fused_probabilities_and_train_forward_the_losses
     torch.testing.assert_close(samples_again, samples)
     torch.testing.assert_close(total, total_uncertainty(samples, prior_probabilities))
     assert (total >= both[1]).all()
+    segmenter.set_inference_options(fusion="with_prior")
+    blended = (samples.mean(0) + prior_probabilities) / 2
+    torch.testing.assert_close(segmenter(image).exp(), blended.clamp_min(PROBABILITY_FLOOR))
     segmenter.train()
     labels = torch.randint(0, 3, (1, 1, 16, 16))
     noise, t = torch.randn(1, 3, 16, 16), torch.tensor([500])

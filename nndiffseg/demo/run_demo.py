@@ -116,10 +116,10 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     print(f"\nDemo finished in {time.time() - start:.0f} s.")
     source = "spread" if guided else "entropy"
     detection = summary["uncertainty"][source]["all_labels"]
+    measure = "the prior's and the samples' spread" if guided else "entropy of the softmax"
     print(f"  mean Dice on {len(summary['cases'])} held-out cases: {summary['mean']['dice']:.3f}; the uncertainty "
-          f"({'the prior and the samples' spread' if guided else 'entropy of the softmax'}) tells wrong pixels from "
-          f"right ones "
-          f"with AUROC {detection['pixel_auroc']:.3f} (0.5: chance, 1: perfect)")
+          f"({measure}) tells wrong pixels from right ones with AUROC {detection['pixel_auroc']:.3f} (0.5: chance, "
+          f"1: perfect)")
     print(f"  predictions:  {predictions}")
     print(f"  summary:      {predictions / 'summary.json'} (figures: {predictions / FIGURES_FOLDER})")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")

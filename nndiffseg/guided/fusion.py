@@ -2,6 +2,10 @@
 per-pixel uncertainty: the samples' spread alone, or the total that adds the prior's own variance.
 
 ``mean``: the average of the samples' probabilities (with near one-hot samples, the vote fraction).
+``with_prior``: the average of that mean and the prior's probabilities: the U-Net prior and the diffusion
+samples as an equal-weight two-member ensemble, as nnU-Net averages the probabilities of the models it
+ensembles. One-step samples are near one-hot, so their mean alone takes few values (0, 1/K, ..., 1); the
+prior's soft probabilities fill in between.
 ``staple``: SimpleITK's STAPLE (Warfield et al., 2004), the fusion MedSegDiff uses. Each sample is one
 rater: its argmax gives a binary mask per class, binary STAPLE estimates every rater's sensitivity and
 specificity for that class and returns the per-pixel probability of the class, weighing reliable samples
@@ -10,11 +14,13 @@ probabilities (MultiLabelSTAPLE returns only a label map); the per-class probabi
 sum to 1 over classes. Where STAPLE is undefined for a class (every sample marks it nowhere, or
 everywhere: it returns NaN) the vote fraction is used.
 """
+from typing import Optional
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-FUSIONS = ("mean", "staple")
+FUSIONS = ("mean", "staple", "with_prior")
 UNCERTAINTIES = ("spread", "total")
 _EPS = 1e-6
 
@@ -45,12 +51,18 @@ def fuse_staple(samples: torch.Tensor) -> torch.Tensor:
     return fused / fused.sum(dim=1, keepdim=True).clamp_min(_EPS)
 
 
-def fuse(samples: torch.Tensor, method: str = "mean") -> torch.Tensor:
-    """(K, B, C, *spatial) per-sample class probabilities -> (B, C, *spatial) fused probabilities."""
+def fuse(samples: torch.Tensor, method: str = "mean",
+         prior_probabilities: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(K, B, C, *spatial) per-sample class probabilities -> (B, C, *spatial) fused probabilities;
+    ``with_prior`` needs the prior's (B, C, *spatial) probabilities."""
     if method == "mean":
         return fuse_mean(samples)
     if method == "staple":
         return fuse_staple(samples)
+    if method == "with_prior":
+        if prior_probabilities is None:
+            raise ValueError("the with_prior fusion needs the prior's probabilities")
+        return (fuse_mean(samples) + prior_probabilities) / 2
     raise ValueError(f"unknown fusion '{method}', choose one of {', '.join(FUSIONS)}")
 
 

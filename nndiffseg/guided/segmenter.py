@@ -12,7 +12,8 @@ Dice + CE with deep supervision, set by the trainer). The prior's probabilities 
 undetached, as in GuidedDiff, which trains both end to end; a frozen prior (``freeze_prior``) gets neither
 its own loss nor the diffusion loss's gradient.
 Prediction: the prior and the text condition are computed once per image; K samples run as one batch
-through DDPM / DDIM / DPM-Solver++ from seeded noise; the samples are fused (mean or STAPLE). The
+through DDPM / DDIM / DPM-Solver++ from seeded noise; the samples are fused (mean, STAPLE, or their mean
+averaged with the prior's probabilities). The
 uncertainty (``uncertainty``) is their spread, or the total: the prior's own variance added to the
 samples' (``fusion.total_uncertainty``).
 """
@@ -222,7 +223,7 @@ class GuidedSegmenter(DiffusionHead):
     def predict_with_samples(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``predict_with_uncertainty``'s scores and uncertainty, and the samples they were made of."""
         samples, prior_probs = self._sample_with_prior(image)
-        fused = fuse(samples, self.setting("fusion"))
+        fused = fuse(samples, self.setting("fusion"), prior_probs)
         uncertainty = uncertainty_map(samples, prior_probs, self.setting("uncertainty"))
         return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty, samples
 

@@ -341,9 +341,9 @@ def predict_entry() -> None:
                            help="the sampler (the checkpoint's; new models: ddim)")
     diffusion.add_argument("--num_samples", type=int, default=None,
                            help="guided trainers: samples per image, fused (the checkpoint's; new models: 3)")
-    diffusion.add_argument("--fusion", choices=("mean", "staple"), default=None,
+    diffusion.add_argument("--fusion", choices=("mean", "staple", "with_prior"), default=None,
                            help="guided trainers: how the samples are fused (the checkpoint's: mean; staple: "
-                                "SimpleITK's STAPLE)")
+                                "SimpleITK's STAPLE; with_prior: their mean averaged with the prior's probabilities)")
     diffusion.add_argument("--eta", type=float, default=None,
                            help="guided trainers: DDIM's noise level, 0 (deterministic) to 1 (ancestral, as DDPM) "
                                 "(the checkpoint's)")
