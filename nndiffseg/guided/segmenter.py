@@ -34,7 +34,8 @@ from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedu
 PROBABILITY_FLOOR = 1e-4
 # The sampling nnDiffSegTrainerGuided trains new models with (chosen by measurement: docs/benchmarks.md,
 # "Guided uncertainty"); a checkpoint keeps the settings it was trained with.
-SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3, uncertainty="total")
+SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3, uncertainty="total",
+                         fusion="with_prior")
 DEFAULTS = dict(prediction_type="epsilon", schedule="linear", sampler="ddim", steps=50, num_samples=5,
                 fusion="mean", seed=0, eta=0.0, strength=1.0, prior_weight=10.0, freeze_prior=False,
                 ignore_label=None, clip_model=None, prompts=None, uncertainty="spread")
