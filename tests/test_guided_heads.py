@@ -552,8 +552,9 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     """A tiny guided head trained with the trainer's default settings (300 steps, about 25 s on one thread),
     then sampled at the default: one DDIM step, 3 samples. Where the label is a coin flip the samples split;
     on the sure block and the background they agree; the default map (total) is high on the coin flip too.
-    The spread comes from how the trained network answers its noise input (an exact posterior-mean x0 model would give no spread at one step: see the test above);
-    training leaves that answer noise-dependent where the target itself is. Measured with 8 samples over seeds
+    The spread comes from how the trained network answers its noise input (an exact posterior-mean x0 model
+    would give no spread at one step: see the test above); training leaves that answer noise-dependent where
+    the target itself is. Measured with 8 samples over seeds
     0-3 after 200 to 1000 steps (and benchmarks/guided_toy_doubt.py): spread 0.11-0.21 on the coin-flip block
     against 0.01-0.03 elsewhere, all 8 thresholded samples agreeing on 0-26 % of the coin-flip pixels and on
     99.9-100 % of the others."""
