@@ -77,7 +77,8 @@ def predicted(guided, predictions):
 def test_guided_trainer_learns_toy_shapes(guided, predicted):
     """Default prediction (cross-attention text, one DDIM step, 3 samples, their mean averaged with the prior's
     probabilities) of the 4 test cases, Dice per class pooled. Measured after 2 x 20 iterations (unseeded, one
-    thread, the samples' mean alone): 0.899 / 0.955 (4 x 20: 0.924 / 0.961), against 0.151 / 0.128 for an all-foreground mask and 0.254 / 0.611 for the per-pixel colour rule.
+    thread, the samples' mean alone): 0.899 / 0.955 (4 x 20: 0.924 / 0.961), against 0.151 / 0.128 for an
+    all-foreground mask and 0.254 / 0.611 for the per-pixel colour rule.
     (At the earlier noise sd of 20 the colour rule scored 0.886 / 0.970, above that test's bar of 0.8.)"""
     assert_beats_trivial_rules(predicted, guided["raw"], 2, MARGIN)
 

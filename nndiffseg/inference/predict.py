@@ -269,7 +269,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                     if save_uncertainty:
                         head = getattr(predictor.network, "_orig_mod", predictor.network)
                         export_uncertainty(uncertainty, properties, predictor.configuration_manager,
-                                           predictor.plans_manager, files, output_path, case, head.setting("uncertainty"))
+                                           predictor.plans_manager, files, output_path, case,
+                                           head.setting("uncertainty"))
                 else:
                     pending.append((case, pool.apply_async(export_atomically, args)))
                     if os.environ.get(HOOK_ENV):
