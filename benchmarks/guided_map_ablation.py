@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nndiffseg.evaluation.metrics import dice
 from nndiffseg.evaluation.uncertainty_metrics import failure_detection
 
 PRIOR_FOLDER = "prior_alone_guided_models_U-Net"  # as guided_uncertainty.py names the prior-alone row's folder
@@ -54,11 +55,10 @@ def ablation(work: Path, setting: str) -> dict:
             case_mean[name].append(float(m.mean()))
         wrong = pred != ref
         errors.append(wrong.ravel())
-        foreground = (pred > 0).sum() + (ref > 0).sum()
-        risk.append(1.0 - (2.0 * ((pred > 0) & (ref > 0)).sum() / foreground if foreground else 1.0))
+        risk.append(1.0 - dice(pred > 0, ref > 0))  # NaN for a case without foreground: left out, as evaluate does
     error = np.concatenate(errors)
     result = {name: failure_detection(np.concatenate(m), error, case_mean[name], risk) for name, m in maps.items()}
-    return {**result, "cases": len(cases), "identity_deviation": worst, "dice": 1.0 - float(np.mean(risk))}
+    return {**result, "cases": len(cases), "identity_deviation": worst, "dice": 1.0 - float(np.nanmean(risk))}
 
 
 def main(argv=None) -> int:
