@@ -108,9 +108,13 @@ def predict_and_score(work: Path, images: Path, labels: Path, out: Path, trainer
                               inference_options=options if guided else None, save_uncertainty=guided)
     seconds = (time.perf_counter() - start) / len(list(images.glob("*.png")))
     assert not failures, failures
-    summary = evaluate_folders(str(labels), str(out), num_processes=1)
-    row = {"s_per_image": seconds, "dice": summary["mean"]["dice"],
-           "case_dice": {c["case"]: c["mean"]["dice"] for c in summary["cases"]},
+    return {"s_per_image": seconds, **row_from_summary(evaluate_folders(str(labels), str(out), num_processes=1))}
+
+
+def row_from_summary(summary: dict) -> dict:
+    """A table row from nnDiffSeg_evaluate's summary: Dice (mean and per case), ECE, Brier, and per uncertainty
+    source its failure-detection metrics."""
+    row = {"dice": summary["mean"]["dice"], "case_dice": {c["case"]: c["mean"]["dice"] for c in summary["cases"]},
            "ece": summary["calibration"]["mean"]["ece"], "brier": summary["calibration"]["mean"]["brier"]}
     for source, block in summary["uncertainty"].items():
         row[source] = {k: block["all_labels"][k] for k in ("pixel_auroc", "uncertainty_error_overlap",
