@@ -204,8 +204,9 @@ def pool(work_dirs: list, out: Path, argv: list) -> str:
              f"{len(runs)} folds, {len(rows[_row_name(REFERENCE, epochs)]['case_dice'])} cases; training per fold "
              "(wall time, each stage in its own process):", ""]
     lines += [f"- {Path(w).name}: {_training_line(r)}" for w, r in zip(work_dirs, runs)]
-    lines += ["", "Dice per fold (reference / prior alone / " + " / ".join(
-        n.split(", ", 1)[1] for n in rows if n.startswith("two-stage")) + "):", ""]
+    labels = [n.split(", ", 1)[0].split(" epochs")[0] + (f", {n.split(', ', 1)[1]}" if ", " in n else "")
+              for n in rows]
+    lines += ["", f"Dice per fold ({' / '.join(labels)}):", ""]
     for w, r in zip(work_dirs, runs):
         lines.append(f"- {Path(w).name}: " + " / ".join(f"{row['dice']:.3f}" for row in r["rows"].values()))
     return "\n".join(lines + [""] + table(rows, epochs))
