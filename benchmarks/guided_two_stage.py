@@ -106,10 +106,9 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
 
 def _paired(row: dict, reference: dict) -> str:
     from scipy.stats import wilcoxon
-    cases = sorted(row["case_dice"])
-    diff = [row["case_dice"][c] - reference["case_dice"][c] for c in cases]
     if row is reference:
         return "-"
+    diff = [row["case_dice"][c] - reference["case_dice"][c] for c in sorted(row["case_dice"])]
     p = wilcoxon(diff).pvalue if any(diff) else 1.0
     better = sum(d > 0 for d in diff)
     return f"{sum(diff) / len(diff):+.3f} (p {p:.2g}, {better}/{len(diff)})"
@@ -204,9 +203,9 @@ def pool(work_dirs: list, out: Path, argv: list) -> str:
              f"{len(runs)} folds, {len(rows[_row_name(REFERENCE, epochs)]['case_dice'])} cases; training per fold "
              "(wall time, each stage in its own process):", ""]
     lines += [f"- {Path(w).name}: {_training_line(r)}" for w, r in zip(work_dirs, runs)]
-    labels = [n.split(", ", 1)[0].split(" epochs")[0] + (f", {n.split(', ', 1)[1]}" if ", " in n else "")
-              for n in rows]
-    lines += ["", f"Dice per fold ({' / '.join(labels)}):", ""]
+    short = [n.split(", ", 1)[0].split(" epochs")[0] + (f", {n.split(', ', 1)[1]}" if ", " in n else "")
+             for n in rows]
+    lines += ["", f"Dice per fold ({' / '.join(short)}):", ""]
     for w, r in zip(work_dirs, runs):
         lines.append(f"- {Path(w).name}: " + " / ".join(f"{row['dice']:.3f}" for row in r["rows"].values()))
     return "\n".join(lines + [""] + table(rows, epochs))
@@ -239,7 +238,6 @@ def main(argv=None) -> int:
         print(json.dumps(uncertainty_child(args, work)))
         return 0
     saved = _measure(args, work)
-    saved["iters"] = args.iters
     text = report(saved, [a for a in argv if a != "--resume"])
     (work / "report.md").write_text(text + "\n")
     print(text)
