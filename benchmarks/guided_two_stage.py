@@ -28,12 +28,12 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_isic_sample_arguments, make_work_dir, run_child, seconds_per_train_iter  # noqa: E402
-from guided_uncertainty import BASELINE, DICE_TOLERANCE, GUIDED, PLANS, SETTINGS, row_from_summary  # noqa: E402
+from common import add_isic_sample_arguments, run_child, seconds_per_train_iter  # noqa: E402
+from guided_uncertainty import (BASELINE, DICE_TOLERANCE, GUIDED, PLANS, SETTINGS, predict_rows,  # noqa: E402
+                                prediction_folder, row_from_summary, start_run)
 from guided_uncertainty import _child as uncertainty_child  # noqa: E402
 
 HERE = Path(__file__).resolve()
@@ -55,21 +55,8 @@ def _row_name(stage: str, epochs: dict, setting: str = "") -> str:
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
-    saved = json.loads((work / "results.json").read_text()) if args.resume else None
-    if saved is None:
-        make_work_dir(work)
-        saved = {"prepared": None, "training": {}, "rows": {}, "wall_s": 0.0}
-    started = time.time() - saved["wall_s"]
-
-    def save() -> None:
-        saved["wall_s"] = time.time() - started
-        (work / "results.json").write_text(json.dumps(saved, indent=1))
-
-    forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size,
-                 "--iters", args.iters, "--fold", args.fold]
-    prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
-    save()
-    dataset_name = Path(prepared["dataset"]).name
+    saved, save, forwarded = start_run(HERE, args, work)
+    dataset_name = Path(saved["prepared"]["dataset"]).name
     epochs = saved["epochs"] = {REFERENCE: args.epochs, PRIOR: args.prior_epochs, HEAD: args.head_epochs,
                                 ADDON: args.addon_epochs}
     saved["iters"] = args.iters
@@ -93,14 +80,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
             (_row_name(PRIOR, epochs), BASELINE, RESULTS[PRIOR], {})]
     runs += [(_row_name(stage, epochs, name), GUIDED, RESULTS[stage], SETTINGS[name])
              for stage in (HEAD, ADDON) if epochs[stage] for name in args.settings]
-    for name, trainer, results, options in runs:
-        if name in saved["rows"]:
-            continue
-        print(f"predicting: {name}", flush=True)
-        out = work / "predictions" / "".join(c if c.isalnum() else "_" for c in name)
-        saved["rows"][name] = run_child(HERE, work, "predict", trainer, results, prepared["images"],
-                                        prepared["labels"], out, json.dumps(options), options=forwarded)
-        save()
+    predict_rows(HERE, work, saved, save, runs, forwarded)
     return saved
 
 
@@ -175,16 +155,20 @@ def pool(work_dirs: list, out: Path, argv: list) -> str:
     """Every fold's cases scored together: each row's predictions and the references linked into one folder
     per row under OUT, then nnDiffSeg_evaluate (with its reliability diagram and risk-coverage curve)."""
     from nndiffseg.evaluation.evaluate import evaluate_folders
+    missing = [str(Path(w) / "results.json") for w in work_dirs if not (Path(w) / "results.json").is_file()]
+    if missing or out.exists():
+        raise SystemExit(f"ERROR: --pool: {', '.join(missing)} not found (not a finished work folder)" if missing
+                         else f"ERROR: --work_dir {out} exists; give a new folder for the pooled scores")
     runs = [json.loads((Path(w) / "results.json").read_text()) for w in work_dirs]
     epochs = runs[0]["epochs"]
     if any(r["epochs"] != epochs or set(r["rows"]) != set(runs[0]["rows"]) for r in runs):
         raise SystemExit("ERROR: --pool needs work folders of the same epochs and settings, each finished")
-    out.mkdir(parents=True, exist_ok=False)
+    out.mkdir(parents=True)
     labels = out / "labels"
     labels.mkdir()
     rows = {}
     for name in runs[0]["rows"]:
-        folder = out / "".join(c if c.isalnum() else "_" for c in name)
+        folder = out / prediction_folder(name)
         (folder / "uncertainty").mkdir(parents=True)
         for work in map(Path, work_dirs):
             source = work / "predictions" / folder.name

@@ -142,7 +142,14 @@ def _child(args: argparse.Namespace, work: Path) -> dict:
     return predict_and_score(work, images, labels, out, trainer, options, args.fold)
 
 
-def _measure(args: argparse.Namespace, work: Path) -> dict:
+def prediction_folder(name: str) -> str:
+    """The folder under WORK/predictions that holds a row's predictions."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
+
+
+def start_run(script: Path, args: argparse.Namespace, work: Path) -> tuple:
+    """The run's record, results.json in the work folder (new, or read back with --resume), with the sample
+    prepared; a save() that writes it with the wall time so far; and the options SCRIPT's children get."""
     saved = json.loads((work / "results.json").read_text()) if args.resume else None
     if saved is None:
         make_work_dir(work)
@@ -155,9 +162,27 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
 
     forwarded = ["--isic_sample", Path(args.isic_sample).resolve(), "--max_size", args.max_size,
                  "--iters", args.iters, "--fold", args.fold]
-    prepared = saved["prepared"] = saved["prepared"] or run_child(HERE, work, "prepare", options=forwarded)
+    saved["prepared"] = saved["prepared"] or run_child(script, work, "prepare", options=forwarded)
     save()
-    dataset_name = Path(prepared["dataset"]).name
+    return saved, save, forwarded
+
+
+def predict_rows(script: Path, work: Path, saved: dict, save, runs: list, forwarded: list) -> None:
+    """Predict and score each (row name, trainer, results folder, inference options) not yet in the record."""
+    prepared = saved["prepared"]
+    for name, trainer, results, options in runs:
+        if name in saved["rows"]:
+            continue
+        print(f"predicting: {name}", flush=True)
+        saved["rows"][name] = run_child(script, work, "predict", trainer, results, prepared["images"],
+                                        prepared["labels"], work / "predictions" / prediction_folder(name),
+                                        json.dumps(options), options=forwarded)
+        save()
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
+    saved, save, forwarded = start_run(HERE, args, work)
+    dataset_name = Path(saved["prepared"]["dataset"]).name
     training = saved["training"]
     plan = [(BASELINE, args.epochs, "nnUNet_results"), (GUIDED, args.epochs, "nnUNet_results"),
             ("equal time", None, EQUAL_TIME_RESULTS)]
@@ -191,14 +216,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
              for variant in args.variants for name in args.variant_settings]
     if TWO_STAGE in training:
         runs += [(f"{TWO_STAGE} {name}", GUIDED, TWO_STAGE_RESULTS, SETTINGS[name]) for name in args.two_stage_settings]
-    for name, trainer, results, options in runs:
-        if name in saved["rows"]:
-            continue
-        print(f"predicting: {name}", flush=True)
-        out = work / "predictions" / name.replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
-        saved["rows"][name] = run_child(HERE, work, "predict", trainer, results, prepared["images"],
-                                        prepared["labels"], out, json.dumps(options), options=forwarded)
-        save()
+    predict_rows(HERE, work, saved, save, runs, forwarded)
     return saved
 
 
