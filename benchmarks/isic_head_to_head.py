@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_work_dir, predict_timed, run_child, seconds_per_train_iter, train_timed  # noqa: E402
+from nndiffseg.visualization.figures import figure_style, save_figure  # noqa: E402
 
 DATASET_ID = 983
 HERE = Path(__file__).resolve()
@@ -104,36 +105,33 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     (points labelled by step count), one point per other model."""
     import textwrap
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    full = [r for r in rows if not r["subset"]]
-    series: dict[tuple[str, str], list[dict]] = {}
-    for r in full:
-        if r["sampler"] == "-":
-            ax.scatter(r["s_per_image"], r["dice"], s=40, color="black" if r["trainer"] == BASELINE else "grey")
-            ax.annotate(r["trainer"].replace("nnDiffSegTrainer", ""), (r["s_per_image"], r["dice"]),
-                        textcoords="offset points", xytext=(5, -10), fontsize=8)
-        else:
-            series.setdefault((r["trainer"], r["sampler"].split(":")[0]), []).append(r)
-    for (trainer, sampler), points in series.items():
-        points.sort(key=lambda r: r["s_per_image"])
-        ax.plot([r["s_per_image"] for r in points], [r["dice"] for r in points], marker="o", ms=4,
-                label=f"{trainer.replace('nnDiffSegTrainer', '')}, {sampler} (K samples, steps labelled)")
-        for r in points:
-            ax.annotate(r["sampler"].split(":")[1], (r["s_per_image"], r["dice"]), textcoords="offset points",
-                        xytext=(0, 5), fontsize=7, ha="center")
-    ax.set_xscale("log")
-    ax.set_xlabel("seconds per image, nnU-Net's predictor (log scale)")
-    ax.set_ylabel("mean Dice, fold validation cases")
-    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        full = [r for r in rows if not r["subset"]]
+        series: dict[tuple[str, str], list[dict]] = {}
+        for r in full:
+            if r["sampler"] == "-":
+                ax.scatter(r["s_per_image"], r["dice"], s=40, color="black" if r["trainer"] == BASELINE else "grey")
+                ax.annotate(r["trainer"].replace("nnDiffSegTrainer", ""), (r["s_per_image"], r["dice"]),
+                            textcoords="offset points", xytext=(5, -10), fontsize=8)
+            else:
+                series.setdefault((r["trainer"], r["sampler"].split(":")[0]), []).append(r)
+        for (trainer, sampler), points in series.items():
+            points.sort(key=lambda r: r["s_per_image"])
+            ax.plot([r["s_per_image"] for r in points], [r["dice"] for r in points], marker="o", ms=4,
+                    label=f"{trainer.replace('nnDiffSegTrainer', '')}, {sampler} (K samples, steps labelled)")
+            for r in points:
+                ax.annotate(r["sampler"].split(":")[1], (r["s_per_image"], r["dice"]), textcoords="offset points",
+                            xytext=(0, 5), fontsize=7, ha="center")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image, nnU-Net's predictor (log scale)")
+        ax.set_ylabel("mean Dice, fold validation cases")
+        ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_figure(fig, path)
 
 
 def _replace_section(doc: Path, marker: str, text: str) -> None:

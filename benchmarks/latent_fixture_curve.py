@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latent_levers import (BASELINE, EQUAL_TIME, EQUAL_TIME_RESULTS, LATENT, MASK_STAGES,  # noqa: E402,I001
                            epoch_dice_per_class, trailing_mean, _train_s)
+from nndiffseg.visualization.figures import figure_style, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("ischemic", "hemorrhagic")
@@ -44,25 +45,22 @@ def curves(work: Path, latent_trainers: list, iters: int) -> tuple:
 
 
 def plot(data: dict, stage_s: float, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(CLASS_NAMES), figsize=(13, 5), dpi=110, sharey=True)
-    for k, (ax, name) in enumerate(zip(axes, CLASS_NAMES)):
-        for label, points in data.items():
-            minutes = [t / 60 for t, _ in points]
-            d = [per_class[k] for _, per_class in points]
-            line, = ax.plot(minutes, trailing_mean(d), linewidth=2, label=f"{label}: mean of the last 3 epochs")
-            ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color())
-        ax.axvspan(0, stage_s / 60, color="grey", alpha=0.12, label="latent trainers' mask autoencoder stage")
-        ax.set_title(f"{title}: {name}")
-        ax.set_xlabel("training time (min, derived: epochs x iterations x median s / iteration)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("nnU-Net's pseudo Dice (validation patches)")
-    axes[-1].legend(fontsize=8, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure_style() as plt:
+        fig, axes = plt.subplots(1, len(CLASS_NAMES), figsize=(13, 5), dpi=110, sharey=True)
+        for k, (ax, name) in enumerate(zip(axes, CLASS_NAMES)):
+            for label, points in data.items():
+                minutes = [t / 60 for t, _ in points]
+                d = [per_class[k] for _, per_class in points]
+                line, = ax.plot(minutes, trailing_mean(d), linewidth=2, label=f"{label}: mean of the last 3 epochs")
+                ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color())
+            ax.axvspan(0, stage_s / 60, color="grey", alpha=0.12, label="latent trainers' mask autoencoder stage")
+            ax.set_title(f"{title}: {name}")
+            ax.set_xlabel("training time (min, derived: epochs x iterations x median s / iteration)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("nnU-Net's pseudo Dice (validation patches)")
+        axes[-1].legend(fontsize=8, loc="lower right", framealpha=0.9)
+        fig.tight_layout()
+        save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ from common import (add_isic_sample_arguments, make_work_dir, predict_timed, run
                     seconds_per_train_iter, train_timed)
 
 from nndiffseg.trainers.latent import MASK_STAGE_EPOCH_FRACTION  # noqa: E402
+from nndiffseg.visualization.figures import figure_style, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -265,26 +266,23 @@ def report(saved: dict, argv: list, figure: Path) -> str:
 
 
 def plot_curve(saved: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for name, points in saved["curve"].items():
-        if points:
-            t, d = zip(*points)
-            minutes = [x / 60 for x in t]
-            line, = ax.plot(minutes, trailing_mean(d), linewidth=2, label=f"{name}: mean of the last 3 epochs")
-            ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color(),
-                    label=f"{name}: per epoch")
-    ax.set_xlabel("training time (min; epochs x iterations x median s / iteration of the runs that set the budget)")
-    ax.set_ylabel("nnU-Net's pseudo Dice (validation patches)")
-    ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0" if saved.get("data", "isic") == "isic" else
-                 f"synthetic 3-class brain CT, {saved['max_size']} px slices, fold 0")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for name, points in saved["curve"].items():
+            if points:
+                t, d = zip(*points)
+                minutes = [x / 60 for x in t]
+                line, = ax.plot(minutes, trailing_mean(d), linewidth=2, label=f"{name}: mean of the last 3 epochs")
+                ax.plot(minutes, d, marker="o", markersize=3, linestyle=":", alpha=0.45, color=line.get_color(),
+                        label=f"{name}: per epoch")
+        ax.set_xlabel("training time (min; epochs x iterations x median s / iteration of the runs that set the budget)")
+        ax.set_ylabel("nnU-Net's pseudo Dice (validation patches)")
+        ax.set_title(f"ISIC sample, max_size {saved['max_size']}, fold 0" if saved.get("data", "isic") == "isic" else
+                     f"synthetic 3-class brain CT, {saved['max_size']} px slices, fold 0")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+        fig.tight_layout()
+        save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_isic_sample_arguments, make_work_dir, run_child, seconds_per_train_iter, train_timed  # noqa: E402,I001
 from latent_levers import PLANS, VARIANTS_DIR, _epoch_curve  # noqa: E402
+from nndiffseg.visualization.figures import figure_style, save_figure  # noqa: E402
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -96,23 +97,20 @@ def report(saved: dict, args: argparse.Namespace, figure: Path) -> str:
 
 
 def plot(saved: dict, args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for trainer, row in saved["rows"].items():
-        ax.plot([(i + 1) * args.iters for i in range(len(row["pseudo_dice"]))], row["pseudo_dice"], marker="o",
-                markersize=3, label=trainer)
-    ax.axhline(0.99, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("training iterations")
-    ax.set_ylabel("reconstruction Dice of the epoch's validation patches (pseudo Dice)")
-    ax.set_title(f"Mask autoencoder on the ISIC sample, max_size {args.max_size}, fold 0")
-    ax.set_ylim(max(0.0, min(min(r["pseudo_dice"]) for r in saved["rows"].values()) - 0.02), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for trainer, row in saved["rows"].items():
+            ax.plot([(i + 1) * args.iters for i in range(len(row["pseudo_dice"]))], row["pseudo_dice"], marker="o",
+                    markersize=3, label=trainer)
+        ax.axhline(0.99, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("training iterations")
+        ax.set_ylabel("reconstruction Dice of the epoch's validation patches (pseudo Dice)")
+        ax.set_title(f"Mask autoencoder on the ISIC sample, max_size {args.max_size}, fold 0")
+        ax.set_ylim(max(0.0, min(min(r["pseudo_dice"]) for r in saved["rows"].values()) - 0.02), 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -166,7 +166,9 @@ def test_write_overlays_single_channel_dataset_shows_channel_0(tmp_path):
     _write(predictions / "ct.png", prediction)
     [out] = write_overlays(images, predictions, tmp_path / "out")
     picture = np.asarray(Image.open(out))
-    assert _panel_top(picture[:, :50], overlay_contours(channel0, prediction)) is not None
+    factor = 8  # enlarged until the panel is at least MIN_PANEL_WIDTH (400 px) wide
+    expected = overlay_contours(channel0, prediction).repeat(factor, axis=0).repeat(factor, axis=1)
+    assert _panel_top(picture[:, :50 * factor], expected) is not None
     with pytest.raises(NnDiffSegError, match="2D image files"):
         write_overlays(images, predictions, tmp_path / "out", file_ending=".nii.gz")
 

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nndiffseg.visualization.figures import figure_style, save_figure
+
 SUMMARY_NAME, PLOT_NAME = "crossval_summary", "crossval_dice.png"
 
 
@@ -145,27 +147,24 @@ def _markdown(rows: Dict[str, dict], folds: Sequence[int], best: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Dict[str, dict], file: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: Dict[str, dict], file: Path, title: str):
+    """The per-case Dice of each model as a box plot with every case on it. Returns the figure (closed)."""
     names = list(rows)
     data = [[d for d in rows[n]["case_dice"] if not math.isnan(d)] for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(names)), 5.0), dpi=150)
-    ax.boxplot(data, showmeans=True, showfliers=False, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "k"})
-    for i, values in enumerate(data, start=1):  # every case, jittered, so that few cases are not hidden in a box
-        ax.scatter(i + np.random.default_rng(i).uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.5,
-                   color="tab:blue", zorder=3)
-    ax.set_xticks(range(1, len(names) + 1), [_short(n) for n in names], fontsize=9)
-    ax.set_ylabel("Dice per case (mean over foreground labels)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=11)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = file.with_name(f".partial_{file.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, file)
+    with figure_style() as plt:
+        fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(names)), 5.0), layout="constrained")
+        ax.boxplot(data, showmeans=True, showfliers=False,
+                   meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "k"})
+        for i, values in enumerate(data, start=1):  # every case, jittered, so that few cases are not hidden in a box
+            ax.scatter(i + np.random.default_rng(i).uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.5,
+                       color="tab:blue", zorder=3)
+        ax.set_xticks(range(1, len(names) + 1), [_short(n) for n in names])
+        ax.set_ylabel("Dice per case (mean over foreground labels)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        save_figure(fig, str(file))
+    return fig
 
 
 def write_crossval_summary(results_folder: Path, info: dict, gt_folder: Optional[Path] = None,

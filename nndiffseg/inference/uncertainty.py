@@ -18,10 +18,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from PIL import Image
 
 from nndiffseg.inference.pooled_spread import PooledSpread
-from nndiffseg.visualization.overlay import save_overlay
+from nndiffseg.visualization.overlay import MIN_PANEL_WIDTH, save_overlay
 
 UNCERTAINTY_FOLDER = "uncertainty"
-MIN_PANEL_WIDTH = 400  # small images are enlarged in the uncertainty picture so that it can be read
 SAMPLES_FOLDER = "samples"  # samples/sample_K/CASE<ending>: each sample folder is a prediction folder of its own
 
 

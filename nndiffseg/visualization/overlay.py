@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from nndiffseg.checkpoints import write_atomically
 from nndiffseg.errors import NnDiffSegError
 
 # Foreground class c is drawn in PALETTE[(c - 1) % len(PALETTE)]; green is kept for the reference.
@@ -21,6 +22,9 @@ REFERENCE_COLOUR: tuple[str, tuple[int, int, int]] = ("green", (0, 220, 0))
 _BACKGROUND = (32, 32, 32)
 _TEXT = (235, 235, 235)
 _GAP = 4
+# small images are enlarged (by whole pixels) until a panel is at least this wide, so that a contour can be followed
+MIN_PANEL_WIDTH = 400
+_FONT_PX = 14  # legend and title: small beside a panel of MIN_PANEL_WIDTH, readable at 100 %
 # Endings of 2D image files that PIL reads (the ones nnU-Net's NaturalImage2DIO accepts).
 _NATURAL_IMAGE_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
 
@@ -170,9 +174,9 @@ def save_overlay(out_png: str | Path, image: np.ndarray, prediction: np.ndarray,
         panels = [panel.repeat(factor, axis=0).repeat(factor, axis=1) for panel in panels]
         prediction = prediction.repeat(factor, axis=0).repeat(factor, axis=1)
 
-    font = ImageFont.load_default()
-    line_height = 14
-    swatch, bar = 10, 40
+    font = _font()
+    line_height = _FONT_PX + 4
+    swatch, bar = _FONT_PX - 2, 40
     items = _legend_items(prediction, reference, vmax)
     item_widths = [swatch + 4 + int(np.ceil(font.getlength(text))) + (bar + 4 if s == "magma" else 0)
                    for text, s in items]
@@ -195,20 +199,28 @@ def save_overlay(out_png: str | Path, image: np.ndarray, prediction: np.ndarray,
         canvas.paste(Image.fromarray(panel, mode="RGB"), (i * (width + _GAP), top))
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((_GAP, 1), title, fill=_TEXT, font=font)
+        draw.text((_GAP, 2), title, fill=_TEXT, font=font)
     for x, y, text, s in placed:
         y0 = legend_top + y
         if s == "magma":
             ramp = _magma(np.linspace(0, 1, bar))[None].repeat(swatch, axis=0)
-            canvas.paste(Image.fromarray(np.ascontiguousarray(ramp), mode="RGB"), (x, y0 + 2))
+            canvas.paste(Image.fromarray(np.ascontiguousarray(ramp), mode="RGB"), (x, y0 + 3))
             x += bar + 4
         else:
-            draw.rectangle((x, y0 + 2, x + swatch - 1, y0 + 1 + swatch), fill=s)
+            draw.rectangle((x, y0 + 3, x + swatch - 1, y0 + 2 + swatch), fill=s)
             x += swatch + 4
         draw.text((x, y0), text, fill=_TEXT, font=font)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    write_atomically(str(out_png), lambda name: canvas.save(name, format="PNG"))
+
+
+def _font() -> ImageFont.ImageFont:
+    """Pillow's own scalable font (no font file needed) where Pillow has FreeType, else its bitmap font."""
+    try:
+        return ImageFont.load_default(size=_FONT_PX)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
 def _read_picture(path: Path) -> np.ndarray:
@@ -272,6 +284,6 @@ def write_overlays(image_folder: str | Path, prediction_folder: str | Path, out_
                 f"sizes differ for case {case}: image {image_file} {image.shape[:2]}, prediction {prediction.shape}"
                 + (f", reference {reference.shape}" if reference is not None else ""))
         out_png = out_folder / f"{case}_overlay.png"
-        save_overlay(out_png, image, prediction, reference, title=case)
+        save_overlay(out_png, image, prediction, reference, title=case, min_panel_width=MIN_PANEL_WIDTH)
         written.append(out_png)
     return written
