@@ -58,6 +58,16 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
     return cases, problems
 
 
+def read_case(reader, files: List[str], dataset_json: dict) -> Tuple[np.ndarray, dict]:
+    """The case's image(s) as nnU-Net's reader gives them, refused where they do not fit the model."""
+    data, properties = reader.read_images(files)
+    num_channels = len(dataset_json["channel_names"])
+    if data.shape[0] != num_channels:
+        raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
+                             f"({', '.join(dataset_json['channel_names'].values())})")
+    return data, properties
+
+
 def export_atomically(logits: np.ndarray, properties: dict, configuration_manager, plans_manager,
                       dataset_json: dict, output_folder: str, case: str, save_probabilities: bool) -> None:
     """nnU-Net's export, written under a temporary name and renamed, so an interrupted run never leaves a
@@ -213,7 +223,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
-    num_channels = len(dataset_json["channel_names"])
     cases, failures = group_input_files(input_path, file_ending)
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
@@ -248,10 +257,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
-                data, properties = reader.read_images(files)
-                if data.shape[0] != num_channels:
-                    raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
-                                         f"({', '.join(dataset_json['channel_names'].values())})")
+                data, properties = read_case(reader, files, dataset_json)
                 data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                                                 predictor.configuration_manager, dataset_json)
                 if sampling:
