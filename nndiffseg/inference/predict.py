@@ -32,7 +32,9 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 
 PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
+RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written beside the predictions
 POOL_STOP_TIMEOUT_S = 3.0
+NAMES_SHOWN = 5  # of the files a warning is about
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -40,8 +42,12 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
     channels: Dict[str, Dict[int, str]] = {}
     problems: Dict[str, str] = {}
+    other_endings = []
     for f in sorted(os.listdir(input_folder)):
-        if not f.endswith(file_ending) or f.startswith("."):
+        if f.startswith(".") or f in RECORD_FILES or (input_folder / f).is_dir():
+            continue
+        if not f.endswith(file_ending):
+            other_endings.append(f)
             continue
         m = pattern.match(f)
         if m is None:
@@ -55,16 +61,28 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
             problems[case] = f"missing channel file(s) {', '.join(missing)}"
         else:
             cases[case] = [files[c] for c in sorted(files)]
+    if other_endings:
+        more = f" and {len(other_endings) - NAMES_SHOWN} more" if len(other_endings) > NAMES_SHOWN else ""
+        print(f"WARNING: {len(other_endings)} file(s) in {input_folder} do not end in {file_ending} (the dataset's "
+              f"file ending) and are not predicted: {', '.join(other_endings[:NAMES_SHOWN])}{more}", file=sys.stderr)
     return cases, problems
 
 
 def read_case(reader, files: List[str], dataset_json: dict) -> Tuple[np.ndarray, dict]:
-    """The case's image(s) as nnU-Net's reader gives them, refused where they do not fit the model."""
+    """The case's image(s) as nnU-Net's reader gives them, refused where they do not fit the model or hold NaN or
+    Inf (nnU-Net's normalization and the network pass them on: an all-NaN slice came out as a plausible lesion)."""
     data, properties = reader.read_images(files)
     num_channels = len(dataset_json["channel_names"])
     if data.shape[0] != num_channels:
         raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
                              f"({', '.join(dataset_json['channel_names'].values())})")
+    if not np.isfinite(data).all():
+        # one file per channel, or one file holding them all (an RGB PNG)
+        per_file = zip(files, data) if len(files) == len(data) else [(files[0], data)]
+        found = [f"{os.path.basename(f)}: {np.isnan(v).sum()} NaN, {np.isinf(v).sum()} Inf" for f, v in per_file
+                 if not np.isfinite(v).all()]
+        raise NnDiffSegError(f"the image holds values that are not numbers ({'; '.join(found)}): fix or leave out "
+                             f"the case")
     return data, properties
 
 
@@ -165,7 +183,7 @@ def write_prediction_record(folder: Path, dataset_json: dict, plans: dict, argum
     """What nnU-Net's predictor writes beside its predictions: dataset.json and plans.json (nnUNetv2_ensemble,
     nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them), and the arguments of the run."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("dataset.json", dataset_json), ("plans.json", plans), (PREDICT_ARGS_FILE, arguments)):
+    for name, content in zip(RECORD_FILES, (dataset_json, plans, arguments)):
         tmp = folder / (PARTIAL_PREFIX + name)
         tmp.write_text(json.dumps(content, indent=4, default=str))
         os.replace(tmp, folder / name)
