@@ -185,11 +185,35 @@ def defined_labels(reference_folder: str, prediction_folder: str) -> Optional[tu
     return None
 
 
+MASK_255 = 255  # the foreground of a binary mask saved as an 8-bit picture
+
+
+def _check_reference_labels(results: list[dict], reference: dict[str, str], defined: Optional[tuple[set[int], str]],
+                            ) -> None:
+    """References holding labels the dataset does not define (``defined``), or, without a dataset.json, the
+    foreground 255 of a 0/255 mask: named, before the predictions are blamed for the mismatch."""
+    def undefined(values: list[int]) -> list[int]:
+        return sorted(set(values) - defined[0]) if defined else [v for v in values if v == MASK_255]
+
+    stray = {r["case"]: undefined(r["reference_labels"]) for r in results}
+    stray = {case: values for case, values in stray.items() if values}
+    if not stray:
+        return
+    cases = [f"{case} ({reference[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
+    what = f"that {defined[1]} does not define (its labels: {', '.join(map(str, sorted(defined[0])))})" if defined \
+        else f"{MASK_255} (and no dataset.json beside them defines it)"
+    hint = (f": masks saved as 0/{MASK_255} must be saved as 0/1 (a label map holds class numbers)"
+            if any(MASK_255 in values for values in stray.values()) else "")
+    raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {_name_list(cases)}{hint}")
+
+
 def _stray_labels(results: list[dict], reference_folder: str, prediction_folder: str,
-                  prediction: dict[str, str]) -> list[str]:
+                  prediction: dict[str, str], reference: dict[str, str]) -> list[str]:
     """Predicted labels the dataset does not define: an error naming the cases where a dataset.json defines the
-    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table."""
+    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table.
+    References are checked first (``_check_reference_labels``)."""
     defined = defined_labels(reference_folder, prediction_folder)
+    _check_reference_labels(results, reference, defined)
     allowed = defined[0] if defined else {0} | {v for r in results for v in r["reference_labels"]}
     stray = {r["case"]: sorted(set(r["prediction_labels"]) - allowed) for r in results}
     stray = {case: values for case, values in stray.items() if values}
@@ -243,6 +267,9 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
             not os.path.isdir(os.path.dirname(os.path.abspath(output_file))):
         raise NnDiffSegError(f"-o {output_file}: {os.path.dirname(output_file)} is a file, not a folder")
     labels = _check_labels(labels)
+    if os.path.isdir(reference_folder) and os.path.realpath(reference_folder) == os.path.realpath(prediction_folder):
+        raise NnDiffSegError(f"-ref and -pred are the same folder ({os.path.realpath(reference_folder)}): every "
+                             f"case would score 1 against itself")
     reference = list_cases(reference_folder, "reference")
     prediction = list_cases(prediction_folder, "prediction")
     cases = _match_cases(reference, prediction, reference_folder, prediction_folder)
@@ -272,7 +299,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
             results = pool.map(_evaluate_case, jobs)
 
-    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction)
+    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction, reference)
     if labels is None:
         labels = sorted({label for r in results for label in r["present"]})
         if not labels:
