@@ -59,10 +59,10 @@ def test_input_files_with_another_ending_are_named_in_a_warning(tmp_path, capsys
     warning = capsys.readouterr().err.strip()
     assert warning.startswith("WARNING: 3 file(s)") and len(warning.splitlines()) == 1, warning
     assert "b_0000.PNG, c_0000.jpg, d_0000.nii.gz" in warning and ".png" in warning
-    for i in range(5):
+    for i in range(9):
         (tmp_path / f"e{i}_0000.tif").write_bytes(b"")
     group_input_files(tmp_path, ".png")
-    assert "8 file(s)" in (warning := capsys.readouterr().err) and "and 3 more" in warning  # the first few named
+    assert "12 file(s)" in (warning := capsys.readouterr().err) and "and 2 more" in warning  # the first few named
 
 
 # ---------------------------------------------------------------------------------------------- item 7: evaluate
@@ -129,3 +129,57 @@ def test_ensemble_refuses_a_folder_given_twice(tmp_path, how):
     twice = a if how == "same" else tmp_path / "link"
     with pytest.raises(NnDiffSegError, match=f"{a}.*more than once"):
         check_prediction_folders([a, tmp_path / "B", twice])
+
+
+# ---------------------------------------------------------------------------------------------- item 3: continue
+
+RECORD = {"input_folder": "/data/in", "model_folder": "/results/Dataset041_Toy/T__P__2d", "trainer": "T", "plans": "P",
+          "configuration": "2d", "folds": ["0"], "checkpoint_name": "checkpoint_final.pth", "use_tta": True,
+          "tile_step_size": 0.5, "inference_options": {}, "save_probabilities": False, "save_uncertainty": False,
+          "save_samples": False}
+
+
+def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
+    from nndiffseg.inference.predict import PREDICT_ARGS_FILE, check_continuation
+
+    out = tmp_path / "pred"
+    check_continuation(out, RECORD, ".png")  # a new folder
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    check_continuation(out, RECORD, ".png")  # no predictions in it
+    write_masks(out, 1, cases=("a",))
+    with pytest.raises(NnDiffSegError, match=f"{out} holds predictions \\(a.png\\) but no {PREDICT_ARGS_FILE}"):
+        check_continuation(out, RECORD, ".png")
+    (out / PREDICT_ARGS_FILE).write_text('{"folds": ')
+    with pytest.raises(NnDiffSegError, match=f"{PREDICT_ARGS_FILE} cannot be read"):
+        check_continuation(out, RECORD, ".png")
+    (out / PREDICT_ARGS_FILE).write_text(json.dumps({**RECORD, "input_folder": "/elsewhere"}))
+    check_continuation(out, RECORD, ".png")  # the same cases from another folder: fine
+    with pytest.raises(NnDiffSegError) as refused:
+        check_continuation(out, {**RECORD, "folds": ["0", "1"], "inference_options": {"steps": 2},
+                                 "save_samples": True}, ".png")
+    assert str(refused.value).count(": recorded ") == 3 and 'folds: recorded ["0"], now ["0", "1"]; ' \
+        'inference_options: recorded {}, now {"steps": 2}; save_samples: recorded false, now true' in str(refused.value)
+    (out / PREDICT_ARGS_FILE).write_text(json.dumps({k: v for k, v in RECORD.items() if k != "save_uncertainty"}))
+    with pytest.raises(NnDiffSegError, match=r"save_uncertainty: recorded \(not recorded\), now false"):
+        check_continuation(out, RECORD, ".png")
+
+
+def test_a_case_counts_as_predicted_only_when_its_outputs_are_whole(tmp_path):
+    """An empty or cut-short label map, or a missing file of those the run writes per case, means: predict again."""
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from nndiffseg.inference.predict import case_outputs, is_predicted
+
+    write_masks(tmp_path, 1, cases=("whole", "cut"))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:40])
+    (tmp_path / "empty.png").write_bytes(b"")
+    reader = NaturalImage2DIO()
+    assert case_outputs("c", ".png", True, True, 2) == ["c.png", "c.npz", "c.pkl", "uncertainty/c.npz",
+                                                        "samples/sample_0/c.png", "samples/sample_1/c.png"]
+    assert is_predicted(tmp_path, case_outputs("whole", ".png", False, False, 0), reader)
+    for case in ("cut", "empty", "missing"):
+        assert not is_predicted(tmp_path, case_outputs(case, ".png", False, False, 0), reader), case
+    assert not is_predicted(tmp_path, case_outputs("whole", ".png", True, False, 0), reader)  # no .npz
+    (tmp_path / "whole.npz").write_bytes(b"x")
+    (tmp_path / "whole.pkl").write_bytes(b"")
+    assert not is_predicted(tmp_path, case_outputs("whole", ".png", True, False, 0), reader)

@@ -28,13 +28,13 @@ from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
 from nndiffseg.evaluation.uncertainty_evaluation import (UNCERTAINTY_FOLDER, case_uncertainty_data, find_case_files,
                                                          summarize_uncertainty)
+from nndiffseg.utils import name_list
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
 SUPPORTED_ENDINGS: tuple[str, ...] = tuple(sorted({e.lower() for rw in LIST_OF_IO_CLASSES
                                                    for e in rw.supported_file_endings}, key=len, reverse=True))
 SUMMARY_FILE_NAME = "summary.json"
 FIGURES_FOLDER = "summary_figures"  # calibration.png and risk_coverage.png, beside the summary
-_MAX_NAMES_IN_MESSAGE = 10
 
 
 def default_num_processes() -> int:
@@ -71,13 +71,6 @@ def list_cases(folder: str, role: str = "label map") -> dict[str, str]:
     return cases
 
 
-def _name_list(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_MAX_NAMES_IN_MESSAGE])
-    if len(names) > _MAX_NAMES_IN_MESSAGE:
-        shown += f" and {len(names) - _MAX_NAMES_IN_MESSAGE} more"
-    return shown
-
-
 def _match_cases(reference: dict[str, str], prediction: dict[str, str],
                  reference_folder: str, prediction_folder: str) -> list[str]:
     missing = sorted(set(reference) - set(prediction))
@@ -85,10 +78,10 @@ def _match_cases(reference: dict[str, str], prediction: dict[str, str],
     problems = []
     if missing:
         problems.append(f"{len(missing)} case(s) of {reference_folder} have no prediction in "
-                        f"{prediction_folder}: {_name_list(missing)}")
+                        f"{prediction_folder}: {name_list(missing)}")
     if extra:
         problems.append(f"{len(extra)} prediction(s) in {prediction_folder} have no reference in "
-                        f"{reference_folder}: {_name_list(extra)}")
+                        f"{reference_folder}: {name_list(extra)}")
     if problems:
         raise NnDiffSegError("; ".join(problems))
     return sorted(reference)
@@ -204,7 +197,7 @@ def _check_reference_labels(results: list[dict], reference: dict[str, str], defi
         else f"{MASK_255} (and no dataset.json beside them defines it)"
     hint = (f": masks saved as 0/{MASK_255} must be saved as 0/1 (a label map holds class numbers)"
             if any(MASK_255 in values for values in stray.values()) else "")
-    raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {_name_list(cases)}{hint}")
+    raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {name_list(cases)}{hint}")
 
 
 def _stray_labels(results: list[dict], reference_folder: str, prediction_folder: str,
@@ -222,9 +215,9 @@ def _stray_labels(results: list[dict], reference_folder: str, prediction_folder:
     cases = [f"{case} ({prediction[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
     if defined:
         raise NnDiffSegError(f"{len(stray)} prediction(s) hold labels that {defined[1]} does not define (its labels: "
-                             f"{', '.join(map(str, sorted(defined[0])))}): {_name_list(cases)}")
+                             f"{', '.join(map(str, sorted(defined[0])))}): {name_list(cases)}")
     return [f"label(s) {', '.join(map(str, sorted({v for vs in stray.values() for v in vs})))} occur in predictions "
-            f"but in no reference, so they count as wrong classes in the means: {_name_list(cases)}"]
+            f"but in no reference, so they count as wrong classes in the means: {name_list(cases)}"]
 
 
 def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:

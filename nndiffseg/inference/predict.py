@@ -21,11 +21,11 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
 from nndiffseg.checkpoints import load_checkpoint_file
-from nndiffseg.errors import NnDiffSegError, debugging, run_cli
+from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
+from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list
 
 # The predictor, the trainers (diffusers, open_clip) and the uncertainty export are imported where they are
 # used: the export workers, which import this module again, then need only nnU-Net's export
@@ -34,7 +34,6 @@ PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
 RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written beside the predictions
 POOL_STOP_TIMEOUT_S = 3.0
-NAMES_SHOWN = 5  # of the files a warning is about
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -62,9 +61,8 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
         else:
             cases[case] = [files[c] for c in sorted(files)]
     if other_endings:
-        more = f" and {len(other_endings) - NAMES_SHOWN} more" if len(other_endings) > NAMES_SHOWN else ""
         print(f"WARNING: {len(other_endings)} file(s) in {input_folder} do not end in {file_ending} (the dataset's "
-              f"file ending) and are not predicted: {', '.join(other_endings[:NAMES_SHOWN])}{more}", file=sys.stderr)
+              f"file ending) and are not predicted: {name_list(other_endings)}", file=sys.stderr)
     return cases, problems
 
 
@@ -179,6 +177,78 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
+# what decides a prediction folder's outputs, in its record: --continue_prediction must find them unchanged
+OUTPUT_SETTINGS = ("model_folder", "trainer", "plans", "configuration", "folds", "checkpoint_name", "use_tta",
+                   "tile_step_size", "inference_options", "save_probabilities", "save_uncertainty", "save_samples")
+NOT_RECORDED = "(not recorded)"
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_continuation(output_path: Path, record: dict, file_ending: str) -> None:
+    """--continue_prediction keeps the outputs already in ``output_path`` only when its record names the model and
+    every setting that decides the outputs as ``record`` does (the input folder may differ); outputs without a
+    record are refused too, since what made them is unknown. A mix of two models' outputs would pass for one."""
+    record_file = output_path / PREDICT_ARGS_FILE
+    if not record_file.is_file():
+        outputs = sorted(p.name for p in output_path.glob("*") if p.is_file() and not p.name.startswith(".")
+                         and p.name.endswith((file_ending, ".npz"))) if output_path.is_dir() else []
+        if outputs:
+            raise NnDiffSegError(f"--continue_prediction: {output_path} holds predictions "
+                                 f"({name_list(outputs)}) but no {PREDICT_ARGS_FILE} naming the "
+                                 f"model and settings that made them: predict into a new folder, or without "
+                                 f"--continue_prediction to predict every case again")
+        return
+    try:
+        recorded = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise NnDiffSegError(f"--continue_prediction: {record_file} cannot be read ({describe_error(e)})") from None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    now = json.loads(json.dumps(record, default=str))  # as it would be recorded
+    differ = [f"{name}: recorded {_shown(recorded.get(name, NOT_RECORDED))}, now {_shown(now[name])}"
+              for name in OUTPUT_SETTINGS if recorded.get(name, NOT_RECORDED) != now[name]]
+    if differ:
+        raise NnDiffSegError(f"--continue_prediction: {output_path} was predicted with other settings "
+                             f"({'; '.join(differ)}): continue with the recorded ones, or predict into a new folder "
+                             f"(without --continue_prediction every case is predicted again)")
+
+
+def case_outputs(case: str, file_ending: str, save_probabilities: bool, save_uncertainty: bool,
+                 num_sample_maps: int) -> List[str]:
+    """The files a predicted case leaves in the output folder (relative paths), its label map first."""
+    from nndiffseg.inference.uncertainty import SAMPLES_FOLDER, UNCERTAINTY_FOLDER
+    files = [case + file_ending] + ([f"{case}.npz", f"{case}.pkl"] if save_probabilities else [])
+    if save_uncertainty:
+        files.append(f"{UNCERTAINTY_FOLDER}/{case}.npz")
+    return files + [f"{SAMPLES_FOLDER}/sample_{k}/{case}{file_ending}" for k in range(num_sample_maps)]
+
+
+def is_predicted(output_path: Path, files: List[str], reader) -> bool:
+    """Whether every file is there and not empty, and the first (the label map) can be read by ``reader``."""
+    if not all((output_path / f).is_file() and (output_path / f).stat().st_size > 0 for f in files):
+        return False
+    try:
+        reader.read_seg(str(output_path / files[0]))
+    except Exception:  # any reader failure: a file cut short by a kill or a full disk
+        return False
+    return True
+
+
+def skip_predicted(cases: Dict[str, List[str]], output_path: Path, reader, outputs) -> None:
+    """--continue_prediction: drop from ``cases`` those whose ``outputs(case)`` are all written and readable."""
+    done = [c for c in cases if is_predicted(output_path, outputs(c), reader)]
+    again = [c for c in cases if c not in done and (output_path / outputs(c)[0]).exists()]
+    for c in done:
+        del cases[c]
+    if done:
+        print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
+    if again:
+        print(f"--continue_prediction: {len(again)} case(s) with an empty, unreadable or incomplete output predicted "
+              f"again: {name_list(again)}")
+
+
 def write_prediction_record(folder: Path, dataset_json: dict, plans: dict, arguments: dict) -> None:
     """What nnU-Net's predictor writes beside its predictions: dataset.json and plans.json (nnUNetv2_ensemble,
     nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them), and the arguments of the run."""
@@ -244,29 +314,32 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     cases, failures = group_input_files(input_path, file_ending)
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
-    _remove_partials(output_path)  # from an interrupted earlier run
-    if continue_prediction:
-        done = [c for c in cases if (output_path / (c + file_ending)).is_file()]
-        for c in done:
-            del cases[c]
-        if done:
-            print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
-
     if use_tta is None:
         use_tta = getattr(trainer_class, "mirroring_at_prediction", True)
+    record = {"input_folder": str(Path(input_folder).resolve()), "model_folder": str(model_folder), "trainer": trainer,
+              "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
+              "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
+              "save_probabilities": save_probabilities, "save_uncertainty": save_uncertainty,
+              "save_samples": save_samples}
+    if continue_prediction:
+        check_continuation(output_path, record, file_ending)  # before anything is written
+    _remove_partials(output_path)  # from an interrupted earlier run
+
     register_ext_trainer_dir()
     predictor_class = UncertaintyPredictor if sampling else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
-    output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
-    record = {"input_folder": str(Path(input_folder).resolve()), "model_folder": str(model_folder), "trainer": trainer,
-              "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
-              "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
-              "save_probabilities": save_probabilities}
-    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
+    head = getattr(predictor.network, "_orig_mod", predictor.network)
     reader = predictor.plans_manager.image_reader_writer_class()
+    if continue_prediction:
+        num_sample_maps = len(folds) * head.setting("num_samples") if save_samples else 0
+        skip_predicted(cases, output_path, reader,
+                       lambda case: case_outputs(case, file_ending, save_probabilities, save_uncertainty,
+                                                 num_sample_maps))
+    output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
+    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
 
@@ -291,7 +364,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                        dataset_json, output_path, case)
                     export_atomically(*args)
                     if save_uncertainty:
-                        head = getattr(predictor.network, "_orig_mod", predictor.network)
                         export_uncertainty(uncertainty, properties, predictor.configuration_manager,
                                            predictor.plans_manager, files, output_path, case,
                                            head.setting("uncertainty"))
