@@ -1,5 +1,6 @@
 """Small helpers around nnU-Net's environment and dataset naming, with errors a user can act on."""
 import os
+from typing import Sequence
 
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -35,3 +36,8 @@ def cpu_threads() -> int:
     else every core, as nnU-Net does."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+
+
+def name_list(names: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` names for a message, and how many more there are."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

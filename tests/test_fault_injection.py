@@ -127,6 +127,10 @@ def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]
         "train_mask_vae_3d": ("nnDiffSeg_train", [TOY, "3d_fullres", 1, "-device", "cpu", "-tr",
                                                   "nnDiffSegTrainerMaskVAE"], ["3d_fullres"]),
         "predict_output_file": ("nnDiffSeg_predict", [*predict, "-o", bad / "a_file"], ["a_file", "is a file"]),
+        # issue 28 item 3: --continue_prediction into predictions that no record explains
+        "predict_continue_unrecorded": ("nnDiffSeg_predict", [*predict, "-o", bad / "unrecorded",
+                                                              "--continue_prediction"],
+                                        ["unrecorded", "toy_Ts000.png", "no nndiffseg_predict_args.json"]),
         "evaluate_output_below_file": ("nnDiffSeg_evaluate", ["-ref", raw / "labelsTs", "-pred", bad / "stray",
                                                               "-o", bad / "a_file" / "summary.json"],
                                        ["a_file", "is a file"]),
@@ -160,6 +164,8 @@ def refusals_setup(root: Path, raw: Path, fold: Path) -> None:
     (bad / "earlier_demo" / "predictions").mkdir()
     truncated = (fold / "checkpoint_final.pth").read_bytes()
     (fold / "checkpoint_truncated.pth").write_bytes(truncated[:len(truncated) // 2])
+    (bad / "unrecorded").mkdir()
+    shutil.copy(raw / "labelsTs" / "toy_Ts000.png", bad / "unrecorded")
     (bad / "stray").mkdir()
     for label_file in sorted((raw / "labelsTs").iterdir()):
         shutil.copy(label_file, bad / "stray" / label_file.name)
@@ -183,13 +189,20 @@ def refusals(toy):
         (unreadable / name).write_bytes(b"")
     shutil.copytree(raw / "imagesTs", root / "outside" / "images")
     (root / "outside" / "images" / "toy_corrupt_0000.png").write_bytes(b"\x89PNG truncated")
+    shutil.copy(raw / "imagesTs" / "toy_Ts000_0000.png", root / "outside" / "images" / "toy_Ts000_0000.jpg")
     # --c where checkpoint_final is truncated and an earlier run was killed while writing a checkpoint: a copy
     # of the trained fold as fold 2, made after the snapshot and removed before the second one
     resumed = toy["fold"].with_name("fold_2")
     shutil.copytree(toy["fold"], resumed)
     (resumed / "checkpoint_final.pth").write_bytes((resumed / "checkpoint_final.pth").read_bytes()[:1000])
     (resumed / ".partial_checkpoint_latest.pth").write_bytes(b"a write that was killed")
-    extra = {"predict_corrupt_case": faulty_case(root, raw),
+    predicted = faulty_case(root, raw)
+    # issue 28 item 3: that prediction continued with another checkpoint, with other settings
+    continued = [*predicted[1], "--continue_prediction"]
+    extra = {"predict_corrupt_case": predicted,
+             "predict_continue_other_checkpoint": (predicted[0], [*continued, "-chk", "checkpoint_best.pth"]),
+             "predict_continue_other_settings": (predicted[0], [*continued, "--save_probabilities", "--disable_tta",
+                                                                "-step_size", 0.25]),
              "train_continue_fallback": ("nnDiffSeg_train", [TOY, "2d", 2, "-tr", TRAINER, "-device", "cpu", "--c"])}
     results = run_batch(root, "refusals", [(tool, args) for tool, args, _ in cases.values()] + list(extra.values()),
                         toy["env"])
@@ -225,6 +238,29 @@ def test_predict_reports_a_failed_case_on_stderr(refusals):
     assert "ERROR: case toy_corrupt failed" in result.stderr and "toy_corrupt_0000.png" in result.stderr
     assert "toy_corrupt" not in result.stdout
     assert "Predicted 4 case(s)" in result.stdout
+
+
+def test_predict_names_input_files_with_another_ending(refusals):
+    """Issue 28 item 7: a .jpg among .png inputs was skipped silently."""
+    stderr = refusals[0]["predict_corrupt_case"].stderr
+    assert "WARNING: 1 file(s)" in stderr and "toy_Ts000_0000.jpg" in stderr and ".png" in stderr, stderr
+
+
+def test_continue_prediction_refuses_other_settings(refusals, toy):
+    """Issue 28 item 3: continuing predict_corrupt_case's folder with another checkpoint or other settings kept its
+    outputs, added the new run's and rewrote the record to name only the new run (with --save_probabilities: no
+    .npz for the skipped cases, but a record claiming them). Refused, each difference named, nothing written."""
+    results = refusals[0]
+    assert_refused(results["predict_continue_other_checkpoint"],
+                   ["checkpoint_name: recorded checkpoint_final.pth, now checkpoint_best.pth"])
+    assert_refused(results["predict_continue_other_settings"],
+                   ["use_tta: recorded true, now false", "tile_step_size: recorded 0.5, now 0.25",
+                    "save_probabilities: recorded false, now true"])
+    assert "checkpoint_name" not in results["predict_continue_other_settings"].stderr
+    out = toy["root"] / "outside" / "pred"
+    record = json.loads((out / "nndiffseg_predict_args.json").read_text())
+    assert record["checkpoint_name"] == "checkpoint_final.pth" and record["save_probabilities"] is False
+    assert not list(out.glob("*.npz"))
 
 
 def test_continue_falls_back_from_an_unreadable_checkpoint(refusals):

@@ -60,7 +60,10 @@ PREDICTIONS = {
 def predictions(guided):
     commands = [("nnDiffSeg_predict", [*_common(guided, guided["root"] / name), "-nps", 0, *options])
                 for name, options in PREDICTIONS.items()]
-    return dict(zip(PREDICTIONS, run_batch(guided["root"], "predictions", commands, guided["env"])))
+    tool, args = commands[list(PREDICTIONS).index("uncertainty3")]
+    commands.append((tool, [*args, "--continue_prediction"]))  # after it: every case done
+    results = run_batch(guided["root"], "predictions", commands, guided["env"])
+    return {**dict(zip(PREDICTIONS, results)), "uncertainty3_continued": results[-1]}
 
 
 def _predicted(guided, predictions, name):
@@ -188,6 +191,14 @@ def test_save_uncertainty_writes_a_map_and_a_picture_per_case(guided, prediction
     samples = [np.array(Image.open(total_run / "samples" / f"sample_{k}" / f"{c}.png"))
                for k in range(3) for c in cases]
     assert any((a != b).any() for a, b in zip(samples[:len(cases)], samples[len(cases):]))  # they differ
+
+
+def test_continue_prediction_finds_every_case_with_its_maps_and_samples_done(predictions):
+    """The files --continue_prediction requires of a finished case (uncertainty map, each sample's label map) are
+    the ones --save_uncertainty --save_samples write: nothing is predicted again."""
+    result = predictions["uncertainty3_continued"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 case(s) already predicted" in result.stdout and "Predicted 0 case(s)" in result.stdout, result.stdout
 
 
 def _load_trained_network(guided):

@@ -95,16 +95,19 @@ def test_predict_reports_bad_case_and_predicts_the_rest(toy, predicted):
 
 
 def test_continue_prediction_only_predicts_missing_cases(toy, predicted):
+    """A missing label map is predicted, and so is an empty one (issue 28 item 3: it counted as done)."""
     out = predicted["out"]
     files = sorted(out.glob("*.png"))  # the label maps (the run record beside them is written again)
     kept_mtime = files[0].stat().st_mtime_ns
     files[-1].unlink()
+    files[1].write_bytes(b"")
     (predicted["in"] / "broken_0000.png").unlink()
     result = run_tool("nnDiffSeg_predict", "-i", predicted["in"], "-o", out, "-d", DATASET_ID, "-c", "2d",
                       "-tr", "nnDiffSegTrainer", "-device", "cpu", "--disable_tta", "-nps", 0,
                       "--continue_prediction", env=toy["env"])
-    assert "already predicted" in result.stdout
+    assert "1 case(s) already predicted" in result.stdout and f"predicted again: {files[1].stem}" in result.stdout
     assert files[-1].is_file() and files[0].stat().st_mtime_ns == kept_mtime
+    assert np.array(Image.open(files[1])).shape == np.array(Image.open(files[0])).shape
 
 
 def test_stock_nnunet_finds_the_same_trainer_class(toy):

@@ -28,13 +28,13 @@ from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
 from nndiffseg.evaluation.uncertainty_evaluation import (UNCERTAINTY_FOLDER, case_uncertainty_data, find_case_files,
                                                          summarize_uncertainty)
+from nndiffseg.utils import name_list
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
 SUPPORTED_ENDINGS: tuple[str, ...] = tuple(sorted({e.lower() for rw in LIST_OF_IO_CLASSES
                                                    for e in rw.supported_file_endings}, key=len, reverse=True))
 SUMMARY_FILE_NAME = "summary.json"
 FIGURES_FOLDER = "summary_figures"  # calibration.png and risk_coverage.png, beside the summary
-_MAX_NAMES_IN_MESSAGE = 10
 
 
 def default_num_processes() -> int:
@@ -71,13 +71,6 @@ def list_cases(folder: str, role: str = "label map") -> dict[str, str]:
     return cases
 
 
-def _name_list(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_MAX_NAMES_IN_MESSAGE])
-    if len(names) > _MAX_NAMES_IN_MESSAGE:
-        shown += f" and {len(names) - _MAX_NAMES_IN_MESSAGE} more"
-    return shown
-
-
 def _match_cases(reference: dict[str, str], prediction: dict[str, str],
                  reference_folder: str, prediction_folder: str) -> list[str]:
     missing = sorted(set(reference) - set(prediction))
@@ -85,10 +78,10 @@ def _match_cases(reference: dict[str, str], prediction: dict[str, str],
     problems = []
     if missing:
         problems.append(f"{len(missing)} case(s) of {reference_folder} have no prediction in "
-                        f"{prediction_folder}: {_name_list(missing)}")
+                        f"{prediction_folder}: {name_list(missing)}")
     if extra:
         problems.append(f"{len(extra)} prediction(s) in {prediction_folder} have no reference in "
-                        f"{reference_folder}: {_name_list(extra)}")
+                        f"{reference_folder}: {name_list(extra)}")
     if problems:
         raise NnDiffSegError("; ".join(problems))
     return sorted(reference)
@@ -185,11 +178,35 @@ def defined_labels(reference_folder: str, prediction_folder: str) -> Optional[tu
     return None
 
 
+MASK_255 = 255  # the foreground of a binary mask saved as an 8-bit picture
+
+
+def _check_reference_labels(results: list[dict], reference: dict[str, str], defined: Optional[tuple[set[int], str]],
+                            ) -> None:
+    """References holding labels the dataset does not define (``defined``), or, without a dataset.json, the
+    foreground 255 of a 0/255 mask: named, before the predictions are blamed for the mismatch."""
+    def undefined(values: list[int]) -> list[int]:
+        return sorted(set(values) - defined[0]) if defined else [v for v in values if v == MASK_255]
+
+    stray = {r["case"]: undefined(r["reference_labels"]) for r in results}
+    stray = {case: values for case, values in stray.items() if values}
+    if not stray:
+        return
+    cases = [f"{case} ({reference[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
+    what = f"that {defined[1]} does not define (its labels: {', '.join(map(str, sorted(defined[0])))})" if defined \
+        else f"{MASK_255} (and no dataset.json beside them defines it)"
+    hint = (f": masks saved as 0/{MASK_255} must be saved as 0/1 (a label map holds class numbers)"
+            if any(MASK_255 in values for values in stray.values()) else "")
+    raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {name_list(cases)}{hint}")
+
+
 def _stray_labels(results: list[dict], reference_folder: str, prediction_folder: str,
-                  prediction: dict[str, str]) -> list[str]:
+                  prediction: dict[str, str], reference: dict[str, str]) -> list[str]:
     """Predicted labels the dataset does not define: an error naming the cases where a dataset.json defines the
-    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table."""
+    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table.
+    References are checked first (``_check_reference_labels``)."""
     defined = defined_labels(reference_folder, prediction_folder)
+    _check_reference_labels(results, reference, defined)
     allowed = defined[0] if defined else {0} | {v for r in results for v in r["reference_labels"]}
     stray = {r["case"]: sorted(set(r["prediction_labels"]) - allowed) for r in results}
     stray = {case: values for case, values in stray.items() if values}
@@ -198,9 +215,9 @@ def _stray_labels(results: list[dict], reference_folder: str, prediction_folder:
     cases = [f"{case} ({prediction[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
     if defined:
         raise NnDiffSegError(f"{len(stray)} prediction(s) hold labels that {defined[1]} does not define (its labels: "
-                             f"{', '.join(map(str, sorted(defined[0])))}): {_name_list(cases)}")
+                             f"{', '.join(map(str, sorted(defined[0])))}): {name_list(cases)}")
     return [f"label(s) {', '.join(map(str, sorted({v for vs in stray.values() for v in vs})))} occur in predictions "
-            f"but in no reference, so they count as wrong classes in the means: {_name_list(cases)}"]
+            f"but in no reference, so they count as wrong classes in the means: {name_list(cases)}"]
 
 
 def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
@@ -243,6 +260,9 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
             not os.path.isdir(os.path.dirname(os.path.abspath(output_file))):
         raise NnDiffSegError(f"-o {output_file}: {os.path.dirname(output_file)} is a file, not a folder")
     labels = _check_labels(labels)
+    if os.path.isdir(reference_folder) and os.path.realpath(reference_folder) == os.path.realpath(prediction_folder):
+        raise NnDiffSegError(f"-ref and -pred are the same folder ({os.path.realpath(reference_folder)}): every "
+                             f"case would score 1 against itself")
     reference = list_cases(reference_folder, "reference")
     prediction = list_cases(prediction_folder, "prediction")
     cases = _match_cases(reference, prediction, reference_folder, prediction_folder)
@@ -272,7 +292,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
             results = pool.map(_evaluate_case, jobs)
 
-    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction)
+    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction, reference)
     if labels is None:
         labels = sorted({label for r in results for label in r["present"]})
         if not labels:

@@ -60,6 +60,11 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     probabilities and the same labels and shapes, and every uncertainty/ folder a map of that shape for each case."""
     if len(folders) < 2:
         raise NnDiffSegError(f"-i needs at least two prediction folders to ensemble, got {len(folders)}")
+    resolved = [f.resolve() for f in folders]
+    twice = [f for f, r in zip(folders, resolved) if resolved.count(r) > 1]
+    if twice:
+        raise NnDiffSegError(f"-i names the prediction folder {twice[0]} more than once ({', '.join(map(str, twice))}):"
+                             f" it would weigh double in the mean")
     metadata = []
     for folder in folders:
         if not folder.is_dir():

@@ -21,17 +21,18 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
 from nndiffseg.checkpoints import load_checkpoint_file
-from nndiffseg.errors import NnDiffSegError, debugging, run_cli
+from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
+from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list
 
 # The predictor, the trainers (diffusers, open_clip) and the uncertainty export are imported where they are
 # used: the export workers, which import this module again, then need only nnU-Net's export
 
 PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
+RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written beside the predictions
 POOL_STOP_TIMEOUT_S = 3.0
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
@@ -40,8 +41,12 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
     channels: Dict[str, Dict[int, str]] = {}
     problems: Dict[str, str] = {}
+    other_endings = []
     for f in sorted(os.listdir(input_folder)):
-        if not f.endswith(file_ending) or f.startswith("."):
+        if f.startswith(".") or f in RECORD_FILES or (input_folder / f).is_dir():
+            continue
+        if not f.endswith(file_ending):
+            other_endings.append(f)
             continue
         m = pattern.match(f)
         if m is None:
@@ -55,7 +60,28 @@ def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, L
             problems[case] = f"missing channel file(s) {', '.join(missing)}"
         else:
             cases[case] = [files[c] for c in sorted(files)]
+    if other_endings:
+        print(f"WARNING: {len(other_endings)} file(s) in {input_folder} do not end in {file_ending} (the dataset's "
+              f"file ending) and are not predicted: {name_list(other_endings)}", file=sys.stderr)
     return cases, problems
+
+
+def read_case(reader, files: List[str], dataset_json: dict) -> Tuple[np.ndarray, dict]:
+    """The case's image(s) as nnU-Net's reader gives them, refused where they do not fit the model or hold NaN or
+    Inf (nnU-Net's normalization and the network pass them on: an all-NaN slice came out as a plausible lesion)."""
+    data, properties = reader.read_images(files)
+    num_channels = len(dataset_json["channel_names"])
+    if data.shape[0] != num_channels:
+        raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
+                             f"({', '.join(dataset_json['channel_names'].values())})")
+    if not np.isfinite(data).all():
+        # one file per channel, or one file holding them all (an RGB PNG)
+        per_file = zip(files, data) if len(files) == len(data) else [(files[0], data)]
+        found = [f"{os.path.basename(f)}: {np.isnan(v).sum()} NaN, {np.isinf(v).sum()} Inf" for f, v in per_file
+                 if not np.isfinite(v).all()]
+        raise NnDiffSegError(f"the image holds values that are not numbers ({'; '.join(found)}): fix or leave out "
+                             f"the case")
+    return data, properties
 
 
 def export_atomically(logits: np.ndarray, properties: dict, configuration_manager, plans_manager,
@@ -151,11 +177,83 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
+# what decides a prediction folder's outputs, in its record: --continue_prediction must find them unchanged
+OUTPUT_SETTINGS = ("model_folder", "trainer", "plans", "configuration", "folds", "checkpoint_name", "use_tta",
+                   "tile_step_size", "inference_options", "save_probabilities", "save_uncertainty", "save_samples")
+NOT_RECORDED = "(not recorded)"
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_continuation(output_path: Path, record: dict, file_ending: str) -> None:
+    """--continue_prediction keeps the outputs already in ``output_path`` only when its record names the model and
+    every setting that decides the outputs as ``record`` does (the input folder may differ); outputs without a
+    record are refused too, since what made them is unknown. A mix of two models' outputs would pass for one."""
+    record_file = output_path / PREDICT_ARGS_FILE
+    if not record_file.is_file():
+        outputs = sorted(p.name for p in output_path.glob("*") if p.is_file() and not p.name.startswith(".")
+                         and p.name.endswith((file_ending, ".npz"))) if output_path.is_dir() else []
+        if outputs:
+            raise NnDiffSegError(f"--continue_prediction: {output_path} holds predictions "
+                                 f"({name_list(outputs)}) but no {PREDICT_ARGS_FILE} naming the "
+                                 f"model and settings that made them: predict into a new folder, or without "
+                                 f"--continue_prediction to predict every case again")
+        return
+    try:
+        recorded = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise NnDiffSegError(f"--continue_prediction: {record_file} cannot be read ({describe_error(e)})") from None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    now = json.loads(json.dumps(record, default=str))  # as it would be recorded
+    differ = [f"{name}: recorded {_shown(recorded.get(name, NOT_RECORDED))}, now {_shown(now[name])}"
+              for name in OUTPUT_SETTINGS if recorded.get(name, NOT_RECORDED) != now[name]]
+    if differ:
+        raise NnDiffSegError(f"--continue_prediction: {output_path} was predicted with other settings "
+                             f"({'; '.join(differ)}): continue with the recorded ones, or predict into a new folder "
+                             f"(without --continue_prediction every case is predicted again)")
+
+
+def case_outputs(case: str, file_ending: str, save_probabilities: bool, save_uncertainty: bool,
+                 num_sample_maps: int) -> List[str]:
+    """The files a predicted case leaves in the output folder (relative paths), its label map first."""
+    from nndiffseg.inference.uncertainty import SAMPLES_FOLDER, UNCERTAINTY_FOLDER
+    files = [case + file_ending] + ([f"{case}.npz", f"{case}.pkl"] if save_probabilities else [])
+    if save_uncertainty:
+        files.append(f"{UNCERTAINTY_FOLDER}/{case}.npz")
+    return files + [f"{SAMPLES_FOLDER}/sample_{k}/{case}{file_ending}" for k in range(num_sample_maps)]
+
+
+def is_predicted(output_path: Path, files: List[str], reader) -> bool:
+    """Whether every file is there and not empty, and the first (the label map) can be read by ``reader``."""
+    if not all((output_path / f).is_file() and (output_path / f).stat().st_size > 0 for f in files):
+        return False
+    try:
+        reader.read_seg(str(output_path / files[0]))
+    except Exception:  # any reader failure: a file cut short by a kill or a full disk
+        return False
+    return True
+
+
+def skip_predicted(cases: Dict[str, List[str]], output_path: Path, reader, outputs) -> None:
+    """--continue_prediction: drop from ``cases`` those whose ``outputs(case)`` are all written and readable."""
+    done = [c for c in cases if is_predicted(output_path, outputs(c), reader)]
+    again = [c for c in cases if c not in done and (output_path / outputs(c)[0]).exists()]
+    for c in done:
+        del cases[c]
+    if done:
+        print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
+    if again:
+        print(f"--continue_prediction: {len(again)} case(s) with an empty, unreadable or incomplete output predicted "
+              f"again: {name_list(again)}")
+
+
 def write_prediction_record(folder: Path, dataset_json: dict, plans: dict, arguments: dict) -> None:
     """What nnU-Net's predictor writes beside its predictions: dataset.json and plans.json (nnUNetv2_ensemble,
     nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them), and the arguments of the run."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("dataset.json", dataset_json), ("plans.json", plans), (PREDICT_ARGS_FILE, arguments)):
+    for name, content in zip(RECORD_FILES, (dataset_json, plans, arguments)):
         tmp = folder / (PARTIAL_PREFIX + name)
         tmp.write_text(json.dumps(content, indent=4, default=str))
         os.replace(tmp, folder / name)
@@ -213,33 +311,35 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
-    num_channels = len(dataset_json["channel_names"])
     cases, failures = group_input_files(input_path, file_ending)
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
-    _remove_partials(output_path)  # from an interrupted earlier run
-    if continue_prediction:
-        done = [c for c in cases if (output_path / (c + file_ending)).is_file()]
-        for c in done:
-            del cases[c]
-        if done:
-            print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
-
     if use_tta is None:
         use_tta = getattr(trainer_class, "mirroring_at_prediction", True)
+    record = {"input_folder": str(Path(input_folder).resolve()), "model_folder": str(model_folder), "trainer": trainer,
+              "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
+              "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
+              "save_probabilities": save_probabilities, "save_uncertainty": save_uncertainty,
+              "save_samples": save_samples}
+    if continue_prediction:
+        check_continuation(output_path, record, file_ending)  # before anything is written
+    _remove_partials(output_path)  # from an interrupted earlier run
+
     register_ext_trainer_dir()
     predictor_class = UncertaintyPredictor if sampling else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
-    output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
-    record = {"input_folder": str(Path(input_folder).resolve()), "model_folder": str(model_folder), "trainer": trainer,
-              "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
-              "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
-              "save_probabilities": save_probabilities}
-    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
+    head = getattr(predictor.network, "_orig_mod", predictor.network)
     reader = predictor.plans_manager.image_reader_writer_class()
+    if continue_prediction:
+        num_sample_maps = len(folds) * head.setting("num_samples") if save_samples else 0
+        skip_predicted(cases, output_path, reader,
+                       lambda case: case_outputs(case, file_ending, save_probabilities, save_uncertainty,
+                                                 num_sample_maps))
+    output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
+    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
 
@@ -248,10 +348,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
-                data, properties = reader.read_images(files)
-                if data.shape[0] != num_channels:
-                    raise NnDiffSegError(f"image has {data.shape[0]} channel(s), the model takes {num_channels} "
-                                         f"({', '.join(dataset_json['channel_names'].values())})")
+                data, properties = read_case(reader, files, dataset_json)
                 data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                                                 predictor.configuration_manager, dataset_json)
                 if sampling:
@@ -267,7 +364,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                                        dataset_json, output_path, case)
                     export_atomically(*args)
                     if save_uncertainty:
-                        head = getattr(predictor.network, "_orig_mod", predictor.network)
                         export_uncertainty(uncertainty, properties, predictor.configuration_manager,
                                            predictor.plans_manager, files, output_path, case,
                                            head.setting("uncertainty"))
