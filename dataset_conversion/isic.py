@@ -43,6 +43,9 @@ CHANNEL_NAMES = {"0": "R", "1": "G", "2": "B"}
 LABELS = {"background": 0, "lesion": 1}
 TRAIN_SPLITS = ("Training", "Validation")
 MAX_SKIPPED_SHOWN = 20
+# modes Pillow converts to 8-bit RGB itself; of the others, 16-bit and 32-bit grey are rescaled in rgb8
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,37 @@ def _check_binary(values: np.ndarray, path: Path) -> None:
         raise DatasetConversionError(f"mask {path} has values {shown}; expected only 0 (background) and 255 (lesion)")
 
 
+def _grey8(image: Image.Image, path: Path) -> np.ndarray:
+    """A grey image of more than 8 bits reduced to 8 by its type's range, as Pillow reduces 16-bit colour PNGs:
+    16-bit values (and Pillow's 32-bit 'I' holding them) to their high byte, floats in 0..1 times 255."""
+    values = np.asarray(image)
+    if image.mode == "F" and not np.isfinite(values).all():
+        raise DatasetConversionError(
+            f"image {path} has non-finite values (NaN or Inf) in {int((~np.isfinite(values)).sum())} of "
+            f"{values.size} pixels")
+    low, high = (values.min(), values.max()) if values.size else (0, 0)
+    if image.mode in SIXTEEN_BIT_GREY_MODES or (image.mode == "I" and low >= 0 and high <= 65535):
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        return np.round(values * 255).astype(np.uint8)
+    kind, expected = ("32-bit float", "0..1") if image.mode == "F" else ("32-bit integer", "0..65535")
+    raise DatasetConversionError(
+        f"image {path} is a {kind} image (mode {image.mode}) with values {low}..{high}, outside {expected}: it "
+        f"has no known 8-bit scale; save it as an 8-bit or 16-bit PNG or a JPEG")
+
+
+def rgb8(image: Image.Image, path: Path) -> Image.Image:
+    """The image as 8-bit RGB. Pillow clips 16-bit grey to 255 when converting (a white image), so grey of more
+    than 8 bits is rescaled here; a mode Pillow reads but no 8-bit scale is known for is refused by name."""
+    if image.mode in EIGHT_BIT_MODES:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode in SIXTEEN_BIT_GREY_MODES + ("I", "F"):
+        return Image.fromarray(_grey8(image, path)).convert("RGB")
+    raise DatasetConversionError(
+        f"image {path} has mode {image.mode}, which has no known conversion to 8-bit RGB; expected an RGB or "
+        f"greyscale JPEG or PNG")
+
+
 def _save_png(image: Image.Image, path: Path) -> None:
     image.info = {}  # no ICC profile, text chunks, ... from the source: the output depends on the pixels alone
     image.save(path, format="PNG", compress_level=1)  # 3x faster than the default 6 for ~15% larger files
@@ -332,8 +366,7 @@ def convert_case(job: CaseJob) -> bool:
         values = _mask_values(mask, job.mask)
         _check_binary(values, job.mask)
         label = Image.fromarray((values == 255).astype(np.uint8))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = rgb8(image, job.image)
     size = shrunk_size(image.size, job.max_size)
     shrunk = size != image.size
     if shrunk:
