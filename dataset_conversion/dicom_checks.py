@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nndiffseg.dataset_conversion.common import DatasetConversionError
+from nndiffseg.dataset_conversion.common import refuse_non_finite
 
 RESCALE_TAGS = (("0028|1053", "RescaleSlope", "slope", 1), ("0028|1052", "RescaleIntercept", "intercept", 0))
 MAX_WARNINGS_SHOWN = 20
@@ -53,16 +53,10 @@ def rescale_anomalies(reader: sitk.ImageFileReader) -> tuple[str, ...]:
     return (f"{'; '.join(problems)}: {' and '.join(assumed)} assumed, so its values may not be HU",)
 
 
-def refuse_non_finite(values: np.ndarray, path: Path, reader: sitk.ImageFileReader) -> None:
+def refuse_non_finite_hu(values: np.ndarray, path: Path, reader: sitk.ImageFileReader) -> None:
     """A CT slice decodes to finite Hounsfield units; NaN or Inf (e.g. from a corrupt RescaleSlope) is refused."""
-    if np.issubdtype(values.dtype, np.integer):
-        return
-    bad = int((~np.isfinite(values)).sum())
-    if bad:
-        tags = ", ".join(f"{name} {_tag_text(reader, tag)}" for tag, name, _, _ in RESCALE_TAGS)
-        raise DatasetConversionError(
-            f"DICOM {path} decodes to non-finite values (NaN or Inf) in {bad} of {values.size} pixels ({tags}): "
-            f"not a CT slice in Hounsfield units; fix or remove the file")
+    tags = ", ".join(f"{name} {_tag_text(reader, tag)}" for tag, name, _, _ in RESCALE_TAGS)
+    refuse_non_finite(values, f"DICOM {path}", f" once rescaled ({tags}): not a CT slice in Hounsfield units")
 
 
 def _spacing_text(spacing: tuple[float, float]) -> str:

@@ -27,6 +27,7 @@ from nndiffseg.dataset_conversion.common import (
     dataset_folder_name,
     load_image,
     nnunet_raw_folder,
+    refuse_non_finite,
     staged_folder,
 )
 from nndiffseg.errors import run_cli
@@ -298,8 +299,10 @@ def _mask_values(mask: Image.Image, path: Path) -> np.ndarray:
     """The mask as a 2D array, accepting greyscale and grey-stored-as-RGB(A); values are not checked yet."""
     if mask.mode == "1":
         return np.asarray(mask.convert("L"))
-    if mask.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
-        return np.asarray(mask)
+    if mask.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(mask)
+        refuse_non_finite(values, f"mask {path}")  # RGBA conversion would turn NaN into background
+        return values
     rgba = np.asarray(mask.convert("RGBA"))
     if not (np.array_equal(rgba[..., 0], rgba[..., 1]) and np.array_equal(rgba[..., 0], rgba[..., 2])):
         raise DatasetConversionError(
@@ -321,10 +324,7 @@ def _grey8(image: Image.Image, path: Path) -> np.ndarray:
     """A grey image of more than 8 bits reduced to 8 by its type's range, as Pillow reduces 16-bit colour PNGs:
     16-bit values (and Pillow's 32-bit 'I' holding them) to their high byte, floats in 0..1 times 255."""
     values = np.asarray(image)
-    if image.mode == "F" and not np.isfinite(values).all():
-        raise DatasetConversionError(
-            f"image {path} has non-finite values (NaN or Inf) in {int((~np.isfinite(values)).sum())} of "
-            f"{values.size} pixels")
+    refuse_non_finite(values, f"image {path}")
     low, high = (values.min(), values.max()) if values.size else (0, 0)
     if image.mode in SIXTEEN_BIT_GREY_MODES or (image.mode == "I" and low >= 0 and high <= 65535):
         return (values.astype(np.uint32) >> 8).astype(np.uint8)

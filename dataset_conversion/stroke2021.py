@@ -42,7 +42,7 @@ from nndiffseg.dataset_conversion.common import (
 from nndiffseg.dataset_conversion.dicom_checks import (
     DicomSliceInfo,
     anomaly_warnings,
-    refuse_non_finite,
+    refuse_non_finite_hu,
     rescale_anomalies,
 )
 from nndiffseg.errors import run_cli
@@ -482,7 +482,7 @@ def read_dicom_hu(path: Path) -> tuple[np.ndarray, DicomSliceInfo]:
         hu = hu.astype(np.int16)
     else:
         hu = hu.astype(np.float32)  # a non-integer RescaleSlope
-    refuse_non_finite(hu, path, reader)
+    refuse_non_finite_hu(hu, path, reader)
     spacing = (float(image.GetSpacing()[0]), float(image.GetSpacing()[1]))
     return hu, DicomSliceInfo(path, spacing, rescale_anomalies(reader))
 

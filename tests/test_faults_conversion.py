@@ -155,7 +155,7 @@ def _dicom_infinite(root: Path) -> tuple[str, Path, list, list[str]]:
     dicom = fixture.files[fixture.ids("hemorrhagic")[1]]["dicom"]
     edit_dicom_element(dicom, *RESCALE_SLOPE, b"1e308")  # GDCM multiplies by it: Inf
     return ("nnDiffSeg_convert_stroke2021", fixture.source, ["--images", "dicom"],
-            [f"DICOM {dicom} decodes to non-finite values", "RescaleSlope 1e308"])
+            [f"DICOM {dicom} has non-finite values (NaN or Inf) in", "RescaleSlope 1e308"])
 
 
 def _two_layouts(root: Path) -> tuple[str, Path, list, list[str]]:
@@ -169,8 +169,18 @@ def _two_layouts(root: Path) -> tuple[str, Path, list, list[str]]:
              f"ministry ({src / 'Eğitim Veri Seti_Kanama'}, {src / 'Eğitim Veri Seti_İskemi'})"])
 
 
-REFUSED = {"isic_nan_image": _isic_nan_image, "isic_32_bit_integers": _isic_32_bit_integers,
-           "dicom_infinite": _dicom_infinite, "two_layouts": _two_layouts}
+def _isic_nan_mask(root: Path) -> tuple[str, Path, list, list[str]]:
+    src = make_2017(root / "isic_nan_mask")
+    mask = src / TRAIN_2017[1] / "ISIC_0000003_segmentation.png"
+    values = read_png(mask).astype(np.float32)
+    values[:2, :3] = np.nan  # Pillow's RGB(A) conversion turns NaN into 0: background
+    Image.fromarray(values).save(mask, format="TIFF")
+    return "nnDiffSeg_convert_isic", src, [], [f"mask {mask} has non-finite values (NaN or Inf) in 6 of 1200 pixels"]
+
+
+REFUSED = {"isic_nan_image": _isic_nan_image, "isic_nan_mask": _isic_nan_mask,
+           "isic_32_bit_integers": _isic_32_bit_integers, "dicom_infinite": _dicom_infinite,
+           "two_layouts": _two_layouts}
 
 
 def test_garbage_is_refused_by_name_and_nothing_is_written(nnunet_env, tmp_path):
