@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 from nndiffseg.errors import NnDiffSegError
@@ -88,6 +89,16 @@ def staged_folder(target: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def refuse_non_finite(values: np.ndarray, what: str, detail: str = "") -> None:
+    """Refuse ``values`` of ``what`` (e.g. 'image /x.png') holding NaN or Inf, which would pass on silently."""
+    if np.issubdtype(values.dtype, np.integer):
+        return
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise DatasetConversionError(
+            f"{what} has non-finite values (NaN or Inf) in {bad} of {values.size} pixels{detail}")
 
 
 def load_image(path: Path, what: str) -> Image.Image:

@@ -27,6 +27,7 @@ from nndiffseg.dataset_conversion.common import (
     dataset_folder_name,
     load_image,
     nnunet_raw_folder,
+    refuse_non_finite,
     staged_folder,
 )
 from nndiffseg.errors import run_cli
@@ -43,6 +44,9 @@ CHANNEL_NAMES = {"0": "R", "1": "G", "2": "B"}
 LABELS = {"background": 0, "lesion": 1}
 TRAIN_SPLITS = ("Training", "Validation")
 MAX_SKIPPED_SHOWN = 20
+# modes Pillow converts to 8-bit RGB itself; of the others, 16-bit and 32-bit grey are rescaled in rgb8
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -295,8 +299,10 @@ def _mask_values(mask: Image.Image, path: Path) -> np.ndarray:
     """The mask as a 2D array, accepting greyscale and grey-stored-as-RGB(A); values are not checked yet."""
     if mask.mode == "1":
         return np.asarray(mask.convert("L"))
-    if mask.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
-        return np.asarray(mask)
+    if mask.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(mask)
+        refuse_non_finite(values, f"mask {path}")  # RGBA conversion would turn NaN into background
+        return values
     rgba = np.asarray(mask.convert("RGBA"))
     if not (np.array_equal(rgba[..., 0], rgba[..., 1]) and np.array_equal(rgba[..., 0], rgba[..., 2])):
         raise DatasetConversionError(
@@ -312,6 +318,34 @@ def _check_binary(values: np.ndarray, path: Path) -> None:
     if not set(found.tolist()) <= {0, 255}:
         shown = ", ".join(str(v) for v in found[:10]) + (f", ... ({len(found)} distinct)" if len(found) > 10 else "")
         raise DatasetConversionError(f"mask {path} has values {shown}; expected only 0 (background) and 255 (lesion)")
+
+
+def _grey8(image: Image.Image, path: Path) -> np.ndarray:
+    """A grey image of more than 8 bits reduced to 8 by its type's range, as Pillow reduces 16-bit colour PNGs:
+    16-bit values (and Pillow's 32-bit 'I' holding them) to their high byte, floats in 0..1 times 255."""
+    values = np.asarray(image)
+    refuse_non_finite(values, f"image {path}")
+    low, high = (values.min(), values.max()) if values.size else (0, 0)
+    if image.mode in SIXTEEN_BIT_GREY_MODES or (image.mode == "I" and low >= 0 and high <= 65535):
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        return np.round(values * 255).astype(np.uint8)
+    kind, expected = ("32-bit float", "0..1") if image.mode == "F" else ("32-bit integer", "0..65535")
+    raise DatasetConversionError(
+        f"image {path} is a {kind} image (mode {image.mode}) with values {low}..{high}, outside {expected}: it "
+        f"has no known 8-bit scale; save it as an 8-bit or 16-bit PNG or a JPEG")
+
+
+def rgb8(image: Image.Image, path: Path) -> Image.Image:
+    """The image as 8-bit RGB. Pillow clips 16-bit grey to 255 when converting (a white image), so grey of more
+    than 8 bits is rescaled here; a mode Pillow reads but no 8-bit scale is known for is refused by name."""
+    if image.mode in EIGHT_BIT_MODES:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode in SIXTEEN_BIT_GREY_MODES + ("I", "F"):
+        return Image.fromarray(_grey8(image, path)).convert("RGB")
+    raise DatasetConversionError(
+        f"image {path} has mode {image.mode}, which has no known conversion to 8-bit RGB; expected an RGB or "
+        f"greyscale JPEG or PNG")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -332,8 +366,7 @@ def convert_case(job: CaseJob) -> bool:
         values = _mask_values(mask, job.mask)
         _check_binary(values, job.mask)
         label = Image.fromarray((values == 255).astype(np.uint8))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = rgb8(image, job.image)
     size = shrunk_size(image.size, job.max_size)
     shrunk = size != image.size
     if shrunk:

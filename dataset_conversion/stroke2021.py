@@ -39,6 +39,12 @@ from nndiffseg.dataset_conversion.common import (
     nnunet_raw_folder,
     staged_folder,
 )
+from nndiffseg.dataset_conversion.dicom_checks import (
+    DicomSliceInfo,
+    anomaly_warnings,
+    refuse_non_finite_hu,
+    rescale_anomalies,
+)
 from nndiffseg.errors import run_cli
 
 DATASET_NAME = "Stroke2021"
@@ -183,12 +189,15 @@ def _holds_files(folder: Path, suffix: str) -> bool:
         return False
 
 
-def _ministry_candidates(folder: Path, depth: int) -> Iterator[tuple[str, Path]]:
-    """(role, folder) for the Ministry release's folders at most ``depth`` levels below ``folder``. Roles:
+def _ministry_candidates(folder: Path, depth: int, claimed: frozenset[Path]) -> Iterator[tuple[str, Path]]:
+    """(role, folder) for the Ministry release's folders at most ``depth`` levels below ``folder``, outside the
+    ``claimed`` class folders of another layout (the competition's 'KANAMA' would match). Roles:
     'ischemic', 'hemorrhagic', 'nonstroke' (a class folder holding a PNG folder) and 'nonstroke png' /
     'nonstroke dicom' (the non-stroke zips' folders, holding the files directly). The outer zip folders
     ('Eğitim Veri Seti_Kanama', a doubled 'İnme Yok..._PNG') hold no data themselves and are walked through."""
     for sub in _visible_dirs(folder):
+        if sub in claimed:
+            continue
         key = name_key(sub.name)
         category = next((c for word, c in MINISTRY_CLASS_WORDS.items() if word in key), None)
         if category is not None:
@@ -202,13 +211,17 @@ def _ministry_candidates(folder: Path, depth: int) -> Iterator[tuple[str, Path]]
                 yield "nonstroke dicom", sub
                 continue
         if depth > 1:
-            yield from _ministry_candidates(sub, depth - 1)
+            yield from _ministry_candidates(sub, depth - 1, claimed)
 
 
-def _ministry_classes(source: Path) -> dict[str, ClassFolders]:
+def _ministry_roles(source: Path, claimed: frozenset[Path]) -> dict[str, list[Path]]:
     roles: dict[str, list[Path]] = {}
-    for role, folder in _ministry_candidates(source, MINISTRY_SEARCH_DEPTH):
+    for role, folder in _ministry_candidates(source, MINISTRY_SEARCH_DEPTH, claimed):
         roles.setdefault(role, []).append(folder)
+    return roles
+
+
+def _ministry_classes(source: Path, roles: dict[str, list[Path]]) -> dict[str, ClassFolders]:
     for role, folders in roles.items():
         if len(folders) > 1:
             raise DatasetConversionError(
@@ -230,6 +243,18 @@ def _unrecognised(source: Path) -> DatasetConversionError:
         f" Expected one of: {EXPECTED_LAYOUTS}")
 
 
+def _refuse_mixed_layouts(source: Path, layouts: dict[str, list[Path]]) -> None:
+    """One layout per source: of two, the converter would pick one and never mention the other."""
+    if len(layouts) < 2:
+        return
+    shown = [f"{kind} ({', '.join(map(str, sorted({source / f.relative_to(source).parts[0] for f in folders})))})"
+             for kind, folders in layouts.items()]
+    raise DatasetConversionError(
+        f"{source} holds several Stroke2021 layouts: {' and '.join(shown)}; "
+        f"convert one layout per source folder: move the other's folders away, or pass as -i a folder that holds "
+        f"only one")
+
+
 def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
     """Which of the release's three layouts ``source`` holds (from folder names only) and its class folders."""
     source = Path(source)
@@ -237,14 +262,16 @@ def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
         raise DatasetConversionError(f"source folder {source} does not exist")
     if not source.is_dir():
         raise DatasetConversionError(f"source {source} is not a folder")
-    kind, classes = None, {}
-    for named_kind, names in (("competition", COMPETITION_CLASSES), ("sdmcseg", SDMCSEG_CLASSES)):
-        found = _named_classes(source, names)
-        if found is not None:
-            kind, classes = named_kind, {c: _class_folders(c, folder) for c, folder in found.items()}
-            break
-    if kind is None:
-        kind, classes = "ministry", _ministry_classes(source)
+    found = {kind: _named_classes(source, names)
+             for kind, names in (("competition", COMPETITION_CLASSES), ("sdmcseg", SDMCSEG_CLASSES))}
+    layouts = {kind: list(folders.values()) for kind, folders in found.items() if folders is not None}
+    roles = _ministry_roles(source, frozenset(f for folders in layouts.values() for f in folders))
+    if roles:
+        layouts["ministry"] = [f for folders in roles.values() for f in folders]
+    _refuse_mixed_layouts(source, layouts)
+    kind = next(iter(layouts), "ministry")
+    classes = (_ministry_classes(source, roles) if kind == "ministry"
+               else {c: _class_folders(c, folder) for c, folder in found[kind].items()})
     if not any(c in classes for c in STROKE_CATEGORIES):
         raise _unrecognised(source)
     for category in STROKE_CATEGORIES:
@@ -365,6 +392,7 @@ class SliceResult:
     lesion_pixels: tuple[int, int] = (0, 0)  # label 1, label 2
     mask_colours: tuple[tuple[int, int, int], ...] = ()  # non-black MASK colours found
     hu_range: tuple[float, float] | None = None  # --images dicom
+    dicom: DicomSliceInfo | None = None  # --images dicom
 
 
 def _size_text(size: tuple[int, int]) -> str:
@@ -433,8 +461,9 @@ def _itk_message(error: Exception) -> str:
     return " ".join(text.split())
 
 
-def read_dicom_hu(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """The slice in Hounsfield units (GDCM applies RescaleSlope/Intercept) and its (x, y) pixel spacing."""
+def read_dicom_hu(path: Path) -> tuple[np.ndarray, DicomSliceInfo]:
+    """The slice in Hounsfield units (GDCM applies RescaleSlope/Intercept), refused where not finite, and its
+    (x, y) pixel spacing and anomalies."""
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
@@ -453,7 +482,9 @@ def read_dicom_hu(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
         hu = hu.astype(np.int16)
     else:
         hu = hu.astype(np.float32)  # a non-integer RescaleSlope
-    return hu, (float(image.GetSpacing()[0]), float(image.GetSpacing()[1]))
+    refuse_non_finite_hu(hu, path, reader)
+    spacing = (float(image.GetSpacing()[0]), float(image.GetSpacing()[1]))
+    return hu, DicomSliceInfo(path, spacing, rescale_anomalies(reader))
 
 
 def _write_nifti(pixels: np.ndarray, spacing: tuple[float, float], path: Path) -> None:
@@ -501,12 +532,12 @@ def convert_slice(job: SliceJob) -> SliceResult:
         return SliceResult(item.case_id, item.category, skip_reason=reason, mask_colours=colours)
     lesion_pixels = (int((labels == 1).sum()), int((labels == 2).sum()))
     if job.images == "dicom":
-        hu, spacing = read_dicom_hu(item.dicom)
+        hu, dicom = read_dicom_hu(item.dicom)
         _check_same_size(item.png, png.size, item.dicom, (hu.shape[1], hu.shape[0]), "DICOM")
-        _write_nifti(hu, spacing, job.out_folder / f"{item.case_id}_0000.nii.gz")
-        _write_nifti(labels, spacing, job.out_folder / f"{item.case_id}.nii.gz")
+        _write_nifti(hu, dicom.spacing, job.out_folder / f"{item.case_id}_0000.nii.gz")
+        _write_nifti(labels, dicom.spacing, job.out_folder / f"{item.case_id}.nii.gz")
         return SliceResult(item.case_id, item.category, None, lesion_pixels, colours,
-                           (float(hu.min()), float(hu.max())))
+                           (float(hu.min()), float(hu.max())), dicom)
     _save_png(grey, job.out_folder / f"{item.case_id}_0000.png")
     _save_png(labels, job.out_folder / f"{item.case_id}.png")
     return SliceResult(item.case_id, item.category, None, lesion_pixels, colours)
@@ -721,6 +752,7 @@ def summary(report: ConversionReport, ischemia: tuple[int, int, int], hemorrhage
             if low > -500:
                 lines.append("  WARNING: no slice holds air (below -500 HU): the DICOM files may lack "
                              "RescaleIntercept, so the values would not be HU")
+            lines += ["  " + w for w in anomaly_warnings([r.dicom for r in report.results if r.dicom])]
     else:
         lines.append("  images: the windowed PNG slices, one channel (z-scored by nnU-Net)")
     if report.split == "sdmcseg":

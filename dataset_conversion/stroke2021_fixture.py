@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ ISCHEMIA_COLOUR = (0, 0, 255)  # the competition's info note
 HEMORRHAGE_COLOUR = (0, 255, 0)
 BRAIN_WINDOW = (40.0, 80.0)  # level, width (HU)
 RESCALE_INTERCEPT = -1024
+IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2\x00"  # the transfer syntax GDCM writes write_dicom's files in
 OVERLAY_RED_ALPHA = 0.4
 I_STYLES = ("release", "dotless", "upper", "ascii")
 
@@ -169,6 +171,25 @@ def write_dicom(path: Path, hu: np.ndarray, spacing: tuple[float, float], instan
     writer.SetImageIO("GDCMImageIO")
     writer.SetFileName(str(path))
     writer.Execute(image)
+
+
+def edit_dicom_element(path: Path, group: int, element: int, value: bytes | None) -> None:
+    """Replace the value of one element of a file write_dicom wrote, or remove the element (``value`` None): the
+    anomalies of real slices, which GDCM will not write (no RescaleSlope/Intercept, a corrupt slope)."""
+    data = path.read_bytes()
+    position = 144 + struct.unpack_from("<I", data, 140)[0]  # preamble, b"DICM", then the meta group's length
+    if IMPLICIT_VR_LITTLE_ENDIAN not in data[132:position]:
+        raise NnDiffSegError(f"{path} is not in implicit VR little endian: cannot edit it")
+    while position < len(data):
+        found_group, found_element, length = struct.unpack_from("<HHI", data, position)
+        if (found_group, found_element) == (group, element):
+            if value is not None:
+                value += b" " * (len(value) % 2)  # DICOM values have even lengths
+            new = b"" if value is None else struct.pack("<HHI", group, element, len(value)) + value
+            path.write_bytes(data[:position] + new + data[position + 8 + length:])
+            return
+        position += 8 + length
+    raise NnDiffSegError(f"{path} has no element ({group:04x},{element:04x})")
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:
