@@ -11,6 +11,9 @@ from nndiffseg.errors import NnDiffSegError
 
 # a checkpoint being written: renamed to its real name once complete; a leftover is a write that was killed
 PARTIAL_CHECKPOINT_PREFIX = ".partial_"
+# a run's checkpoints in its fold folder; --c takes the first of these that exists, as nnU-Net does (an
+# unreadable one falls back to the next)
+CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def load_checkpoint_file(path: str, flag: str) -> dict:

@@ -27,6 +27,7 @@ TRAINER = "nnDiffSegTrainer"
 MODEL = f"{TRAINER}__nnDiffSegPlans__2d"
 SHORT_RUN = ["-device", "cpu", "--num_epochs", "1", "--iters_per_epoch", "1"]
 HOOK_ENV = "nnDiffSeg_test_hook"
+RERUN_FINISHED = [f"{MODEL}/fold_0 holds a finished training", "checkpoint_final.pth", "--c", "--overwrite"]
 MARKER = "nnDiffSeg_test_hook reached"
 
 
@@ -78,6 +79,7 @@ def toy(tmp_path_factory):
 def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]]]:
     """name -> (tool, arguments, parts of the ERROR: line). Files they need are made by refusals_setup."""
     bad = root / "bad"
+    trained = root / "nnUNet_results" / raw.name / MODEL / "fold_0"
     fold_args = [TOY, "2d", 1, "-device", "cpu"]
     predict = ["-i", raw / "imagesTs", "-d", TOY, "-c", "2d", "-tr", TRAINER, "-device", "cpu", "-f", 0]
     return {
@@ -115,6 +117,17 @@ def refusal_cases(root: Path, raw: Path) -> dict[str, tuple[str, list, list[str]
         "train_continue_changed_option": ("nnDiffSeg_train", [TOY, "2d", 0, "-device", "cpu", "-tr", TRAINER,
                                                               "--c", "--seed", 3],
                                           ["--c resumes with the options", "--seed 3"]),
+        # issue 28 item 2: a new run (pretrained weights too) where a finished or interrupted one is (fold 3: made
+        # by `refusals`); with --overwrite, one refused after its trainer was built leaves the model and its record
+        "train_rerun_finished": ("nnDiffSeg_train", [TOY, "2d", 0, "-tr", TRAINER, *SHORT_RUN], RERUN_FINISHED),
+        "train_rerun_pretrained": ("nnDiffSeg_train", [TOY, "2d", 0, "-tr", TRAINER, *SHORT_RUN, "-pretrained_weights",
+                                                       trained / "checkpoint_final.pth"], RERUN_FINISHED),
+        "train_rerun_interrupted": ("nnDiffSeg_train", [TOY, "2d", 3, "-tr", TRAINER, *SHORT_RUN],
+                                    [f"{MODEL}/fold_3 holds an interrupted training (checkpoint_latest.pth)", "--c",
+                                     "--overwrite"]),
+        "train_overwrite_refused": ("nnDiffSeg_train", [TOY, "2d", 0, "-tr", TRAINER, *SHORT_RUN, "--overwrite",
+                                                        "--seed", 9, "-pretrained_weights", bad / "empty.pth"],
+                                    ["-pretrained_weights", "empty.pth"]),
         # item 10: options checked before any work
         "train_clip_model": ("nnDiffSeg_train", [*fold_args, "-tr", "nnDiffSegTrainerGuided", "--clip_model",
                                                  "NoSuchModel:openai"], ["NoSuchModel"]),
@@ -196,6 +209,9 @@ def refusals(toy):
     shutil.copytree(toy["fold"], resumed)
     (resumed / "checkpoint_final.pth").write_bytes((resumed / "checkpoint_final.pth").read_bytes()[:1000])
     (resumed / ".partial_checkpoint_latest.pth").write_bytes(b"a write that was killed")
+    interrupted = toy["fold"].with_name("fold_3")  # a run killed before its end: checkpoint_latest only
+    interrupted.mkdir()
+    shutil.copy(toy["fold"] / "checkpoint_final.pth", interrupted / "checkpoint_latest.pth")
     predicted = faulty_case(root, raw)
     # issue 28 item 3: that prediction continued with another checkpoint, with other settings
     continued = [*predicted[1], "--continue_prediction"]
@@ -213,6 +229,8 @@ def refusals(toy):
     resumed_files = sorted(p.name for p in resumed.iterdir())
     resumed_epoch = torch.load(resumed / "checkpoint_final.pth", weights_only=False)["current_epoch"]
     shutil.rmtree(resumed)
+    assert sorted(p.name for p in interrupted.iterdir()) == ["checkpoint_latest.pth"]
+    shutil.rmtree(interrupted)
     after = {str(w): tree_hashes(w) for w in watched}
     (toy["fold"] / "checkpoint_truncated.pth").unlink()
     results = dict(zip(cases, results))
@@ -359,6 +377,36 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
         assert written[name] == before[name]
     assert len(list(fold.glob(".partial_checkpoint_*.pth"))) == 1, sorted(written)
+
+
+def test_overwrite_trains_again_and_holds_the_fold_while_it_runs(toy, tmp_path):
+    """--overwrite on the trained fold: once the new run has passed its checks the earlier checkpoints and
+    validation go (a kill from then on leaves only the new run's, for --c); while it runs, a second run of the
+    fold is refused naming its pid (issue 28 item 2); killed, it blocks no later run."""
+    from nndiffseg.errors import NnDiffSegError
+    from nndiffseg.run.fold_lock import fold_lock
+
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(toy["root"] / "nnUNet_results", results)
+    fold = results / toy["raw"].name / MODEL / "fold_0"
+    process = start("nnDiffSeg_train", TOY, "2d", 0, "-tr", TRAINER, *SHORT_RUN, "--overwrite",
+                    env={**toy["env"], "nnUNet_results": str(results), HOOK_ENV: "checkpoint_written:pause"})
+    try:
+        printed = "".join(wait_for_marker(process))
+        files = sorted(p.name for p in fold.iterdir())
+        with pytest.raises(NnDiffSegError, match=f"in use by another nnDiffSeg_train run \\(pid {process.pid}\\)"):
+            with fold_lock(fold):
+                pass
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "--overwrite: removed the earlier run's checkpoint_final.pth, checkpoint_best.pth, validation" in printed
+    assert ".partial_checkpoint_best.pth" in files  # the new run's first checkpoint, being written
+    assert not [name for name in files if name.startswith("checkpoint_") or name == "validation"], files
+    with fold_lock(fold):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- in-process faults

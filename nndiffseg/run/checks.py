@@ -1,14 +1,33 @@
-"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits, and the method
-options' files and names, all before a trainer (and its fold folder) exists."""
+"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits and cases, an
+earlier run in the fold folder, and the method options' files and names, all before a trainer (and its fold
+folder) exists."""
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Union
 
-from nndiffseg.checkpoints import load_checkpoint_file
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError
 
 NNUNET_FOLDS = 5
+# what the network of a --prior or --mask_vae checkpoint is built from, besides the trainer: one trained for
+# other labels or another patch would load (the mask autoencoder's channels do not follow the class count) and
+# then predict or decode wrongly
+CHECKPOINT_SETUP = {"prior": ("labels", "input channels", "patch size", "architecture"),
+                    "mask_vae": ("labels", "patch size")}
+
+
+def load_plans(dataset_name: str, plans_identifier: str) -> dict:
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        found = sorted(p.stem for p in folder.glob("*Plans*.json")) if folder.is_dir() else []
+        raise NnDiffSegError(f"plans file {plans_file} not found (plans available: {', '.join(found) or 'none'}); "
+                             f"run nnDiffSeg_plan_and_preprocess -d ID first, or pass -p PLANS")
+    return load_json(str(plans_file))
 
 
 def parse_fold(fold: Union[int, str]) -> Union[int, str]:
@@ -49,12 +68,98 @@ def check_fold(dataset_name: str, fold: Union[int, str]) -> None:
                              f"or convert with nnU-Net's own 5 folds (nnDiffSeg_convert_stroke2021 --split nnunet)")
 
 
+def check_enough_cases(dataset_name: str, plans_identifier: str, configuration: str, fold: Union[int, str]) -> None:
+    """Without a splits_final.json nnU-Net's trainer makes one when a fold first trains (do_split: scikit-learn's
+    KFold over the configuration's preprocessed cases), which fails for fewer than 5 cases, after the fold folder
+    was made."""
+    if fold == "all":
+        return
+    base = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    if (base / "splits_final.json").is_file():
+        return
+    plans = load_plans(dataset_name, plans_identifier)
+    if configuration not in plans["configurations"]:
+        return  # build_trainer names the configurations there are
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data = base / PlansManager(plans).get_configuration(configuration).data_identifier
+    try:
+        cases = infer_dataset_class(str(data)).get_identifiers(str(data))
+    except (OSError, AssertionError):  # not preprocessed (or mixed files): reported where the data is read
+        return
+    if len(cases) < NNUNET_FOLDS:
+        raise NnDiffSegError(f"fold {fold}: nnU-Net's {NNUNET_FOLDS}-fold cross-validation needs at least "
+                             f"{NNUNET_FOLDS} training cases, and {dataset_name} has {len(cases)} ({data}); train "
+                             f"fold 'all' (all cases, validated on themselves), or add cases")
+
+
+def check_earlier_run(fold_folder: Path, overwrite: bool) -> None:
+    """A new run (no --c, no --val) must not silently replace the model or the interrupted run in its folder."""
+    found = [name for name in CONTINUE_CHECKPOINTS if (fold_folder / name).is_file()]
+    if not found or overwrite:
+        return
+    if "checkpoint_final.pth" in found:
+        raise NnDiffSegError(f"{fold_folder} holds a finished training ({', '.join(found)}): --val validates it "
+                             f"again, --c continues it (with a larger --num_epochs), --overwrite trains it again "
+                             f"from the start, replacing it")
+    raise NnDiffSegError(f"{fold_folder} holds an interrupted training ({', '.join(found)}): --c continues it, "
+                         f"--overwrite trains it again from the start, replacing it")
+
+
 def _looks_like_a_path(value: str) -> bool:
     """A diffusers repo id is NAME or ORG/NAME; anything else given to --sd_weights is meant as a folder."""
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
 
 
-def check_option_values(options: dict) -> None:
+def _setup(plans: dict, configuration: str, dataset_json: dict) -> dict:
+    """What CHECKPOINT_SETUP compares, for one dataset, plans and configuration."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    config = PlansManager(plans).get_configuration(configuration)
+    return {"dataset": plans["dataset_name"], "plans": f"{plans['plans_name']} {configuration}",
+            "labels": dataset_json["labels"],
+            "input channels": len(dataset_json.get("channel_names", dataset_json.get("modality", {}))),
+            "patch size": list(config.patch_size),
+            "architecture": {"network": config.network_arch_class_name, **config.network_arch_init_kwargs}}
+
+
+def _differences(what: str, recorded, current) -> list[str]:
+    if what == "architecture":
+        return [f"{what} {k} {recorded.get(k)} recorded, {current.get(k)} here"
+                for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+    # the label values decide the network's channels; their names may differ between datasets
+    same = list(recorded.values()) == list(current.values()) if what == "labels" else recorded == current
+    return [] if same else [f"{what} {recorded} recorded, {current} here"]
+
+
+def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, dataset_name: str, plans_identifier: str,
+                          configuration: str) -> None:
+    """A --prior or --mask_vae checkpoint records the dataset, plans and labels it was trained with (nnU-Net's
+    init_args): refuse one trained for other labels or another network, and warn (not refuse) of one from
+    another dataset, where transfer may be meant."""
+    plans = load_plans(dataset_name, plans_identifier)
+    if configuration not in plans["configurations"]:
+        return  # build_trainer names the configurations there are
+    dataset_json = load_json(os.path.join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset.json"))
+    current = _setup(plans, configuration, dataset_json)
+    try:
+        init_args = checkpoint["init_args"]
+        recorded = _setup(init_args["plans"], init_args["configuration"], init_args["dataset_json"])
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError):
+        print(f"WARNING: --{flag} {path} records no nnU-Net dataset, plans or labels (init_args): not checked "
+              f"against {dataset_name}", file=sys.stderr)
+        return
+    wrong = [d for what in CHECKPOINT_SETUP[flag] for d in _differences(what, recorded[what], current[what])]
+    if wrong:
+        raise NnDiffSegError(f"--{flag} {path} does not fit this run: {'; '.join(wrong)} (trained on "
+                             f"{recorded['dataset']}, {recorded['plans']}; this run: {dataset_name}, "
+                             f"{current['plans']})")
+    if recorded["dataset"] != dataset_name:
+        print(f"WARNING: --{flag} {path} was trained on {recorded['dataset']}, this run trains {dataset_name} (the "
+              f"same labels: fine for transfer from another dataset; otherwise give a checkpoint of "
+              f"{dataset_name})", file=sys.stderr)
+
+
+def check_option_values(options: dict, dataset_name: str, plans_identifier: str, configuration: str) -> None:
     """The method options' files, folders and names, checked before any work (the trainers would otherwise
     meet them only at the start of training, after the fold folder was made)."""
     if options.get("clip_model") is not None:
@@ -78,3 +183,4 @@ def check_option_values(options: dict) -> None:
             checkpoint = load_checkpoint_file(options[flag], f"--{flag}")
             if "network_weights" not in checkpoint:
                 raise NnDiffSegError(f"--{flag} {options[flag]}: not an nnU-Net checkpoint (no network_weights)")
+            check_checkpoint_fits(flag, options[flag], checkpoint, dataset_name, plans_identifier, configuration)

@@ -5,18 +5,21 @@ import argparse
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-from nndiffseg.checkpoints import load_checkpoint_file
+from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file, write_atomically
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.run.checks import check_fold, check_option_values, parse_fold
+from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values, load_plans,
+                                  parse_fold)
+from nndiffseg.run.fold_lock import fold_lock
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 # nnU-Net's trainer module (and with it our trainers, diffusers and open_clip) is imported only where a trainer is
@@ -24,19 +27,6 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 # import this module again, start in seconds
 if TYPE_CHECKING:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-# --c takes the first of these that exists, as nnU-Net does; an unreadable one falls back to the next
-CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-
-
-def load_plans(dataset_name: str, plans_identifier: str) -> dict:
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
-    plans_file = folder / f"{plans_identifier}.json"
-    if not plans_file.is_file():
-        found = sorted(p.stem for p in folder.glob("*Plans*.json")) if folder.is_dir() else []
-        raise NnDiffSegError(f"plans file {plans_file} not found (plans available: {', '.join(found) or 'none'}); "
-                             f"run nnDiffSeg_plan_and_preprocess -d ID first, or pass -p PLANS")
-    return load_json(str(plans_file))
 
 
 def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
@@ -109,13 +99,26 @@ def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_
         load_pretrained_weights(trainer.network, pretrained_weights, verbose=True)
 
 
-def _remove_what_a_refused_run_wrote(fold_folder: Path, existing: Optional[set], results: Path) -> None:
+def _fold_folder_before(fold_folder: Path) -> Optional[dict]:
+    """What a fold folder holds before a run: its file names, and its run record (rewritten before the run's last
+    checks); None where there is no folder yet."""
+    if not fold_folder.is_dir():
+        return None
+    from nndiffseg.trainers.base import RUN_RECORD
+    record = fold_folder / RUN_RECORD
+    return {"names": set(os.listdir(fold_folder)), "record": record.read_bytes() if record.is_file() else None}
+
+
+def _remove_what_a_refused_run_wrote(fold_folder: Path, before: Optional[dict], results: Path) -> None:
     """What a run that failed its checks wrote: in an existing fold folder the files it added (its training log,
-    a run record), else the fold folder it made (and its empty parents up to nnUNet_results)."""
-    if existing is not None:
-        for name in set(os.listdir(fold_folder)) - existing:
+    the lock file) and its run record, else the fold folder it made (and its empty parents up to nnUNet_results)."""
+    if before is not None:
+        for name in set(os.listdir(fold_folder)) - before["names"]:
             if (fold_folder / name).is_file():
                 (fold_folder / name).unlink()
+        if before["record"] is not None:
+            from nndiffseg.trainers.base import RUN_RECORD
+            write_atomically(str(fold_folder / RUN_RECORD), lambda name: Path(name).write_bytes(before["record"]))
         return
     shutil.rmtree(fold_folder, ignore_errors=True)
     for parent in fold_folder.parents:
@@ -127,13 +130,34 @@ def _remove_what_a_refused_run_wrote(fold_folder: Path, existing: Optional[set],
             break
 
 
+@contextmanager
+def _undone_if_refused(fold_folder: Path, before: Optional[dict]) -> Iterator[None]:
+    """A check that refuses the run inside this leaves the fold folder as the run found it (undone once, by rank 0
+    under DDP)."""
+    try:
+        yield
+    except NnDiffSegError:
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            _remove_what_a_refused_run_wrote(fold_folder, before, Path(os.environ["nnUNet_results"]).resolve())
+        raise
+
+
+def _remove_the_earlier_run(fold_folder: Path) -> None:
+    """--overwrite, once the new run has passed its checks: the earlier run's checkpoints and validation go (a kill
+    from here on leaves only the new run's checkpoints, for --c); its training logs stay."""
+    removed = [name for name in (*CONTINUE_CHECKPOINTS, "validation") if (fold_folder / name).exists()]
+    for name in CONTINUE_CHECKPOINTS:
+        (fold_folder / name).unlink(missing_ok=True)
+    shutil.rmtree(fold_folder / "validation", ignore_errors=True)
+    if removed:
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {fold_folder}")
+
+
 def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
                        continue_training, only_run_validation, val_with_best, disable_checkpointing,
-                       export_validation_probabilities, pretrained_weights, run_length, trainer_options) -> None:
-    fold_folder = Path(get_output_folder(dataset_name_from_id(dataset_name_or_id), trainer_name, plans_identifier,
-                                         configuration, fold)).resolve()
-    existing = set(os.listdir(fold_folder)) if fold_folder.is_dir() else None
-    try:
+                       export_validation_probabilities, pretrained_weights, run_length, trainer_options,
+                       fold_folder, before, overwrite) -> None:
+    with _undone_if_refused(fold_folder, before):
         trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
                                 continue_training, device)
         # our trainers record their options and run length, stock ones their run length: --c and --val restore them
@@ -146,10 +170,8 @@ def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, pl
             configure_run(trainer, trainer_options, run_length_attributes(run_length), continuing)
         trainer.disable_checkpointing = disable_checkpointing
         _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
-    except NnDiffSegError:
-        if not (dist.is_initialized() and dist.get_rank() != 0):
-            _remove_what_a_refused_run_wrote(fold_folder, existing, Path(os.environ["nnUNet_results"]).resolve())
-        raise
+    if overwrite and trainer.local_rank == 0:
+        _remove_the_earlier_run(fold_folder)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -182,12 +204,17 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
           val_with_best: bool = False, disable_checkpointing: bool = False,
           export_validation_probabilities: bool = False, pretrained_weights: Optional[str] = None,
           num_epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
-          val_iters_per_epoch: Optional[int] = None, trainer_options: Optional[dict] = None) -> None:
-    """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation."""
+          val_iters_per_epoch: Optional[int] = None, trainer_options: Optional[dict] = None,
+          overwrite: bool = False) -> None:
+    """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation. A new run in a fold folder
+    that holds a finished or interrupted one is refused unless ``overwrite``; one run per fold folder at a time."""
     check_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
     fold = parse_fold(fold)
     if continue_training and only_run_validation:
         raise NnDiffSegError("--c and --val cannot be combined")
+    if overwrite and (continue_training or only_run_validation):
+        raise NnDiffSegError(f"--overwrite starts a new training; it cannot be combined with "
+                             f"{'--c' if continue_training else '--val'}")
     if val_with_best and disable_checkpointing:
         raise NnDiffSegError("--val_best needs checkpoints; do not combine it with --disable_checkpointing")
     if device not in ("cpu", "cuda", "mps"):
@@ -200,19 +227,33 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
             raise NnDiffSegError(f"-{'' if flag == 'num_gpus' else '-'}{flag} must be at least 1, got {value}")
     from nndiffseg.registry import TRAIN, check_options, find_trainer_class
     options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
-    if not (continue_training or only_run_validation):  # a continued run's options must equal its record (checked
-        check_option_values(options)                     # when the trainer is built), which passed these checks
+    dataset_name = dataset_name_from_id(dataset_name_or_id)
+    # a continued run's options must equal its record (checked when the trainer is built), which passed these checks
+    if not (continue_training or only_run_validation):
+        check_option_values(options, dataset_name, plans_identifier, configuration)
     check_fold(dataset_name_from_id(dataset_name_or_id), fold)
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
+
+    check_enough_cases(dataset_name, plans_identifier, configuration, fold)
+    if num_gpus > 1 and device not in ("cuda", "cpu"):
+        raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
+    if num_gpus > 1 and device == "cuda" and torch.cuda.device_count() < num_gpus:
+        raise NnDiffSegError(f"-num_gpus {num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    fold_folder = Path(get_output_folder(dataset_name, trainer_name, plans_identifier, configuration, fold)).resolve()
+    before = _fold_folder_before(fold_folder)
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
             continue_training, only_run_validation, val_with_best, disable_checkpointing,
-            export_validation_probabilities, pretrained_weights, run_length, options)
+            export_validation_probabilities, pretrained_weights, run_length, options, fold_folder, before, overwrite)
+    with fold_lock(fold_folder):  # held by this process alone; DDP's ranks run under it
+        if not (continue_training or only_run_validation):
+            with _undone_if_refused(fold_folder, before):
+                check_earlier_run(fold_folder, overwrite)
+        _run(args, num_gpus, device)
+
+
+def _run(args: tuple, num_gpus: int, device: str) -> None:
     if num_gpus > 1:
-        if device not in ("cuda", "cpu"):
-            raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
-        if device == "cuda" and torch.cuda.device_count() < num_gpus:
-            raise NnDiffSegError(f"-num_gpus {num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         from nnunetv2.run.run_training import find_free_network_port
         os.environ["MASTER_ADDR"] = "localhost"
         os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
@@ -246,6 +287,10 @@ def train_entry() -> None:
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val", action="store_true", help="only run the final validation")
     parser.add_argument("--val_best", action="store_true", help="validate with checkpoint_best")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again from the start in a fold folder that holds a finished or interrupted run "
+                             "(refused without it): its checkpoints and validation are removed once the new run has "
+                             "passed its checks")
     parser.add_argument("--npz", action="store_true", help="save validation probabilities (for ensembling)")
     parser.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
     parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
@@ -284,7 +329,7 @@ def train_entry() -> None:
     run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
                           args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
                           args.pretrained_weights, args.num_epochs, args.iters_per_epoch,
-                          args.val_iters_per_epoch, options))
+                          args.val_iters_per_epoch, options, args.overwrite))
 
 
 if __name__ == "__main__":
