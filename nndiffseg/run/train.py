@@ -231,10 +231,9 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     # a continued run's options must equal its record (checked when the trainer is built), which passed these checks
     if not (continue_training or only_run_validation):
         check_option_values(options, dataset_name, plans_identifier, configuration)
-    check_fold(dataset_name_from_id(dataset_name_or_id), fold)
+    check_fold(dataset_name, fold)
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
-
     check_enough_cases(dataset_name, plans_identifier, configuration, fold)
     if num_gpus > 1 and device not in ("cuda", "cpu"):
         raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
