@@ -366,34 +366,6 @@ def test_nnunet_folder_that_is_a_file(tmp_path, monkeypatch):
         nnunet_raw_folder()
 
 
-@pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
-def test_preprocessed_data_stays_until_the_new_data_is_ready(tmp_path, fault):
-    from nndiffseg.planning.plan_and_preprocess import _replaced_only_when_done
-
-    data = tmp_path / "nnDiffSegPlans_2d"
-    data.mkdir()
-    (data / "case.b2nd").write_bytes(b"earlier data")
-    with pytest.raises(fault), _replaced_only_when_done(data):
-        assert not data.exists()  # nnU-Net's preprocessor would delete it here
-        data.mkdir()
-        (data / "half.b2nd").write_bytes(b"half")
-        raise fault()
-    assert tree_hashes(tmp_path) == {"nnDiffSegPlans_2d": "dir", "nnDiffSegPlans_2d/case.b2nd":
-                                     hashlib.sha256(b"earlier data").hexdigest()}
-    # a run killed while preprocessing left the complete data aside and a half-written folder: the next run
-    # starts from the complete data, and restores it if it fails too
-    os.replace(data, tmp_path / ".nnDiffSegPlans_2d.previous")
-    data.mkdir()
-    (data / "half.b2nd").write_bytes(b"half")
-    with pytest.raises(fault), _replaced_only_when_done(data):
-        raise fault()
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["case.b2nd", "nnDiffSegPlans_2d"]
-    with _replaced_only_when_done(data):
-        data.mkdir()
-        (data / "new.b2nd").write_bytes(b"new")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new.b2nd", "nnDiffSegPlans_2d"]
-
-
 def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch):
     from nndiffseg.inference import predict
 

@@ -1,12 +1,14 @@
-"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits, and the method
-options' files and names, all before a trainer (and its fold folder) exists."""
+"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits, the preprocessed
+data against dataset.json, and the method options' files and names, all before a trainer (and its fold folder)
+exists."""
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.planning import PLANS_NAME
 
 NNUNET_FOLDS = 5
 
@@ -47,6 +49,50 @@ def check_fold(dataset_name: str, fold: Union[int, str]) -> None:
         raise NnDiffSegError(f"fold {fold} of {splits_file} has no validation cases, and nnU-Net's training needs "
                              f"some: too few cases for this split (a small release?). Add cases, edit the split, "
                              f"or convert with nnU-Net's own 5 folds (nnDiffSeg_convert_stroke2021 --split nnunet)")
+
+
+def missing_cases(data: Path, dataset_folder: Path) -> Optional[str]:
+    """None when the preprocessed data folder ``data`` holds every training case of dataset_folder/dataset.json,
+    else what is wrong with it, in words to follow its name. A case counts once its .pkl, the last of its files
+    nnU-Net writes, exists; the missing ones are named from dataset.json's "dataset" or from gt_segmentations/.
+    A directory listing: no data is read."""
+    dataset_json = json.loads((dataset_folder / "dataset.json").read_text(encoding="utf-8"))
+    expected = set(dataset_json.get("dataset", ()))
+    count = len(expected) or int(dataset_json["numTraining"])
+    if not data.is_dir():
+        return "does not exist"
+    present = {name[:-len(".pkl")] for name in os.listdir(data) if name.endswith(".pkl")}
+    if len(present) >= count:
+        return None
+    if not expected and (dataset_folder / "gt_segmentations").is_dir():
+        ending = dataset_json["file_ending"]
+        expected = {name[:-len(ending)] for name in os.listdir(dataset_folder / "gt_segmentations")
+                    if name.endswith(ending)}
+    missing = sorted(expected - present)
+    named = f" (missing: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''})" if missing else ""
+    return f"holds {len(present)} of the {count} training cases of dataset.json{named}"
+
+
+def check_preprocessed_data(dataset_name: str, plans_identifier: str, configuration: str) -> None:
+    """The configuration's preprocessed data must hold every training case: a run killed while preprocessing
+    (by an older nndiffseg, or nnUNetv2_preprocess) leaves a part, on which nnU-Net trains without a word (or,
+    when empty, fails with "Found more than one file ending"). Plans, configuration or dataset.json that cannot
+    be read are left to the trainer's own errors."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    try:
+        plans = PlansManager(json.loads((folder / f"{plans_identifier}.json").read_text(encoding="utf-8")))
+        data = folder / plans.get_configuration(configuration).data_identifier
+        problem = missing_cases(data, folder)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no such configuration
+        return
+    if problem:
+        options = {PLANS_NAME: "", "nnUNetPlans": " -pl ExperimentPlanner"}.get(
+            plans_identifier, f" -overwrite_plans_name {plans_identifier}")
+        dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+        raise NnDiffSegError(f"{data} {problem} (preprocessing interrupted?); repair it with: "
+                             f"nnDiffSeg_plan_and_preprocess -d {dataset_id} -c {configuration}{options}")
 
 
 def _looks_like_a_path(value: str) -> bool:

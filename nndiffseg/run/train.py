@@ -16,7 +16,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.run.checks import check_fold, check_option_values, parse_fold
+from nndiffseg.run.checks import check_fold, check_option_values, check_preprocessed_data, parse_fold
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
 # nnU-Net's trainer module (and with it our trainers, diffusers and open_clip) is imported only where a trainer is
@@ -203,6 +203,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     if not (continue_training or only_run_validation):  # a continued run's options must equal its record (checked
         check_option_values(options)                     # when the trainer is built), which passed these checks
     check_fold(dataset_name_from_id(dataset_name_or_id), fold)
+    check_preprocessed_data(dataset_name_from_id(dataset_name_or_id), plans_identifier, configuration)
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
     args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
