@@ -274,6 +274,21 @@ def wait_for_marker(process: subprocess.Popen, timeout: float = 300) -> list[str
     raise AssertionError(f"exited {process.wait()} before the hook:\n{''.join(lines)}\n{process.stderr.read()}")
 
 
+def stop_and_wait(process: subprocess.Popen, sig: signal.Signals, timeout: float = 60) -> tuple[str, str, float]:
+    """Send ``sig`` to the tool's process group; its remaining stdout, its stderr and the seconds it took to exit.
+    A tool still running after ``timeout`` fails the test with every thread's stack (run_cli's SIGUSR1 handler)."""
+    os.killpg(process.pid, sig)
+    sent = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit {timeout} s after {sig.name}; its stacks:\n{process.communicate()[1][-6000:]}")
+    return stdout, stderr, time.monotonic() - sent
+
+
 def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
     out = tmp_path / "pred"
     process = start("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", TOY, "-c", "2d", "-tr",
@@ -281,16 +296,7 @@ def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
                     env={**toy["env"], HOOK_ENV: "case_exported:pause"})
     try:
         wait_for_marker(process)
-        os.killpg(process.pid, signal.SIGINT)
-        sent = time.monotonic()
-        try:
-            _, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # where it waits: every thread's stack (run_cli's SIGUSR1 handler)
-            os.kill(process.pid, signal.SIGUSR1)
-            time.sleep(2)
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"no exit 60 s after SIGINT; its stacks:\n{process.communicate()[1][-6000:]}")
-        elapsed = time.monotonic() - sent
+        _, stderr, elapsed = stop_and_wait(process, signal.SIGINT)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ import pytest
 
 from nndiffseg.errors import NnDiffSegError, Terminated
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
-from test_fault_injection import HOOK_ENV, start, tree_hashes, wait_for_marker
+from test_fault_injection import HOOK_ENV, start, stop_and_wait, tree_hashes, wait_for_marker
 from toy_data import write_toy_dataset
 
 TOY = 45
@@ -54,19 +54,11 @@ def stop_at_marker(env: dict, args: list, sig: signal.Signals) -> tuple[subproce
     process = start("nnDiffSeg_plan_and_preprocess", "-d", TOY, *PLAN_QUICKLY, *args, env=env)
     try:
         wait_for_marker(process)
-        os.killpg(process.pid, sig)
-        sent = time.monotonic()
-        try:
-            stdout, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # where it waits: every thread's stack (run_cli's SIGUSR1 handler)
-            os.kill(process.pid, signal.SIGUSR1)
-            time.sleep(2)
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"no exit 60 s after {sig.name}; its stacks:\n{process.communicate()[1][-6000:]}")
+        stdout, stderr, seconds = stop_and_wait(process, sig)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess([], process.returncode, stdout, stderr), time.monotonic() - sent
+    return subprocess.CompletedProcess([], process.returncode, stdout, stderr), seconds
 
 
 def assert_stopped(result: subprocess.CompletedProcess, seconds: float, code: int, line: str) -> None:
