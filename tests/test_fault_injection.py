@@ -328,6 +328,21 @@ def wait_for_marker(process: subprocess.Popen, timeout: float = 300) -> list[str
     raise AssertionError(f"exited {process.wait()} before the hook:\n{''.join(lines)}\n{process.stderr.read()}")
 
 
+def stop_and_wait(process: subprocess.Popen, sig: signal.Signals, timeout: float = 60) -> tuple[str, str, float]:
+    """Send ``sig`` to the tool's process group; its remaining stdout, its stderr and the seconds it took to exit.
+    A tool still running after ``timeout`` fails the test with every thread's stack (run_cli's SIGUSR1 handler)."""
+    os.killpg(process.pid, sig)
+    sent = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit {timeout} s after {sig.name}; its stacks:\n{process.communicate()[1][-6000:]}")
+    return stdout, stderr, time.monotonic() - sent
+
+
 def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
     out = tmp_path / "pred"
     process = start("nnDiffSeg_predict", "-i", toy["raw"] / "imagesTs", "-o", out, "-d", TOY, "-c", "2d", "-tr",
@@ -335,16 +350,7 @@ def test_ctrl_c_stops_prediction_promptly_and_cleanly(toy, tmp_path):
                     env={**toy["env"], HOOK_ENV: "case_exported:pause"})
     try:
         wait_for_marker(process)
-        os.killpg(process.pid, signal.SIGINT)
-        sent = time.monotonic()
-        try:
-            _, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # where it waits: every thread's stack (run_cli's SIGUSR1 handler)
-            os.kill(process.pid, signal.SIGUSR1)
-            time.sleep(2)
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"no exit 60 s after SIGINT; its stacks:\n{process.communicate()[1][-6000:]}")
-        elapsed = time.monotonic() - sent
+        _, stderr, elapsed = stop_and_wait(process, signal.SIGINT)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -448,34 +454,6 @@ def test_nnunet_folder_that_is_a_file(tmp_path, monkeypatch):
         check_nnunet_paths("nnUNet_raw")
     with pytest.raises(NnDiffSegError, match="nnUNet_raw=.*raw is a file"):
         nnunet_raw_folder()
-
-
-@pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
-def test_preprocessed_data_stays_until_the_new_data_is_ready(tmp_path, fault):
-    from nndiffseg.planning.plan_and_preprocess import _replaced_only_when_done
-
-    data = tmp_path / "nnDiffSegPlans_2d"
-    data.mkdir()
-    (data / "case.b2nd").write_bytes(b"earlier data")
-    with pytest.raises(fault), _replaced_only_when_done(data):
-        assert not data.exists()  # nnU-Net's preprocessor would delete it here
-        data.mkdir()
-        (data / "half.b2nd").write_bytes(b"half")
-        raise fault()
-    assert tree_hashes(tmp_path) == {"nnDiffSegPlans_2d": "dir", "nnDiffSegPlans_2d/case.b2nd":
-                                     hashlib.sha256(b"earlier data").hexdigest()}
-    # a run killed while preprocessing left the complete data aside and a half-written folder: the next run
-    # starts from the complete data, and restores it if it fails too
-    os.replace(data, tmp_path / ".nnDiffSegPlans_2d.previous")
-    data.mkdir()
-    (data / "half.b2nd").write_bytes(b"half")
-    with pytest.raises(fault), _replaced_only_when_done(data):
-        raise fault()
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["case.b2nd", "nnDiffSegPlans_2d"]
-    with _replaced_only_when_done(data):
-        data.mkdir()
-        (data / "new.b2nd").write_bytes(b"new")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new.b2nd", "nnDiffSegPlans_2d"]
 
 
 def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch):

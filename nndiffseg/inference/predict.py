@@ -2,13 +2,10 @@
 that cannot be read or predicted is reported by name and the others still run."""
 import argparse
 import json
-import multiprocessing
 import multiprocessing.pool
 import os
 import re
-import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,6 +22,7 @@ from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.planning import PLANS_NAME
+from nndiffseg.pools import quiet_pool, stop_pool
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list
 
 # The predictor, the trainers (diffusers, open_clip) and the uncertainty export are imported where they are
@@ -33,7 +31,6 @@ from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_i
 PARTIAL_PREFIX = ".partial_"
 PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
 RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written beside the predictions
-POOL_STOP_TIMEOUT_S = 3.0
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -102,37 +99,12 @@ def export_atomically(logits: np.ndarray, properties: dict, configuration_manage
                 os.remove(tmp + ending)
 
 
-def _export_pool(num_processes: int) -> multiprocessing.pool.Pool:
-    """Export workers that leave Ctrl-C to the main process, which ends them (they would otherwise die
-    mid-task, or mid-import with a traceback, and leave the pool waiting for them). SIGINT is ignored while
-    they start: an ignored signal stays ignored in a spawned interpreter from its first instruction."""
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return multiprocessing.get_context("spawn").Pool(num_processes)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-
-
 def _wait(result: multiprocessing.pool.AsyncResult) -> None:
     """Wait for an export in short slices: Ctrl-C delivered to another thread (torch's, the pool's) is only
     acted on when the main thread runs bytecode, so one long blocking wait would hold it off until the export
     ends."""
     while not result.ready():
         result.wait(0.2)
-
-
-def stop_pool(pool: multiprocessing.pool.Pool, timeout: float = POOL_STOP_TIMEOUT_S) -> None:
-    """Pool.terminate, bounded: it can block for good on the task queue's lock when a worker holds it (a
-    worker that died or is stuck mid-start): the likely cause of a Ctrl-C'd prediction that once ran on for over
-    a minute on a loaded machine. After ``timeout`` the workers are killed and the pool's own shutdown is
-    abandoned."""
-    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
-    stopper.start()
-    stopper.join(timeout)
-    if stopper.is_alive():
-        for worker in multiprocessing.active_children():
-            worker.kill()
-            worker.join(timeout)
 
 
 def _remove_partials(output_path: Path) -> None:
@@ -344,7 +316,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
 
     pending = []
-    pool = _export_pool(num_processes_export) if num_processes_export > 0 else None
+    pool = quiet_pool(num_processes_export) if num_processes_export > 0 else None
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:

@@ -2,6 +2,7 @@
 by default."""
 import argparse
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -12,23 +13,32 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Type
 
 import nnunetv2
-from batchgenerators.utilities.file_and_folder_operations import join
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2 import paths as nnunet_paths
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                   plan_experiment_dataset, preprocess_dataset)
 from nnunetv2.experiment_planning import verify_dataset_integrity as nnunet_verify_module
+from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor as nnunet_fingerprint_module
 from nnunetv2.experiment_planning.verify_dataset_integrity import \
     verify_dataset_integrity as nnunet_verify_dataset_integrity
+from nnunetv2.preprocessing.preprocessors import default_preprocessor as nnunet_preprocessor_module
+from nnunetv2.utilities import utils as nnunet_utils_module
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import planner as nndiffseg_planners
+from nndiffseg.pools import quiet_pool
+from nndiffseg.run.checks import missing_cases
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
 
 DEFAULT_NUM_PROCESSES = {"2d": 8, "3d_fullres": 4, "3d_lowres": 8}
 NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+# beside a configuration's data folder X: .X.staging (the new data while it is written, and .X.staging.json its
+# plans), .X.replaced (the earlier data during the swap), .X.previous (where earlier nndiffseg versions kept the
+# earlier data while nnU-Net preprocessed in place)
+STAGING, REPLACED, PREVIOUS = ".staging", ".replaced", ".previous"
 
 
 def find_planner_class(name: str) -> Type[ExperimentPlanner]:
@@ -65,7 +75,7 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
     """Check the raw datasets (nnU-Net's integrity check unless ``verify_dataset_integrity`` is False), then run
     fingerprint extraction, planning and preprocessing; returns the plans identifier written. Every argument is
     checked before anything is written, and a configuration's earlier preprocessed data stays in place until
-    the new data has replaced it."""
+    the new data is complete (also when the run is killed)."""
     check_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed")
     names = [dataset_name_from_id(d) for d in dataset_ids]  # clear error for an unknown ID before any work
     planner_class = find_planner_class(planner_name)
@@ -77,7 +87,7 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
 
     plans_identifier = None
     for d, name in zip(dataset_ids, names):
-        with _removed_if_new(Path(nnunet_paths.nnUNet_preprocessed) / name):
+        with _removed_if_new(Path(nnunet_paths.nnUNet_preprocessed) / name), _planning_pools():
             if verify_dataset_integrity:
                 print(f"Checking dataset {d} with nnU-Net's verify_dataset_integrity (skip it with --no_verify)...")
                 verify_dataset_integrity_with(join(nnunet_paths.nnUNet_raw, name), num_processes_fingerprint)
@@ -97,14 +107,70 @@ def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str
 def _preprocess(dataset_id: int, dataset_name: str, plans: dict, plans_identifier: str,
                 configurations: Sequence[str], num_processes: Sequence[int]) -> None:
     plans_manager = PlansManager(plans)
+    dataset_folder = Path(nnunet_paths.nnUNet_preprocessed) / dataset_name
     for configuration, n in zip(configurations, num_processes):
         if configuration not in plans_manager.available_configurations:
             print(f"Configuration {configuration}: not planned for {dataset_name} (plans {plans_identifier} has "
                   f"{', '.join(plans_manager.available_configurations)}), skipped")
             continue
-        data_identifier = plans_manager.get_configuration(configuration).data_identifier
-        with _replaced_only_when_done(Path(nnunet_paths.nnUNet_preprocessed) / dataset_name / data_identifier):
-            preprocess_dataset(dataset_id, plans_identifier, [configuration], [n])
+        folder = dataset_folder / plans_manager.get_configuration(configuration).data_identifier
+        _clear_killed_run(folder)
+        staging = _beside(folder, STAGING)
+        try:
+            _preprocess_into(staging, dataset_id, plans, configuration, n)
+            problem = missing_cases(staging, dataset_folder)
+            if problem:  # e.g. numTraining wrong and --no_verify
+                raise NnDiffSegError(f"preprocessing {configuration}: the new data {problem}; "
+                                     f"the earlier data stays in {folder}")
+            _swap_in(staging, folder)
+        finally:  # after a failure or interruption; renamed away after a swap
+            shutil.rmtree(staging, ignore_errors=True)
+            _plans_file(staging).unlink(missing_ok=True)
+
+
+def _beside(folder: Path, suffix: str) -> Path:
+    return folder.with_name(f".{folder.name}{suffix}")
+
+
+def _plans_file(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".json")
+
+
+def _preprocess_into(staging: Path, dataset_id: int, plans: dict, configuration: str, num_processes: int) -> None:
+    """nnU-Net's preprocessing of one configuration, into ``staging``: it writes where the plans' data_identifier
+    says, so it gets plans (the same but for that, under the staging folder's name) that say ``staging``."""
+    staging_plans = copy.deepcopy(plans)
+    staging_plans["configurations"][configuration]["data_identifier"] = staging.name
+    save_json(staging_plans, str(_plans_file(staging)), sort_keys=False)
+    preprocess_dataset(dataset_id, staging.name, [configuration], [num_processes])
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """The complete new data replaces ``folder`` by two renames; a kill between them leaves the earlier data as
+    .replaced, which the next run puts back (training refuses the missing folder meanwhile)."""
+    replaced = _beside(folder, REPLACED)
+    if folder.exists():
+        os.replace(folder, replaced)
+    os.replace(staging, folder)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _clear_killed_run(folder: Path) -> None:
+    """What a killed run left beside a configuration's data ``folder``: its staging data and plans go, and
+    complete data it had moved aside comes back (.replaced where ``folder`` is missing; .previous, of an older
+    nndiffseg, in place of the half-written ``folder``)."""
+    staging = _beside(folder, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    _plans_file(staging).unlink(missing_ok=True)
+    previous, replaced = _beside(folder, PREVIOUS), _beside(folder, REPLACED)
+    if previous.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(previous, folder)
+    if replaced.exists():
+        if folder.exists():  # killed after the swap, before the earlier data was removed
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(replaced, folder)
 
 
 def _check_process_counts(configurations: Sequence[str], num_processes: Optional[List[int]],
@@ -166,7 +232,10 @@ def check_raw_dataset(dataset_name: str) -> None:
 
 
 class _InProcessPool:
-    """What nnU-Net's integrity check asks of a spawn Pool, run in this process."""
+    """What nnU-Net asks of a Pool to list files or check a small dataset, run in this process."""
+    def __init__(self, *args, **kwargs):
+        pass
+
     def __enter__(self):
         return self
 
@@ -178,14 +247,34 @@ class _InProcessPool:
         return list(itertools.starmap(function, arguments))
 
 
+@contextlib.contextmanager
+def _pools_in(module, make_pool):
+    """nnU-Net's planning modules make their pools with multiprocessing.get_context("spawn").Pool(n): here with
+    make_pool(n)."""
+    spawn = types.SimpleNamespace(Pool=make_pool)
+    with unittest.mock.patch.object(module, "multiprocessing", types.SimpleNamespace(get_context=lambda _: spawn)):
+        yield
+
+
+@contextlib.contextmanager
+def _planning_pools():
+    """nnU-Net's pools in fingerprint extraction, integrity check and preprocessing as pools that one Ctrl-C or
+    SIGTERM stops within seconds (nndiffseg.pools.quiet_pool); the fork pool of 12 processes with which it lists
+    a dataset's files, whose workers Ctrl-C stops mid-result just as well, runs in this process instead."""
+    with contextlib.ExitStack() as stack:
+        for module in (nnunet_fingerprint_module, nnunet_verify_module, nnunet_preprocessor_module):
+            stack.enter_context(_pools_in(module, quiet_pool))
+        stack.enter_context(unittest.mock.patch.object(nnunet_utils_module, "Pool", _InProcessPool))
+        yield
+
+
 def verify_dataset_integrity_with(folder: str, num_processes: int) -> None:
     """nnU-Net's verify_dataset_integrity; with one process it runs here, not in a spawned worker whose
     start-up (importing torch and nnU-Net) would take longer than checking a small dataset."""
     if num_processes > 1:
         nnunet_verify_dataset_integrity(folder, num_processes)
         return
-    in_process = types.SimpleNamespace(get_context=lambda _: types.SimpleNamespace(Pool=lambda _: _InProcessPool()))
-    with unittest.mock.patch.object(nnunet_verify_module, "multiprocessing", in_process):
+    with _pools_in(nnunet_verify_module, _InProcessPool):
         nnunet_verify_dataset_integrity(folder, 1)
 
 
@@ -199,26 +288,6 @@ def _removed_if_new(folder: Path):
         if not existed:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def _replaced_only_when_done(folder: Path):
-    """nnU-Net's preprocessor deletes a configuration's data before writing it anew: the old data waits under
-    another name and comes back if preprocessing fails (or is interrupted)."""
-    previous = folder.with_name(f".{folder.name}.previous")
-    if previous.exists():  # left by a run killed while preprocessing: the last complete data
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(previous, folder)
-    if folder.exists():
-        os.replace(folder, previous)
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        if previous.exists():
-            os.replace(previous, folder)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def plan_and_preprocess_entry() -> None:

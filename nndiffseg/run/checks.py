@@ -1,16 +1,17 @@
-"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits and cases, an
-earlier run in the fold folder, and the method options' files and names, all before a trainer (and its fold
-folder) exists."""
+"""nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits and cases, the
+preprocessed data against dataset.json, an earlier run in the fold folder, and the method options' files and
+names, all before a trainer (and its fold folder) exists."""
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.planning import PLANS_NAME
 
 NNUNET_FOLDS = 5
 # what the network of a --prior or --mask_vae checkpoint is built from, besides the trainer: one trained for
@@ -104,6 +105,50 @@ def check_earlier_run(fold_folder: Path, overwrite: bool) -> None:
                              f"from the start, replacing it")
     raise NnDiffSegError(f"{fold_folder} holds an interrupted training ({', '.join(found)}): --c continues it, "
                          f"--overwrite trains it again from the start, replacing it")
+
+
+def missing_cases(data: Path, dataset_folder: Path) -> Optional[str]:
+    """None when the preprocessed data folder ``data`` holds every training case of dataset_folder/dataset.json,
+    else what is wrong with it, in words to follow its name. A case counts once its .pkl, the last of its files
+    nnU-Net writes, exists; the missing ones are named from dataset.json's "dataset" or from gt_segmentations/.
+    A directory listing: no data is read."""
+    dataset_json = json.loads((dataset_folder / "dataset.json").read_text(encoding="utf-8"))
+    expected = set(dataset_json.get("dataset", ()))
+    count = len(expected) or int(dataset_json["numTraining"])
+    if not data.is_dir():
+        return "does not exist"
+    present = {name[:-len(".pkl")] for name in os.listdir(data) if name.endswith(".pkl")}
+    if len(present) >= count:
+        return None
+    if not expected and (dataset_folder / "gt_segmentations").is_dir():
+        ending = dataset_json["file_ending"]
+        expected = {name[:-len(ending)] for name in os.listdir(dataset_folder / "gt_segmentations")
+                    if name.endswith(ending)}
+    missing = sorted(expected - present)
+    named = f" (missing: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''})" if missing else ""
+    return f"holds {len(present)} of the {count} training cases of dataset.json{named}"
+
+
+def check_preprocessed_data(dataset_name: str, plans_identifier: str, configuration: str) -> None:
+    """The configuration's preprocessed data must hold every training case: a run killed while preprocessing
+    (by an older nndiffseg, or nnUNetv2_preprocess) leaves a part, on which nnU-Net trains without a word (or,
+    when empty, fails with "Found more than one file ending"). Plans, configuration or dataset.json that cannot
+    be read are left to the trainer's own errors."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
+    try:
+        plans = PlansManager(json.loads((folder / f"{plans_identifier}.json").read_text(encoding="utf-8")))
+        data = folder / plans.get_configuration(configuration).data_identifier
+        problem = missing_cases(data, folder)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no such configuration
+        return
+    if problem:
+        options = {PLANS_NAME: "", "nnUNetPlans": " -pl ExperimentPlanner"}.get(
+            plans_identifier, f" -overwrite_plans_name {plans_identifier}")
+        dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+        raise NnDiffSegError(f"{data} {problem} (preprocessing interrupted?); repair it with: "
+                             f"nnDiffSeg_plan_and_preprocess -d {dataset_id} -c {configuration}{options}")
 
 
 def _looks_like_a_path(value: str) -> bool:

@@ -17,8 +17,8 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file, write_atomically
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values, load_plans,
-                                  parse_fold)
+from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values,
+                                  check_preprocessed_data, load_plans, parse_fold)
 from nndiffseg.run.fold_lock import fold_lock
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 
@@ -232,6 +232,7 @@ def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[i
     if not (continue_training or only_run_validation):
         check_option_values(options, dataset_name, plans_identifier, configuration)
     check_fold(dataset_name, fold)
+    check_preprocessed_data(dataset_name, plans_identifier, configuration)
     run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
                   "val_iters_per_epoch": val_iters_per_epoch}
     check_enough_cases(dataset_name, plans_identifier, configuration, fold)
