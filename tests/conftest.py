@@ -52,8 +52,8 @@ def isic2017_sample() -> Path:
 # demo 80 s.
 LONGEST_FIRST = ("test_model_selection.py", "test_latent_learning.py", "test_latent_trainers.py",
                  "test_guided_trainer.py", "test_latent_heads.py", "test_pipeline.py", "test_fault_injection.py",
-                 "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py", "test_ignore_label_and_regions.py",
-                 "test_convert_stroke2021.py")
+                 "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py", "test_faults_preprocessing.py",
+                 "test_faults_training.py", "test_ignore_label_and_regions.py", "test_convert_stroke2021.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
