@@ -558,7 +558,7 @@ def test_stopping_the_export_pool_is_bounded_when_its_lock_is_held():
     """Pool.terminate waits for the task queue's lock; were it held for good (a worker killed or stuck while
     holding it), a Ctrl-C'd prediction would hang. stop_pool kills the workers after its timeout instead."""
     import multiprocessing
-    from nndiffseg.inference.predict import stop_pool
+    from nndiffseg.pools import stop_pool
 
     pool = multiprocessing.get_context("spawn").Pool(1)
     pool.apply_async(time.sleep, (60,))  # the worker is busy, not waiting on the queue's lock
