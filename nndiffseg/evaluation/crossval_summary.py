@@ -152,7 +152,7 @@ def plot(rows: Dict[str, dict], file: Path, title: str):
     names = list(rows)
     data = [[d for d in rows[n]["case_dice"] if not math.isnan(d)] for n in names]
     with figure_style() as plt:
-        fig, ax = plt.subplots(figsize=(max(6.0, 2.4 * len(names)), 5.0), layout="constrained")
+        fig, ax = plt.subplots(figsize=(max(7.0, 2.4 * len(names)), 6.5), layout="constrained")
         ax.boxplot(data, showmeans=True, showfliers=False,
                    meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "k"})
         for i, values in enumerate(data, start=1):  # every case, jittered, so that few cases are not hidden in a box
