@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,35 @@ def nnunet_env(tmp_path, monkeypatch):
         paths[name] = folder
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     return paths
+
+
+_MODULES_WITH_FAILURES = set()  # this worker's; their module folders are kept for a look
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _MODULES_WITH_FAILURES.add(item.path)
+    return report
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """Makes folders that live as long as the test module: removed at its end unless one of its tests failed.
+
+    With pytest.ini's tmp_path_retention_policy (a passing test's tmp_path goes at once), a run of the suite peaks
+    at a few GB in /tmp instead of leaving about 8 GB behind, three runs of which filled CI's disk."""
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.path not in _MODULES_WITH_FAILURES:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

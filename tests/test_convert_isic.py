@@ -79,9 +79,9 @@ def read_png(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- real ISIC 2017 sample
 
 @pytest.fixture(scope="module")
-def converted_2017(isic2017_sample, tmp_path_factory):
+def converted_2017(isic2017_sample, module_tmp):
     """The whole real sample converted in place at max_size 128 (2 processes); with the source hashes before."""
-    raw = tmp_path_factory.mktemp("raw")
+    raw = module_tmp("raw")
     before = tree_hashes(isic2017_sample)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("nnUNet_raw", str(raw))

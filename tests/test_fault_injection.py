@@ -63,8 +63,8 @@ def write_broken_datasets(raw: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
+def toy(module_tmp):
+    root = module_tmp("faults")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", TOY, num_train=6, num_test=4)
     ran = run_batch(root, "prepare", [("nnDiffSeg_plan_and_preprocess", ["-d", TOY, "-np", 1, "-npfp", 1]),

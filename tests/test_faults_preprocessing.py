@@ -33,9 +33,9 @@ STOPPED_WITHIN_S = 30
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def planned(module_tmp):
     """A toy dataset planned and preprocessed once; each test works on a copy of its nnUNet_preprocessed."""
-    root = tmp_path_factory.mktemp("preprocessing")
+    root = module_tmp("preprocessing")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", TOY, num_train=CASES, num_test=0)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", TOY, *PLAN_QUICKLY, env=env)

@@ -30,8 +30,8 @@ with fold_lock(Path(sys.argv[1])):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_training")
+def small(module_tmp):
+    root = module_tmp("faults_training")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=4, num_test=0)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)

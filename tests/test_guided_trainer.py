@@ -27,8 +27,8 @@ def _dice(prediction: np.ndarray, reference: np.ndarray, c: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def guided(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guided")
+def guided(module_tmp):
+    root = module_tmp("guided")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=16, num_test=4, num_classes=2, noise=NOISE)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)

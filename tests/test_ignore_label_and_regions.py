@@ -23,9 +23,9 @@ def _relabel(folder, labels: dict, extra: dict | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def ignore_dataset(tmp_path_factory):
+def ignore_dataset(module_tmp):
     """3 classes (discs 1 and 2 on background 0) with the top 8 rows of every training label unannotated (3)."""
-    root = tmp_path_factory.mktemp("ignore")
+    root = module_tmp("ignore")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", IGNORE_ID, num_train=10, num_test=1, num_classes=2)
     for f in (raw / "labelsTr").glob("*.png"):

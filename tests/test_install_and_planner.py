@@ -37,10 +37,10 @@ def test_normal_install_keeps_everything_inside_the_nndiffseg_package(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def toy_fingerprint(tmp_path_factory):
+def toy_fingerprint(module_tmp):
     """A toy dataset of 96x128 images with its fingerprint, in this module's own nnU-Net folders."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
-    root = tmp_path_factory.mktemp("planner")
+    root = module_tmp("planner")
     with pytest.MonkeyPatch.context() as mp:
         for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             (root / name).mkdir()

@@ -16,8 +16,8 @@ DATASET_ID = 17
 
 
 @pytest.fixture(scope="module")
-def isic_run(isic2017_sample, tmp_path_factory):
-    root = tmp_path_factory.mktemp("isic_sample")
+def isic_run(isic2017_sample, module_tmp):
+    root = module_tmp("isic_sample")
     env = nnunet_folders(root)
     # 64 px keeps the CPU run short; the default (512) is what users get
     run_tool("nnDiffSeg_convert_isic", "-i", isic2017_sample, "-d", DATASET_ID, "--max_size", 64, "-np", 2, env=env)

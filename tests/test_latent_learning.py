@@ -14,10 +14,10 @@ MARGIN = 0.05  # over the better of the two trivial rules, per class
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["2 classes", "3 classes"])
-def trained(request, tmp_path_factory):
+def trained(request, module_tmp):
     num_classes = request.param
     dataset_id = 50 + num_classes
-    root = tmp_path_factory.mktemp(f"latent_learning_{num_classes}")
+    root = module_tmp(f"latent_learning_{num_classes}")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", dataset_id, num_train=16, num_test=8, num_classes=num_classes,
                             noise=NOISE)

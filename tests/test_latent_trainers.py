@@ -22,8 +22,8 @@ MASK_VAE, LATENT = "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d", "nnDiffSegTrai
 
 
 @pytest.fixture(scope="module")
-def latent(tmp_path_factory):
-    root = tmp_path_factory.mktemp("latent")
+def latent(module_tmp):
+    root = module_tmp("latent")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2, num_classes=2)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
@@ -127,9 +127,9 @@ def test_single_step_model_predicts_through_our_and_stock_tools(latent):
 
 
 @pytest.fixture(scope="module")
-def refused(latent, tmp_path_factory):
+def refused(latent, module_tmp):
     """Refusals, run in one process (tests/cli.py run_batch)."""
-    missing = tmp_path_factory.mktemp("refusals") / "no_such_folder"
+    missing = module_tmp("refusals") / "no_such_folder"
     predict = ["-i", latent["raw"] / "imagesTs", "-o", latent["root"] / "no", "-d", DATASET_ID, "-c", "2d", "-tr",
                "nnDiffSegTrainerLatent", "-f", 0, "-device", "cpu"]
     commands = [("nnDiffSeg_train", [DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerMaskVAE_sd", *SHORT, "--sd_weights",

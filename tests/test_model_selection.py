@@ -26,8 +26,8 @@ RECORD = ["dataset.json", "nndiffseg_predict_args.json", "plans.json"]
 
 
 @pytest.fixture(scope="module")
-def folds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model_selection")
+def folds(module_tmp):
+    root = module_tmp("model_selection")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2)
     commands = [("nnDiffSeg_plan_and_preprocess", ["-d", DATASET_ID, *PLAN_QUICKLY])]

@@ -17,8 +17,8 @@ RUN_LENGTH = ["--num_epochs", "3", "--iters_per_epoch", "10"]
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_pipeline")
+def toy(module_tmp):
+    root = module_tmp("toy_pipeline")
     env = nnunet_folders(root)
     raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=3)
     run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, "-np", 1, "-npfp", 1, env=env)
