@@ -1,16 +1,13 @@
 """Reading and writing nnU-Net checkpoint files, with errors that name the file and the flag: a checkpoint a
-user points a trainer at (--prior, --mask_vae, -pretrained_weights), the one --c continues from, and the
-atomic writes that keep a kill from leaving a truncated one."""
-import os
+user points a trainer at (--prior, --mask_vae, -pretrained_weights) and the one --c continues from."""
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.files import remove_partials
 
-# a checkpoint being written: renamed to its real name once complete; a leftover is a write that was killed
-PARTIAL_CHECKPOINT_PREFIX = ".partial_"
 # a run's checkpoints in its fold folder; --c takes the first of these that exists, as nnU-Net does (an
 # unreadable one falls back to the next)
 CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -40,27 +37,6 @@ def read_network_weights(path: str, flag: str) -> tuple[Mapping[str, torch.Tenso
     return weights, str(checkpoint.get("trainer_name"))
 
 
-def partial_name(filename: str) -> str:
-    folder, name = os.path.split(filename)
-    return os.path.join(folder, PARTIAL_CHECKPOINT_PREFIX + name)
-
-
-def write_atomically(filename: str, write: Callable[[str], None], before_rename: Callable[[], None] = None) -> None:
-    """``write(temporary name)`` in the same folder, then renamed to ``filename``: a reader (or --c after a
-    kill) sees the old file or the complete new one, never a truncated one. A failed write is removed."""
-    partial = partial_name(filename)
-    try:
-        write(partial)
-        if os.path.isfile(partial):  # nothing is written where checkpointing is off or on other DDP ranks
-            if before_rename is not None:
-                before_rename()
-            os.replace(partial, filename)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
 def remove_stale_partials(folder: str) -> None:
     """Checkpoint writes a kill interrupted (their complete predecessors are untouched)."""
-    for leftover in Path(folder).glob(PARTIAL_CHECKPOINT_PREFIX + "checkpoint_*.pth"):
-        leftover.unlink(missing_ok=True)
+    remove_partials(folder, "checkpoint_*.pth")

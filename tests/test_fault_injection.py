@@ -471,7 +471,7 @@ def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch)
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
-    from nndiffseg.checkpoints import write_atomically
+    from nndiffseg.files import write_atomically
 
     target = tmp_path / "checkpoint_best.pth"
     target.write_bytes(b"previous")

@@ -25,7 +25,8 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nndiffseg
-from nndiffseg.checkpoints import remove_stale_partials, write_atomically
+from nndiffseg.checkpoints import remove_stale_partials
+from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.hooks import reached

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file, write_atomically
+from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file
+from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values,

@@ -4,7 +4,7 @@ process that trained), and written atomically."""
 import contextlib
 from typing import Any, Iterator
 
-from nndiffseg.checkpoints import write_atomically
+from nndiffseg.files import write_atomically
 
 # matplotlib's defaults, then these (points; at FIGURE_DPI a 7-inch-wide figure is 770 px)
 FIGURE_STYLE = {

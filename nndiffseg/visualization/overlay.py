@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from nndiffseg.checkpoints import write_atomically
+from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError
 
 # Foreground class c is drawn in PALETTE[(c - 1) % len(PALETTE)]; green is kept for the reference.
