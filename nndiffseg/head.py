@@ -4,8 +4,8 @@ the loss and the sampling loop live in the head).
 - ``forward(image, target)`` in train mode returns the losses (a dict with ``loss``), so training goes
   through ``forward`` and DistributedDataParallel's hooks see every parameter that is used; in eval mode
   ``forward(image)`` returns class scores (B, C, H, W), what nnU-Net's predictor and validation expect.
-- ``predict_with_uncertainty(image)`` returns the scores and the per-pixel uncertainty map (None for a head
-  that draws one deterministic sample) in one call.
+- ``predict(image)`` returns one ``HeadOutput``: the class scores, and where the head has them the per-pixel
+  uncertainty map and the samples it fused, all from one call.
 - The head's config holds every setting that decides what a checkpoint predicts (prediction type, noise
   schedule, sampler defaults, ...). Like diffusers' ``register_to_config``, it is set when the head is
   built; unlike a diffusers model it travels *inside* the state dict (torch's ``get_extra_state``), because
@@ -15,14 +15,29 @@ the loss and the sampling loop live in the head).
   (``set_inference_options``) override the config explicitly and survive loading further folds' weights.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
+from diffusers.utils import BaseOutput
 from torch import nn
 
 CONFIG_NAME = "nndiffseg_head.json"
+
+
+@dataclass
+class HeadOutput(BaseOutput):
+    """What a head predicts for a batch of images (diffusers' output style: fields by name or index).
+
+    scores: (B, C, H, W) class scores; nnU-Net's softmax of them gives the class probabilities.
+    uncertainty: (B, H, W) per-pixel uncertainty, None for a head whose prediction is deterministic.
+    samples: (K, B, C, H, W) class probabilities of the K samples the scores were fused from, or None.
+    """
+    scores: torch.Tensor
+    uncertainty: Optional[torch.Tensor] = None
+    samples: Optional[torch.Tensor] = None
 
 
 class DiffusionHead(nn.Module):
@@ -30,7 +45,7 @@ class DiffusionHead(nn.Module):
     architecture_settings: tuple = ("num_classes",)
     # settings nnDiffSeg_predict may override (--steps, --sampler, ...)
     inference_option_names: tuple = ()
-    has_uncertainty: bool = False  # True for heads whose samples spread (predict_with_uncertainty's second value)
+    has_uncertainty: bool = False  # True for heads whose HeadOutput carries an uncertainty map
     # settings added after checkpoints were first saved, with the values that reproduce those checkpoints
     added_settings: Mapping[str, Any] = {}
 
@@ -94,18 +109,18 @@ class DiffusionHead(nn.Module):
             if target is None:
                 raise ValueError(f"{type(self).__name__} in train mode returns its losses and needs the target")
             return self.losses(image, target, **loss_options)
-        return self.predict_with_uncertainty(image)[0]
+        return self.predict(image).scores
 
     def losses(self, image: torch.Tensor, target, **options: Any) -> dict:
         raise NotImplementedError
 
-    def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def predict(self, image: torch.Tensor) -> HeadOutput:
         raise NotImplementedError
 
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, H, W) labels for nnU-Net's pseudo Dice during training (cheaper than a full prediction
         where the head allows)."""
-        return self.predict_with_uncertainty(image)[0].argmax(1)
+        return self.predict(image).scores.argmax(1)
 
     # ---- nnU-Net's ignore label
     def valid_mask(self, labels: torch.Tensor) -> Optional[torch.Tensor]:

@@ -324,12 +324,12 @@ def test_eval_forward_gives_log_fused_probabilities_and_train_forward_the_losses
     assert scores.shape == (1, 3, 16, 16) and scores.min() >= np.log(PROBABILITY_FLOOR) - 1e-6
     samples = segmenter.sample(image)
     torch.testing.assert_close(scores.exp(), fuse(samples, "staple").clamp_min(PROBABILITY_FLOOR))
-    both = segmenter.predict_with_uncertainty(image)
+    both = segmenter.predict(image)
     torch.testing.assert_close(both[0], scores)
     torch.testing.assert_close(both[1], uncertainty(samples))
     segmenter.set_inference_options(uncertainty="total")
     prior_probabilities = torch.softmax(segmenter.prior(image), dim=1)
-    scores_total, total, samples_again = segmenter.predict_with_samples(image)
+    scores_total, total, samples_again = segmenter.predict(image).to_tuple()
     torch.testing.assert_close(scores_total, scores)
     torch.testing.assert_close(samples_again, samples)
     torch.testing.assert_close(total, total_uncertainty(samples, prior_probabilities))
@@ -506,7 +506,7 @@ def test_stochastic_samplers_draw_masks_that_split_where_the_answer_is_uncertain
     assert agree[:, 8:].float().mean() >= 0.9, agree[:, 8:].float().mean()
     assert agree[:, :8].float().mean() <= 0.1, agree[:, :8].float().mean()  # 8 fair coins agree with p 1/128
     assert 0.35 <= labels[:, :, :8].float().mean() <= 0.65
-    _, spread = segmenter.predict_with_uncertainty(image)
+    spread = segmenter.predict(image).uncertainty
     assert spread[0, :, :8].mean() > 0.3 and spread[0, :, 8:].mean() < 0.05  # at most 0.5: half say each
     deterministic = segmenter.sample(image, num_samples=8, sampler="ddim", steps=1, eta=0.0)[:, 0]
     assert (deterministic.std(0) < 0.05).all()
@@ -561,7 +561,7 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     segmenter, rng = trained_square_head(TRAINER_HEAD_SETTINGS, seed=0, steps=300)
     images, _ = _square_cases(rng, 4)
     with torch.no_grad():
-        _, total, all_samples = segmenter.predict_with_samples(images)
+        _, total, all_samples = segmenter.predict(images).to_tuple()
     samples = all_samples[:, :, 1]  # (K, B, H, W) foreground probability
     assert samples.shape[0] == SAMPLING_DEFAULTS["num_samples"] == 3
     unsure = torch.zeros(16, 16, dtype=torch.bool)

@@ -25,7 +25,7 @@ from torch import nn
 from nndiffseg.guided.denoiser import GuidedDenoiser
 from nndiffseg.guided.fusion import FUSIONS, UNCERTAINTIES, fuse, uncertainty_map
 from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
-from nndiffseg.head import DiffusionHead
+from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, check_start, denoise,
                                 sampling_scheduler, start_timestep, training_scheduler)
 
@@ -216,17 +216,13 @@ class GuidedSegmenter(DiffusionHead):
         x = denoise(scheduler, lambda x_t, t: self.denoiser.predict(x_t, t, condition, text), x, generator, eta)
         return mask_to_probabilities(x).reshape((num_samples, batch) + x.shape[1:]), prior_probs
 
-    def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores (B, num_classes, H, W), uncertainty (B, H, W)) with the settings in force; the
-        scores are the log of the fused probabilities, floored at PROBABILITY_FLOOR."""
-        return self.predict_with_samples(image)[:2]
-
-    def predict_with_samples(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``predict_with_uncertainty``'s scores and uncertainty, and the samples they were made of."""
+    def predict(self, image: torch.Tensor) -> HeadOutput:
+        """Scores, uncertainty and samples with the settings in force; the scores are the log of the fused
+        probabilities, floored at PROBABILITY_FLOOR."""
         samples, prior_probs = self._sample_with_prior(image)
         fused = fuse(samples, self.setting("fusion"), prior_probs)
         uncertainty = uncertainty_map(samples, prior_probs, self.setting("uncertainty"))
-        return fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty, samples
+        return HeadOutput(scores=fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty=uncertainty, samples=samples)
 
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One sample per patch with the configured sampler (K samples would make epochs long)."""

@@ -1,5 +1,5 @@
 """Uncertainty maps of the sampling heads (the guided trainers): class scores and the samples' spread from one
-call per tile (``DiffusionHead.predict_with_uncertainty``), stitched over nnU-Net's sliding window (its tile
+call per tile (``DiffusionHead.predict``), stitched over nnU-Net's sliding window (its tile
 steps and Gaussian weighting, from nnunetv2's public helpers), averaged over mirrorings, pooled over folds
 (``nndiffseg.inference.pooled_spread``), and written in the image's own geometry."""
 import itertools
@@ -26,9 +26,8 @@ SAMPLES_FOLDER = "samples"  # samples/sample_K/CASE<ending>: each sample folder 
 
 def _tile_prediction(head: torch.nn.Module, tile: torch.Tensor, keep_samples: bool):
     """(scores, spread, samples or None) of one tile: the samples' probabilities (K, B, C, *tile) too when asked."""
-    if not keep_samples:
-        return (*head.predict_with_uncertainty(tile), None)
-    return head.predict_with_samples(tile)
+    output = head.predict(tile)
+    return output.scores, output.uncertainty, output.samples if keep_samples else None
 
 
 @torch.inference_mode()

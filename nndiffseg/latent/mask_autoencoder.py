@@ -105,6 +105,6 @@ class MaskAutoencoderHead(DiffusionHead):
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(target)
 
-    def predict_with_uncertainty(self, image: torch.Tensor):
+    def predict(self, image: torch.Tensor):
         raise RuntimeError("nnDiffSegTrainerMaskVAE trains the mask autoencoder of nnDiffSegTrainerLatent; it does "
                            "not segment images. Predict with the nnDiffSegTrainerLatent model.")

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
-from nndiffseg.head import DiffusionHead
+from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.latent.autoencoders import autoencoder_downsampling
 from nndiffseg.latent.mask_encoding import decoded_to_scores, encode_labels
 from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, denoise, sampling_scheduler,
@@ -276,6 +276,6 @@ class LatentSegmenter(DiffusionHead):
         scheduler = self.sampling_scheduler(self.setting("sampler"), self.setting("steps"))
         return denoise(scheduler, lambda z_t, t: self.denoiser(torch.cat([z_t, cond], dim=1), t).sample, z, generator)
 
-    def predict_with_uncertainty(self, image: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(class scores (B, num_classes, H, W), None): one deterministic sample has no spread."""
-        return self.decode_mask(self.sample_latent(self.image_encoder(image))), None
+    def predict(self, image: torch.Tensor) -> HeadOutput:
+        """Class scores only: one deterministic sample has no spread."""
+        return HeadOutput(scores=self.decode_mask(self.sample_latent(self.image_encoder(image))))
