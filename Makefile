@@ -1,4 +1,6 @@
 # The two set-up commands: `make demo` and `make test`. Each creates .venv and installs everything first.
+# `make test` lints (ruff, configured in pyproject.toml) and runs every test; `make test-fast` runs the fast tier
+# alone (unit tests of heads, sampling, metrics: no nnU-Net process), `make lint` the linter alone.
 PYTHON ?= python3
 VENV ?= .venv
 # torch pinned to a release nnunetv2 supports; override e.g. TORCH="torch==2.5.1 torchvision==0.20.1"
@@ -6,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nndiffseg-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test test-fast clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "nndiffseg needs Python 3.10 or newer; set PYTHON=python3.X")'
@@ -21,8 +23,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/nnDiffSeg_demo -o demo_output --overwrite
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_output *.egg-info

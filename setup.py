@@ -37,7 +37,7 @@ setup(
         "matplotlib",
         "scikit-learn",  # AUROC in nnDiffSeg_evaluate (also a dependency of nnunetv2)
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.6", "scikit-image"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.6", "scikit-image", "ruff>=0.6"]},
     entry_points={
         "console_scripts": [
             "nnDiffSeg_plan_and_preprocess = nndiffseg.console:plan_and_preprocess",
