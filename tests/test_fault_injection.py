@@ -594,7 +594,7 @@ def test_a_paused_tool_acts_on_ctrl_c_delivered_to_another_thread():
     the whole pause (the Ctrl-C test's intermittent 60 s timeout); the hook's sliced pause does not."""
     script = ("import os, signal, threading, time\n"
               "os.environ['nnDiffSeg_test_hook'] = 'here:pause'\n"
-              "from nndiffseg.hooks import reached\n"
+              "from nndiffseg.test_seam import reached\n"
               "other = threading.Thread(target=threading.Event().wait, daemon=True)\n"
               "other.start()\n"
               "threading.Timer(1.0, signal.pthread_kill, (other.ident, signal.SIGINT)).start()\n"

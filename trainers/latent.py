@@ -104,6 +104,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
     RECONSTRUCTION_TARGET per class or the epochs run out; validation reports the reconstruction Dice per class
     (nnU-Net's pseudo Dice of decode(encode(mask)))."""
     head_class = MaskAutoencoderHead
+    is_training_stage = True
     # nnU-Net's Dice + CE on the decoded class scores, beside the L1 and CE terms: on the ISIC sample at 64 px it
     # reached reconstruction 0.98 in 425 iterations instead of 550 and 0.9874 on the whole validation masks
     # after 850 instead of 0.9790 after 1000 (docs/benchmarks.md, "Mask autoencoder budget")
