@@ -96,8 +96,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     plans = plan_and_preprocess([DATASET_ID], ["2d"], num_processes=[1], num_processes_fingerprint=1)
 
     _step(f"4/6 nnDiffSeg_train {DATASET_ID} 2d 0 -tr {trainer} ({num_epochs} epochs x {iters_per_epoch} iterations)")
-    train(DATASET_ID, "2d", 0, trainer, plans, device, num_epochs=num_epochs, iters_per_epoch=iters_per_epoch,
-          trainer_options={"clip_model": clip_model} if guided else None)
+    train(DATASET_ID, "2d", 0, trainer_name=trainer, plans_identifier=plans, device=device, num_epochs=num_epochs,
+          iters_per_epoch=iters_per_epoch, trainer_options={"clip_model": clip_model} if guided else None)
 
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"
