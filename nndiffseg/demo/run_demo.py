@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.files import write_text
 
 DATASET_ID = 990
 # The trainer the demo shows: the guided diffusion trainer, which also writes uncertainty maps. Its text
@@ -73,7 +74,7 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
         shutil.rmtree(out)  # an earlier demo run (its stamp checked above)
     for name in NNUNET_FOLDERS:
         (out / name).mkdir(parents=True, exist_ok=True)
-    (out / STAMP_FILE).write_text("written by nnDiffSeg_demo; nnDiffSeg_demo --overwrite may replace this folder\n")
+    write_text(out / STAMP_FILE, "written by nnDiffSeg_demo; nnDiffSeg_demo --overwrite may replace this folder\n")
 
     # imported after the nnU-Net folders are set, as nnU-Net's modules read them
     from nndiffseg.dataset_conversion.isic import convert_isic
