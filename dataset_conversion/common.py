@@ -40,6 +40,16 @@ def run_converter(parser: argparse.ArgumentParser, convert: Callable[..., Path],
     run_cli(lambda: convert(**vars(args)) and None)  # status 0, not the folder written
 
 
+def source_folder(source: str | Path) -> Path:
+    """The release folder given with -i, which must exist."""
+    source = Path(source)
+    if not source.exists():
+        raise DatasetConversionError(f"source folder {source} does not exist")
+    if not source.is_dir():
+        raise DatasetConversionError(f"source {source} is not a folder")
+    return source
+
+
 def nnunet_raw_folder() -> Path:
     raw = os.environ.get("nnUNet_raw")
     if not raw:

@@ -30,6 +30,7 @@ from nndiffseg.dataset_conversion.common import (
     nnunet_raw_folder,
     refuse_non_finite,
     run_converter,
+    source_folder,
     staged_folder,
 )
 
@@ -185,11 +186,7 @@ def _unrecognised(source: Path) -> DatasetConversionError:
 
 def detect_isic_layout(source: str | Path) -> IsicLayout:
     """Which ISIC release ``source`` holds (from its folder names only) and which of its splits are present."""
-    source = Path(source)
-    if not source.exists():
-        raise DatasetConversionError(f"source folder {source} does not exist")
-    if not source.is_dir():
-        raise DatasetConversionError(f"source {source} is not a folder")
+    source = source_folder(source)
     years = [spec.year for spec in RELEASES.values() if any((source / n).is_dir() for n in spec.folder_names())]
     if not years:
         raise _unrecognised(source)

@@ -39,6 +39,7 @@ from nndiffseg.dataset_conversion.common import (
     load_image,
     nnunet_raw_folder,
     run_converter,
+    source_folder,
     staged_folder,
 )
 from nndiffseg.dataset_conversion.dicom_checks import (
@@ -257,11 +258,7 @@ def _refuse_mixed_layouts(source: Path, layouts: dict[str, list[Path]]) -> None:
 
 def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
     """Which of the release's three layouts ``source`` holds (from folder names only) and its class folders."""
-    source = Path(source)
-    if not source.exists():
-        raise DatasetConversionError(f"source folder {source} does not exist")
-    if not source.is_dir():
-        raise DatasetConversionError(f"source {source} is not a folder")
+    source = source_folder(source)
     found = {kind: _named_classes(source, names)
              for kind, names in (("competition", COMPETITION_CLASSES), ("sdmcseg", SDMCSEG_CLASSES))}
     layouts = {kind: list(folders.values()) for kind, folders in found.items() if folders is not None}

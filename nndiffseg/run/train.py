@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
@@ -298,21 +298,22 @@ def train_entry() -> None:
     parser.add_argument("dataset_name_or_id", help="dataset name or ID")
     parser.add_argument("configuration", help="configuration, e.g. 2d")
     parser.add_argument("fold", help="fold of nnU-Net's 5-fold cross-validation (0-4) or 'all'")
-    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
-    parser.add_argument("-p", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
+    parser.add_argument("-tr", dest="trainer_name", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", dest="plans_identifier", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
     parser.add_argument("-num_gpus", type=int, default=1,
                         help="DDP processes (default: 1): one per GPU with -device cuda, or N CPU processes on "
                              "gloo with -device cpu (a multi-process check without GPUs)")
     parser.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from")
-    parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--val", action="store_true", help="only run the final validation")
-    parser.add_argument("--val_best", action="store_true", help="validate with checkpoint_best")
+    parser.add_argument("--c", dest="continue_training", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--val", dest="only_run_validation", action="store_true", help="only run the final validation")
+    parser.add_argument("--val_best", dest="val_with_best", action="store_true", help="validate with checkpoint_best")
     parser.add_argument("--overwrite", action="store_true",
                         help="train again from the start in a fold folder that holds a finished or interrupted run "
                              "(refused without it): its checkpoints and validation are removed once the new run has "
                              "passed its checks")
-    parser.add_argument("--npz", action="store_true", help="save validation probabilities (for ensembling)")
+    parser.add_argument("--npz", dest="export_validation_probabilities", action="store_true",
+                        help="save validation probabilities (for ensembling)")
     parser.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
     parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
     parser.add_argument("--iters_per_epoch", type=int, default=None,
@@ -347,14 +348,8 @@ def train_entry() -> None:
     args = parser.parse_args()
     options = {"seed": args.seed, "sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
                "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
-    run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, trainer_name=args.tr,
-                          plans_identifier=args.p, device=args.device, num_gpus=args.num_gpus,
-                          continue_training=args.c, only_run_validation=args.val, val_with_best=args.val_best,
-                          disable_checkpointing=args.disable_checkpointing,
-                          export_validation_probabilities=args.npz, pretrained_weights=args.pretrained_weights,
-                          num_epochs=args.num_epochs, iters_per_epoch=args.iters_per_epoch,
-                          val_iters_per_epoch=args.val_iters_per_epoch, trainer_options=options,
-                          overwrite=args.overwrite))
+    run = {f.name: getattr(args, f.name) for f in fields(TrainingRun) if hasattr(args, f.name)}
+    run_cli(lambda: train(**run, trainer_options=options))
 
 
 if __name__ == "__main__":
