@@ -22,13 +22,13 @@ from PIL import Image
 from cli import MODULES, assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
+from nndiffseg.test_seam import HOOK_ENV, MARKER, reached
+
 TOY, LABELS_0_2, ORPHAN_LABEL, BAD_JSON = 41, 42, 43, 44
 TRAINER = "nnDiffSegTrainer"
 MODEL = f"{TRAINER}__nnDiffSegPlans__2d"
 SHORT_RUN = ["-device", "cpu", "--num_epochs", "1", "--iters_per_epoch", "1"]
-HOOK_ENV = "nnDiffSeg_test_hook"
 RERUN_FINISHED = [f"{MODEL}/fold_0 holds a finished training", "checkpoint_final.pth", "--c", "--overwrite"]
-MARKER = "nnDiffSeg_test_hook reached"
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -586,6 +586,17 @@ def test_interrupted_tool_exits_even_if_its_cleanup_at_exit_hangs():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 30
     assert result.returncode == 130 and result.stderr.strip() == "Interrupted.", result.stderr
+
+
+def test_the_test_seam_is_inert_unless_its_variable_names_the_point(monkeypatch, capsys):
+    monkeypatch.delenv(HOOK_ENV, raising=False)
+    reached("checkpoint_written")
+    monkeypatch.setenv(HOOK_ENV, "another_point:pause")
+    reached("checkpoint_written")  # returns at once: no pause
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(HOOK_ENV, "another_point,checkpoint_written")
+    reached("checkpoint_written")
+    assert capsys.readouterr().out == f"{MARKER}: checkpoint_written\n"
 
 
 def test_a_paused_tool_acts_on_ctrl_c_delivered_to_another_thread():

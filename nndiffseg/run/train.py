@@ -59,19 +59,17 @@ class TrainingRun:
         return self.continue_training or self.only_run_validation
 
 
-def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
-                  trainer_name: str, plans_identifier: str, continue_training: bool,
-                  device: torch.device) -> nnUNetTrainer:
-    dataset_name = dataset_name_from_id(dataset_name_or_id)
-    plans = load_plans(dataset_name, plans_identifier)
-    if configuration not in plans["configurations"]:
-        raise NnDiffSegError(f"configuration '{configuration}' not in plans {plans_identifier} of {dataset_name} "
-                             f"(available: {', '.join(plans['configurations'])})")
+def build_trainer(run: TrainingRun, device: torch.device) -> nnUNetTrainer:
+    dataset_name = dataset_name_from_id(run.dataset_name_or_id)
+    plans = load_plans(dataset_name, run.plans_identifier)
+    if run.configuration not in plans["configurations"]:
+        raise NnDiffSegError(f"configuration '{run.configuration}' not in plans {run.plans_identifier} of "
+                             f"{dataset_name} (available: {', '.join(plans['configurations'])})")
     from nndiffseg.registry import find_trainer_class
-    trainer_class = find_trainer_class(trainer_name)
-    plans["continue_training"] = continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
+    plans["continue_training"] = run.continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
     dataset_json = load_json(join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset.json"))
-    return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
+    return find_trainer_class(run.trainer_name)(plans=plans, configuration=run.configuration, fold=run.fold,
+                                                dataset_json=dataset_json, device=device)
 
 
 def run_length_attributes(run: TrainingRun) -> dict:
@@ -107,14 +105,14 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
                          f"truncated or corrupt); start a new run without --c after moving them away")
 
 
-def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_validation: bool,
-                      pretrained_weights: Optional[str]) -> None:
+def _load_checkpoints(trainer: nnUNetTrainer, run: TrainingRun) -> None:
     """nnU-Net's maybe_load_checkpoint, with errors naming the checkpoint file."""
-    if continue_training and pretrained_weights is not None:
+    pretrained_weights = run.pretrained_weights
+    if run.continue_training and pretrained_weights is not None:
         raise NnDiffSegError("--c and -pretrained_weights cannot be combined (pretrained weights only start a run)")
-    if continue_training:
+    if run.continue_training:
         load_checkpoint_to_continue(trainer)
-    elif only_run_validation:
+    elif run.only_run_validation:
         final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
         if not os.path.isfile(final):
             raise NnDiffSegError(f"--val: training is not finished, {final} does not exist")
@@ -185,8 +183,7 @@ def _remove_the_earlier_run(fold_folder: Path) -> None:
 def _train_one_process(run: TrainingRun, fold_folder: Path, before: Optional[dict]) -> None:
     device = torch.device(run.device)
     with _undone_if_refused(fold_folder, before):
-        trainer = build_trainer(run.dataset_name_or_id, run.configuration, run.fold, run.trainer_name,
-                                run.plans_identifier, run.continue_training, device)
+        trainer = build_trainer(run, device)
         # our trainers record their options and run length, stock ones their run length: --c and --val restore them
         if hasattr(trainer, "continuing"):
             trainer.continuing = run.continuing
@@ -195,7 +192,7 @@ def _train_one_process(run: TrainingRun, fold_folder: Path, before: Optional[dic
             from nndiffseg.trainers.base import configure_run
             configure_run(trainer, run.trainer_options, run_length_attributes(run), run.continuing)
         trainer.disable_checkpointing = run.disable_checkpointing
-        _load_checkpoints(trainer, run.continue_training, run.only_run_validation, run.pretrained_weights)
+        _load_checkpoints(trainer, run)
     if run.overwrite and trainer.local_rank == 0:
         _remove_the_earlier_run(fold_folder)
     if device.type == "cuda":
