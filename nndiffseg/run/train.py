@@ -345,8 +345,8 @@ def train_entry() -> None:
     args = parser.parse_args()
     options = {"seed": args.seed, "sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
                "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
-    run = {f.name: getattr(args, f.name) for f in fields(TrainingRun) if hasattr(args, f.name)}
-    run_cli(lambda: train(**run, trainer_options=options))
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainingRun) if hasattr(args, f.name)}
+    run_cli(lambda: train(**settings, trainer_options=options))
 
 
 if __name__ == "__main__":
