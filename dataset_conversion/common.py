@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Callable, Iterator, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -29,14 +29,13 @@ def converter_parser(prog: str, description: str, source_help: str) -> argparse.
     return parser
 
 
-def run_converter(parser: argparse.ArgumentParser, convert: Callable[..., Path],
-                  argv: Optional[Sequence[str]] = None) -> NoReturn:
+def run_converter(parser: argparse.ArgumentParser, convert: Callable[..., Path]) -> NoReturn:
     """--overwrite and -np after the converter's own options, then ``convert(**arguments)`` as a CLI
     (nndiffseg.errors.run_cli): one ERROR: line and exit status 1 for bad input."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID and name")
     parser.add_argument("-np", dest="num_processes", type=int, default=DEFAULT_NUM_PROCESSES,
                         help=f"worker processes (default: min(4, CPU count) = {DEFAULT_NUM_PROCESSES})")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     run_cli(lambda: convert(**vars(args)) and None)  # status 0, not the folder written
 
 
