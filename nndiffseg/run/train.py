@@ -295,14 +295,17 @@ def train_entry() -> None:
     parser.add_argument("dataset_name_or_id", help="dataset name or ID")
     parser.add_argument("configuration", help="configuration, e.g. 2d")
     parser.add_argument("fold", help="fold of nnU-Net's 5-fold cross-validation (0-4) or 'all'")
-    parser.add_argument("-tr", dest="trainer_name", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
-    parser.add_argument("-p", dest="plans_identifier", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
+    parser.add_argument("-tr", dest="trainer_name", default="nnUNetTrainer",
+                        help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", dest="plans_identifier", default=PLANS_NAME,
+                        help=f"plans identifier (default: {PLANS_NAME})")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
     parser.add_argument("-num_gpus", type=int, default=1,
                         help="DDP processes (default: 1): one per GPU with -device cuda, or N CPU processes on "
                              "gloo with -device cpu (a multi-process check without GPUs)")
     parser.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from")
-    parser.add_argument("--c", dest="continue_training", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--c", dest="continue_training", action="store_true",
+                        help="continue from the latest checkpoint")
     parser.add_argument("--val", dest="only_run_validation", action="store_true", help="only run the final validation")
     parser.add_argument("--val_best", dest="val_with_best", action="store_true", help="validate with checkpoint_best")
     parser.add_argument("--overwrite", action="store_true",
