@@ -1,5 +1,4 @@
-"""What every converter shares: its command line's common part, the target folder naming, staging, and refusal
-to clobber."""
+"""What every converter shares: its command line, the target folder naming, staging, and refusal to clobber."""
 import argparse
 import os
 import re

@@ -1,8 +1,6 @@
-"""The package's one test seam: at a known point a process announces itself, so that a fault test can signal it
-exactly there instead of sleeping for a guessed time. Inert for users: unless nnDiffSeg_test_hook is set,
-``reached`` costs one environment lookup. The points: ``checkpoint_written`` (a checkpoint complete under its
-temporary name, before the rename), ``case_exported`` (prediction) and ``pool_result_transfer`` (inside a pool
-worker's result, wired by tests/site/sitecustomize.py)."""
+"""The package's one test seam: at a known point (checkpoint_written, case_exported; tests/site adds
+pool_result_transfer) a process announces itself, so that a fault test can signal it exactly there instead of
+sleeping for a guessed time. Inert unless nnDiffSeg_test_hook is set: one environment lookup per point."""
 import os
 import time
 
@@ -16,10 +14,7 @@ SLEEP_SLICE_S = 0.1
 
 def reached(point: str) -> None:
     """At ``point``: print the marker line when the hook names it, and with ':pause' wait for the signal."""
-    hook = os.environ.get(HOOK_ENV)
-    if not hook:
-        return
-    for entry in hook.split(","):
+    for entry in os.environ.get(HOOK_ENV, "").split(","):
         name, _, mode = entry.partition(":")
         if name == point:
             print(f"{MARKER}: {point}", flush=True)

@@ -249,7 +249,7 @@ class _InProcessPool:
 
 @contextlib.contextmanager
 def _rebound(module, name: str, value):
-    """``module.name`` is ``value`` inside the block. nnunetv2 2.8 takes no pool as an argument: its planning
+    """``module.name`` is ``value`` inside the block: nnunetv2 2.8 takes no pool as an argument, its planning
     modules make theirs by module-level name (``multiprocessing.get_context("spawn").Pool(n)``, ``Pool``)."""
     original = getattr(module, name)
     setattr(module, name, value)

@@ -196,11 +196,9 @@ def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, setup: Sequenc
 
 def check_option_values(trainer_class: type, options: dict, dataset_name: str, plans_identifier: str,
                         configuration: str) -> None:
-    """The method options' values, checked before any work (the trainer would otherwise meet them only at the
-    start of training, after the fold folder was made): by the check the trainer declares for an option
-    (``option_checks``: name -> function of the value), and an option it declares a checkpoint
-    (``checkpoint_options``: name -> what of this run's setup the checkpoint's network must match) as an nnU-Net
-    checkpoint that fits this run."""
+    """The method options' values before any work (the trainer meets them after the fold folder was made): by
+    the checks the trainer declares (``option_checks``: name -> check of the value; ``checkpoint_options``: name
+    -> what of this run's setup that nnU-Net checkpoint must match)."""
     checks = getattr(trainer_class, "option_checks", {})
     checkpoints = getattr(trainer_class, "checkpoint_options", {})
     for name, value in options.items():

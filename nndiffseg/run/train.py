@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainingRun:
-    """What one ``nnDiffSeg_train`` run trains and how, as ``train`` takes it (keyword arguments after the first
-    three) and hands it to each DDP process."""
+    """What one ``nnDiffSeg_train`` run trains and how: ``train``'s arguments, handed whole to each DDP rank."""
     dataset_name_or_id: Union[int, str]
     configuration: str
     fold: Union[int, str]
