@@ -70,8 +70,8 @@ def train_timed(dataset_id: int, trainer: str, epochs: int, iters: int, plans: s
                 options: Optional[dict] = None, device: str = "cpu", fold: int = 0) -> dict:
     from nndiffseg.run.train import train
     start = time.time()
-    train(dataset_id, "2d", fold, trainer, plans, device=device, num_epochs=epochs, iters_per_epoch=iters,
-          trainer_options=options or {})
+    train(dataset_id, "2d", fold, trainer_name=trainer, plans_identifier=plans, device=device, num_epochs=epochs,
+          iters_per_epoch=iters, trainer_options=options or {})
     return {"wall_s": time.time() - start, "peak_mib": peak_mib(device)}
 
 

@@ -1,20 +1,51 @@
-"""What every converter shares: the target folder naming, staging, and refusal to clobber."""
+"""What every converter shares: its command line, the target folder naming, staging, and refusal to clobber."""
+import argparse
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 import numpy as np
 from PIL import Image
 
-from nndiffseg.errors import NnDiffSegError
+from nndiffseg.errors import NnDiffSegError, run_cli
+
+DEFAULT_NUM_PROCESSES = min(4, os.cpu_count() or 1)
 
 
 class DatasetConversionError(NnDiffSegError):
     """The source data is not what the converter expects; the message names the file and the problem."""
+
+
+def converter_parser(prog: str, description: str, source_help: str) -> argparse.ArgumentParser:
+    """A converter's command line: -i SOURCE and -d ID, then the converter's own options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-i", dest="source", required=True, type=Path, help=source_help)
+    parser.add_argument("-d", dest="dataset_id", required=True, type=int, help="nnU-Net dataset ID (1-999)")
+    return parser
+
+
+def run_converter(parser: argparse.ArgumentParser, convert: Callable[..., Path]) -> NoReturn:
+    """--overwrite and -np after the converter's own options, then ``convert(**arguments)`` as a CLI
+    (nndiffseg.errors.run_cli): one ERROR: line and exit status 1 for bad input."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID and name")
+    parser.add_argument("-np", dest="num_processes", type=int, default=DEFAULT_NUM_PROCESSES,
+                        help=f"worker processes (default: min(4, CPU count) = {DEFAULT_NUM_PROCESSES})")
+    args = parser.parse_args()
+    run_cli(lambda: convert(**vars(args)) and None)  # status 0, not the folder written
+
+
+def source_folder(source: str | Path) -> Path:
+    """The release folder given with -i, which must exist."""
+    source = Path(source)
+    if not source.exists():
+        raise DatasetConversionError(f"source folder {source} does not exist")
+    if not source.is_dir():
+        raise DatasetConversionError(f"source {source} is not a folder")
+    return source
 
 
 def nnunet_raw_folder() -> Path:

@@ -9,7 +9,6 @@ target and moved into place at the end, so a failure leaves nothing behind.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -22,21 +21,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from nndiffseg.dataset_conversion.common import (
+    DEFAULT_NUM_PROCESSES,
     DatasetConversionError,
     check_target_free,
+    converter_parser,
     dataset_folder_name,
     load_image,
     nnunet_raw_folder,
     refuse_non_finite,
+    run_converter,
+    source_folder,
     staged_folder,
 )
-from nndiffseg.errors import run_cli
 
 # See benchmarks/isic_max_size.py: on the real ISIC 2017 sample (masks up to 1024 px) a 512 px round trip (shrink,
 # then scale back to the original size, both nearest) costs the lesion masks 0.43 Dice points on average (256:
 # 0.82, 384: 0.60, 768: 0.22), below the 0.5-point budget, while images and nnU-Net's preprocessing shrink 4-100x.
 DEFAULT_MAX_SIZE = 512
-DEFAULT_NUM_PROCESSES = min(4, os.cpu_count() or 1)
 
 IMAGE_NAME = re.compile(r"ISIC_(\d+)\.(?:jpe?g|png)", re.IGNORECASE)
 MASK_NAME = re.compile(r"ISIC_(\d+)_segmentation\.png", re.IGNORECASE)  # 2016 spells it _Segmentation
@@ -185,11 +186,7 @@ def _unrecognised(source: Path) -> DatasetConversionError:
 
 def detect_isic_layout(source: str | Path) -> IsicLayout:
     """Which ISIC release ``source`` holds (from its folder names only) and which of its splits are present."""
-    source = Path(source)
-    if not source.exists():
-        raise DatasetConversionError(f"source folder {source} does not exist")
-    if not source.is_dir():
-        raise DatasetConversionError(f"source {source} is not a folder")
+    source = source_folder(source)
     years = [spec.year for spec in RELEASES.values() if any((source / n).is_dir() for n in spec.folder_names())]
     if not years:
         raise _unrecognised(source)
@@ -470,35 +467,20 @@ def convert_isic(source: str | Path, dataset_id: int, max_size: int = DEFAULT_MA
     return target
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnDiffSeg_convert_isic",
-        description="Convert an ISIC lesion segmentation release (ISBI 2016 Part 1, ISIC 2017 Part 1, ISIC 2018 "
-                    "Task 1) into an nnU-Net raw dataset $nnUNet_raw/Dataset<ID>_ISIC<year>. Training and "
-                    "Validation cases go to imagesTr/labelsTr, Test cases to imagesTs/labelsTs.")
-    parser.add_argument("-i", dest="source", required=True, type=Path,
-                        help="folder holding the release's unzipped folders directly, e.g. ISIC-2017_Training_Data "
-                             "and ISIC-2017_Training_Part1_GroundTruth")
-    parser.add_argument("-d", dest="dataset_id", required=True, type=int, help="nnU-Net dataset ID (1-999)")
+def convert_isic_entry() -> None:
+    parser = converter_parser(
+        "nnDiffSeg_convert_isic",
+        "Convert an ISIC lesion segmentation release (ISBI 2016 Part 1, ISIC 2017 Part 1, ISIC 2018 Task 1) into an "
+        "nnU-Net raw dataset $nnUNet_raw/Dataset<ID>_ISIC<year>. Training and Validation cases go to "
+        "imagesTr/labelsTr, Test cases to imagesTs/labelsTs.",
+        "folder holding the release's unzipped folders directly, e.g. ISIC-2017_Training_Data and "
+        "ISIC-2017_Training_Part1_GroundTruth")
     parser.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE,
                         help=f"shrink images whose longer side exceeds this many pixels (never enlarges; 0 keeps "
                              f"the original size). Default {DEFAULT_MAX_SIZE}: shrinking the masks to 512 px and "
                              f"back costs them 0.4 Dice points on average (benchmarks/isic_max_size.py), while "
                              f"the originals (up to 6000 px) make preprocessing and training far slower")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID and name")
-    parser.add_argument("-np", dest="num_processes", type=int, default=DEFAULT_NUM_PROCESSES,
-                        help=f"worker processes (default: min(4, CPU count) = {DEFAULT_NUM_PROCESSES})")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    convert_isic(args.source, args.dataset_id, args.max_size, args.overwrite, args.num_processes)
-    return 0
-
-
-def convert_isic_entry() -> None:
-    run_cli(main)
+    run_converter(parser, convert_isic)
 
 
 if __name__ == "__main__":

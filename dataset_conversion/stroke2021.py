@@ -15,7 +15,6 @@ staging folder beside the target and moved into place at the end, so a failure l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,11 +31,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from nndiffseg.dataset_conversion.common import (
+    DEFAULT_NUM_PROCESSES,
     DatasetConversionError,
     check_target_free,
+    converter_parser,
     dataset_folder_name,
     load_image,
     nnunet_raw_folder,
+    run_converter,
+    source_folder,
     staged_folder,
 )
 from nndiffseg.dataset_conversion.dicom_checks import (
@@ -45,7 +48,6 @@ from nndiffseg.dataset_conversion.dicom_checks import (
     refuse_non_finite_hu,
     rescale_anomalies,
 )
-from nndiffseg.errors import run_cli
 
 DATASET_NAME = "Stroke2021"
 LABELS = {"background": 0, "ischemic": 1, "hemorrhagic": 2}
@@ -59,7 +61,6 @@ COLOUR_NAMES = {ISCHEMIA_COLOUR: "blue", HEMORRHAGE_COLOUR: "green"}
 IMAGE_MODES = ("png", "dicom")
 SPLITS = ("sdmcseg", "nnunet")
 SPLIT_SEED = 0
-DEFAULT_NUM_PROCESSES = min(4, os.cpu_count() or 1)
 LAYOUT_KINDS = ("competition", "ministry", "sdmcseg")
 MINISTRY_SEARCH_DEPTH = 4
 IGNORED_FOLDERS = {"__macosx"}  # macOS zips mirror the whole tree there, with "._" resource-fork files
@@ -257,11 +258,7 @@ def _refuse_mixed_layouts(source: Path, layouts: dict[str, list[Path]]) -> None:
 
 def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
     """Which of the release's three layouts ``source`` holds (from folder names only) and its class folders."""
-    source = Path(source)
-    if not source.exists():
-        raise DatasetConversionError(f"source folder {source} does not exist")
-    if not source.is_dir():
-        raise DatasetConversionError(f"source {source} is not a folder")
+    source = source_folder(source)
     found = {kind: _named_classes(source, names)
              for kind, names in (("competition", COMPETITION_CLASSES), ("sdmcseg", SDMCSEG_CLASSES))}
     layouts = {kind: list(folders.values()) for kind, folders in found.items() if folders is not None}
@@ -817,16 +814,14 @@ def convert_stroke2021(source: str | Path, dataset_id: int, images: str = "png",
     return target
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nnDiffSeg_convert_stroke2021",
-        description="Convert the Stroke2021 brain CT release (TEKNOFEST 2021; competition, Ministry or SDMC-Seg "
-                    "layout) into an nnU-Net raw dataset $nnUNet_raw/Dataset<ID>_Stroke2021 with labels "
-                    "background 0, ischemic 1, hemorrhagic 2. See docs/stroke2021.md.")
-    parser.add_argument("-i", dest="source", required=True, type=Path,
-                        help="folder holding the release: TRAINING/ (competition), the Ministry's unzipped folders, "
-                             "or SDMC-Seg's Training/")
-    parser.add_argument("-d", dest="dataset_id", required=True, type=int, help="nnU-Net dataset ID (1-999)")
+def convert_stroke2021_entry() -> None:
+    parser = converter_parser(
+        "nnDiffSeg_convert_stroke2021",
+        "Convert the Stroke2021 brain CT release (TEKNOFEST 2021; competition, Ministry or SDMC-Seg layout) into an "
+        "nnU-Net raw dataset $nnUNet_raw/Dataset<ID>_Stroke2021 with labels background 0, ischemic 1, "
+        "hemorrhagic 2. See docs/stroke2021.md.",
+        "folder holding the release: TRAINING/ (competition), the Ministry's unzipped folders, or SDMC-Seg's "
+        "Training/")
     parser.add_argument("--images", choices=IMAGE_MODES, default="png",
                         help="png (default): the windowed PNG slices, one channel, z-scored by nnU-Net; dicom: the "
                              "DICOM in Hounsfield units as NIfTI (pixel spacing kept), with nnU-Net's CT normalisation")
@@ -841,21 +836,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="stop at a stroke slice without a lesion or without its OVERLAY/MASK/DICOM file "
                              "instead of skipping and counting it")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this ID and name")
-    parser.add_argument("-np", dest="num_processes", type=int, default=DEFAULT_NUM_PROCESSES,
-                        help=f"worker processes (default: min(4, CPU count) = {DEFAULT_NUM_PROCESSES})")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    convert_stroke2021(args.source, args.dataset_id, args.images, args.split, args.include_nonstroke,
-                       args.swap_mask_colours, args.strict, args.overwrite, args.num_processes)
-    return 0
-
-
-def convert_stroke2021_entry() -> None:
-    run_cli(main)
+    run_converter(parser, convert_stroke2021)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def on_epoch_end(self):
     self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
     os._exit(3)
 cls.on_epoch_end = on_epoch_end
-train(dataset, "2d", fold, trainer_name, device="cpu", num_epochs=num_epochs, iters_per_epoch=2, trainer_options=options)
+train(dataset, "2d", fold, trainer_name=trainer_name, device="cpu", num_epochs=num_epochs, iters_per_epoch=2,
+      trainer_options=options)
 """
 
 

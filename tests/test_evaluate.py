@@ -374,11 +374,12 @@ def test_failed_write_keeps_old_summary(tmp_path, monkeypatch):
     ref_dir, pred_dir = make_folders(tmp_path, ".png")
     (pred_dir / "summary.json").write_text("old")
 
-    def broken_dump(obj, f, **kwargs):
-        f.write("{\"mean\": ")
+    def broken_write(path, text, *args, **kwargs):  # the disk fills half-way through the summary
+        with open(path, "w") as f:
+            f.write(text[:len(text) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(Path, "write_text", broken_write)
     with pytest.raises(OSError, match="disk full"):
         evaluate_folders(str(ref_dir), str(pred_dir), num_processes=1)
     assert (pred_dir / "summary.json").read_text() == "old"

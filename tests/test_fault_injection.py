@@ -22,13 +22,13 @@ from PIL import Image
 from cli import MODULES, assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
+from nndiffseg.test_seam import HOOK_ENV, MARKER, reached
+
 TOY, LABELS_0_2, ORPHAN_LABEL, BAD_JSON = 41, 42, 43, 44
 TRAINER = "nnDiffSegTrainer"
 MODEL = f"{TRAINER}__nnDiffSegPlans__2d"
 SHORT_RUN = ["-device", "cpu", "--num_epochs", "1", "--iters_per_epoch", "1"]
-HOOK_ENV = "nnDiffSeg_test_hook"
 RERUN_FINISHED = [f"{MODEL}/fold_0 holds a finished training", "checkpoint_final.pth", "--c", "--overwrite"]
-MARKER = "nnDiffSeg_test_hook reached"
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -588,13 +588,24 @@ def test_interrupted_tool_exits_even_if_its_cleanup_at_exit_hangs():
     assert result.returncode == 130 and result.stderr.strip() == "Interrupted.", result.stderr
 
 
+def test_the_test_seam_is_inert_unless_its_variable_names_the_point(monkeypatch, capsys):
+    monkeypatch.delenv(HOOK_ENV, raising=False)
+    reached("checkpoint_written")
+    monkeypatch.setenv(HOOK_ENV, "another_point:pause")
+    reached("checkpoint_written")  # returns at once: no pause
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(HOOK_ENV, "another_point,checkpoint_written")
+    reached("checkpoint_written")
+    assert capsys.readouterr().out == f"{MARKER}: checkpoint_written\n"
+
+
 def test_a_paused_tool_acts_on_ctrl_c_delivered_to_another_thread():
     """The kernel may hand SIGINT to any thread (torch's, the export pool's); Python then raises
     KeyboardInterrupt only when the main thread next runs bytecode. A pause in one long sleep held it off for
     the whole pause (the Ctrl-C test's intermittent 60 s timeout); the hook's sliced pause does not."""
     script = ("import os, signal, threading, time\n"
               "os.environ['nnDiffSeg_test_hook'] = 'here:pause'\n"
-              "from nndiffseg.hooks import reached\n"
+              "from nndiffseg.test_seam import reached\n"
               "other = threading.Thread(target=threading.Event().wait, daemon=True)\n"
               "other.start()\n"
               "threading.Timer(1.0, signal.pthread_kill, (other.ident, signal.SIGINT)).start()\n"

@@ -198,7 +198,7 @@ def test_training_refuses_incomplete_preprocessed_data(tmp_path, monkeypatch, wr
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     with pytest.raises(NnDiffSegError) as refused:
-        train(dataset.name, "2d", "all", "nnDiffSegTrainer", device="cpu")
+        train(dataset.name, "2d", "all", trainer_name="nnDiffSegTrainer", device="cpu")
     message = str(refused.value)
     assert problem in message and str(dataset / "nnDiffSegPlans_2d") in message, message
     assert message.endswith("repair it with: nnDiffSeg_plan_and_preprocess -d 45 -c 2d"), message

@@ -148,20 +148,22 @@ def test_a_prior_from_another_dataset_is_named_in_one_warning(refused):
 def test_matching_pieces_pass_silently_and_unrecorded_ones_are_named(small, tmp_path, monkeypatch, capsys):
     from nndiffseg.errors import NnDiffSegError
     from nndiffseg.run.checks import check_option_values
+    from nndiffseg.trainers import nnDiffSegTrainerGuided, nnDiffSegTrainerLatent
 
     monkeypatch.setenv("nnUNet_preprocessed", str(small["root"] / "nnUNet_preprocessed"))
     dataset = small["preprocessed"].name
     same = checkpoint_of(small["preprocessed"], tmp_path, "same.pth")
-    check_option_values({"prior": str(same), "mask_vae": str(same)}, dataset, "nnDiffSegPlans", "2d")
+    check_option_values(nnDiffSegTrainerGuided, {"prior": str(same)}, dataset, "nnDiffSegPlans", "2d")
+    check_option_values(nnDiffSegTrainerLatent, {"mask_vae": str(same)}, dataset, "nnDiffSegPlans", "2d")
     assert capsys.readouterr().err == ""
     # a mask autoencoder does not depend on the U-Net's architecture, a prior does
     wider = checkpoint_of(small["preprocessed"], tmp_path, "wider.pth", lambda plans, _: plans["configurations"]["2d"]
                           ["architecture"]["arch_kwargs"].update(features_per_stage=[64] * 8))
-    check_option_values({"mask_vae": str(wider)}, dataset, "nnDiffSegPlans", "2d")
+    check_option_values(nnDiffSegTrainerLatent, {"mask_vae": str(wider)}, dataset, "nnDiffSegPlans", "2d")
     with pytest.raises(NnDiffSegError, match="--prior .*wider.pth does not fit this run: architecture "
                                              "features_per_stage \\[64, 64"):
-        check_option_values({"prior": str(wider)}, dataset, "nnDiffSegPlans", "2d")
+        check_option_values(nnDiffSegTrainerGuided, {"prior": str(wider)}, dataset, "nnDiffSegPlans", "2d")
     import torch
     torch.save({"network_weights": {}}, tmp_path / "bare.pth")
-    check_option_values({"prior": str(tmp_path / "bare.pth")}, dataset, "nnDiffSegPlans", "2d")
+    check_option_values(nnDiffSegTrainerGuided, {"prior": str(tmp_path / "bare.pth")}, dataset, "nnDiffSegPlans", "2d")
     assert "bare.pth records no nnU-Net dataset, plans or labels" in capsys.readouterr().err

@@ -52,7 +52,7 @@ import sys
 import nndiffseg.trainers.latent as latent
 from nndiffseg.run.train import train
 latent.RECONSTRUCTION_TARGET = 0.0  # any reconstruction reaches it: the stage must stop after its first epoch
-train(sys.argv[1], "2d", 2, "nnDiffSegTrainerMaskVAE", device="cpu", num_epochs=3, iters_per_epoch=2)
+train(sys.argv[1], "2d", 2, trainer_name="nnDiffSegTrainerMaskVAE", device="cpu", num_epochs=3, iters_per_epoch=2)
 """
 
 

@@ -251,3 +251,19 @@ def test_ensembling_and_postprocessing_refuse_bad_input(predictions):
     assert_refused(predictions["ran"]["one_folder"], ["at least two prediction folders"])
     assert not (predictions["root"] / "never").exists()
     assert_refused(predictions["ran"]["in_place"], ["must differ from the input folder"])
+
+
+def test_model_selection_refuses_a_training_stage_by_its_class_not_its_name(monkeypatch):
+    """A trainer that declares itself a training stage (is_training_stage, as the mask autoencoder's) is no
+    segmentation model to select, whatever it is called; refused before any fold is looked at."""
+    import nndiffseg.trainers
+    from nndiffseg.errors import NnDiffSegError
+    from nndiffseg.evaluation.find_best_configuration import check_trained_folds
+
+    class RenamedStage(nndiffseg.trainers.nnDiffSegTrainerMaskVAE_sd):
+        pass
+
+    monkeypatch.setattr(nndiffseg.trainers, "RenamedStage", RenamedStage, raising=False)
+    with pytest.raises(NnDiffSegError, match="RenamedStage trains a stage of another trainer"):
+        check_trained_folds("Dataset071_Toy", [{"trainer": "RenamedStage", "plans": PLANS, "configuration": "2d"}],
+                            (0,), False)

@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nndiffseg
 from nndiffseg.checkpoints import remove_stale_partials
-from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
-from nndiffseg.hooks import reached
+from nndiffseg.files import write_atomically, write_json
+from nndiffseg.test_seam import reached
 
 # what a run was started with, in its fold folder: --c restores it
 RUN_RECORD = "nndiffseg_run.json"
@@ -77,12 +77,10 @@ def configure_run(trainer: nnUNetTrainer, options: Optional[dict], run_length: O
         if name not in accepted:
             raise NnDiffSegError(f"{trainer.__class__.__name__} takes no --{name}")
         setattr(trainer, name, value)
-    if trainer.local_rank == 0:  # written whole under another name, then renamed: other ranks may be reading it
+    if trainer.local_rank == 0:  # atomically: other ranks may be reading it
         os.makedirs(trainer.output_folder, exist_ok=True)
-        partial = record_file.with_name(f".partial_{RUN_RECORD}")
-        partial.write_text(json.dumps({"trainer": trainer.__class__.__name__, "options": options,
-                                       "run_length": {k: getattr(trainer, k) for k in RUN_LENGTH}}, indent=2))
-        os.replace(partial, record_file)
+        write_json(record_file, {"trainer": trainer.__class__.__name__, "options": options,
+                                 "run_length": {k: getattr(trainer, k) for k in RUN_LENGTH}})
     return options
 
 

@@ -20,7 +20,7 @@ from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.segmenter import SAMPLING_DEFAULTS, GuidedSegmenter
-from nndiffseg.guided.text_prior import class_prompts, embed_prompts, load_prompts_file
+from nndiffseg.guided.text_prior import check_clip_model, class_prompts, embed_prompts, load_prompts_file
 from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 # CLIP text features (512 for ViT-B, 768 for ViT-L, 1024 for ViT-H) are zero-padded to this size, so the
@@ -47,6 +47,8 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     head_settings = dict(prediction_type="sample", schedule="linear", prior_weight=10.0,
                          **SAMPLING_DEFAULTS)
     option_names = ("seed", "clip_model", "prompts", "prior", "freeze_prior")
+    option_checks = {"clip_model": check_clip_model, "prompts": load_prompts_file}  # before any work
+    checkpoint_options = {"prior": ("labels", "input channels", "patch size", "architecture")}
     mirroring_at_prediction = False  # 4x the cost in 2D for K samples x S steps
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

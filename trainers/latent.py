@@ -14,6 +14,7 @@ alone.
 """
 import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -45,6 +46,21 @@ MASK_STAGE_EPOCH_FRACTION = 1.0
 RECONSTRUCTION_TARGET = 0.99
 
 
+def check_sd_weights(weights: str) -> None:
+    """--sd_weights before any work: a folder that exists, or what can only be a hub repo id (NAME or ORG/NAME)."""
+    if weights == "random":
+        return
+    path = Path(weights).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NnDiffSegError(f"--sd_weights {weights} is a file: give a diffusers folder (with vae/) or repo id")
+    if not path.exists() and (weights.startswith(("/", ".", "~")) or weights.count("/") > 1 or os.sep in weights
+                              and os.sep != "/"):
+        raise NnDiffSegError(f"cannot load Stable Diffusion's autoencoder from --sd_weights {weights}: no such local "
+                             f"folder (a hub repo id looks like ORG/NAME, e.g. stable-diffusion-v1-5/"
+                             f"stable-diffusion-v1-5); pass an existing folder, a repo id, or --sd_weights random to "
+                             f"start from random weights")
+
+
 class _ReconstructionTargetReached(Exception):
     """Raised at an epoch's end to leave nnU-Net's training loop early."""
 
@@ -66,6 +82,7 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     # several times faster at 1e-3 than at 1e-4 in a first CPU trial (toy shapes, AdamW)
     initial_lr_by_preset = {"compact": 1e-3, "sd": 1e-5}
     option_names = ("seed", "sd_weights")
+    option_checks = {"sd_weights": check_sd_weights}  # before any work
     downsampling: Optional[int] = None  # the autoencoders' factor; None: chosen from the patch (latent_downsampling)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -104,6 +121,7 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
     RECONSTRUCTION_TARGET per class or the epochs run out; validation reports the reconstruction Dice per class
     (nnU-Net's pseudo Dice of decode(encode(mask)))."""
     head_class = MaskAutoencoderHead
+    is_training_stage = True
     # nnU-Net's Dice + CE on the decoded class scores, beside the L1 and CE terms: on the ISIC sample at 64 px it
     # reached reconstruction 0.98 in 425 iterations instead of 550 and 0.9874 on the whole validation masks
     # after 850 instead of 0.9790 after 1000 (docs/benchmarks.md, "Mask autoencoder budget")
@@ -176,6 +194,8 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
                          steps=1, decoded_loss_weight=0.0, timesteps="inference")
     conditioning = "planned"
     option_names = ("seed", "sd_weights", "mask_vae")
+    # the mask autoencoder's channels do not follow the class count, nor its network the planned U-Net's
+    checkpoint_options = {"mask_vae": ("labels", "patch size")}
     mask_vae_trainer = "nnDiffSegTrainerMaskVAE"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.files import write_text
 
 DATASET_ID = 990
 # The trainer the demo shows: the guided diffusion trainer, which also writes uncertainty maps. Its text
@@ -73,7 +74,7 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
         shutil.rmtree(out)  # an earlier demo run (its stamp checked above)
     for name in NNUNET_FOLDERS:
         (out / name).mkdir(parents=True, exist_ok=True)
-    (out / STAMP_FILE).write_text("written by nnDiffSeg_demo; nnDiffSeg_demo --overwrite may replace this folder\n")
+    write_text(out / STAMP_FILE, "written by nnDiffSeg_demo; nnDiffSeg_demo --overwrite may replace this folder\n")
 
     # imported after the nnU-Net folders are set, as nnU-Net's modules read them
     from nndiffseg.dataset_conversion.isic import convert_isic
@@ -96,8 +97,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     plans = plan_and_preprocess([DATASET_ID], ["2d"], num_processes=[1], num_processes_fingerprint=1)
 
     _step(f"4/6 nnDiffSeg_train {DATASET_ID} 2d 0 -tr {trainer} ({num_epochs} epochs x {iters_per_epoch} iterations)")
-    train(DATASET_ID, "2d", 0, trainer, plans, device, num_epochs=num_epochs, iters_per_epoch=iters_per_epoch,
-          trainer_options={"clip_model": clip_model} if guided else None)
+    train(DATASET_ID, "2d", 0, trainer_name=trainer, plans_identifier=plans, device=device, num_epochs=num_epochs,
+          iters_per_epoch=iters_per_epoch, trainer_options={"clip_model": clip_model} if guided else None)
 
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nndiffseg.files import write_json, write_text
 from nndiffseg.visualization.figures import figure_style, save_figure
 
 SUMMARY_NAME, PLOT_NAME = "crossval_summary", "crossval_dice.png"
@@ -85,9 +86,7 @@ def pooled_validation_uncertainty(model: Path, folds: Sequence[int], gt_folder: 
         if (out / FIGURES_FOLDER).exists():
             shutil.rmtree(out / FIGURES_FOLDER)
         shutil.move(str(Path(tmp) / FIGURES_FOLDER), str(out / FIGURES_FOLDER))
-    tmp_file = out / f".partial_{UNCERTAINTY_SUMMARY}"
-    tmp_file.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_file, out / UNCERTAINTY_SUMMARY)
+    write_json(out / UNCERTAINTY_SUMMARY, summary)
     return {"calibration": summary["calibration"]["mean"],
             "failure_detection": summary["uncertainty"]["entropy"]["all_labels"]}
 
@@ -176,10 +175,8 @@ def write_crossval_summary(results_folder: Path, info: dict, gt_folder: Optional
     folds = info["folds"]
     markdown = _markdown(rows, folds, best)
     files = [results_folder / f"{SUMMARY_NAME}.md", results_folder / f"{SUMMARY_NAME}.json", results_folder / PLOT_NAME]
-    for file, text in ((files[0], markdown), (files[1], json.dumps(rows, indent=2))):
-        tmp = file.with_name(f".partial_{file.name}")
-        tmp.write_text(text)
-        os.replace(tmp, file)
+    write_text(files[0], markdown)
+    write_json(files[1], rows)
     plot(rows, files[2], f"{results_folder.name}: cross-validation, folds {', '.join(map(str, folds))} "
                          f"(diamond: mean)")
     print("\n***Cross-validation summary***\n")

@@ -17,7 +17,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 from typing import Any, Iterable, Optional, Sequence, Type
 
 import numpy as np
@@ -28,6 +27,7 @@ from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
 from nndiffseg.evaluation.uncertainty_evaluation import (UNCERTAINTY_FOLDER, case_uncertainty_data, find_case_files,
                                                          summarize_uncertainty)
+from nndiffseg.files import write_json
 from nndiffseg.utils import name_list
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
@@ -144,21 +144,6 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_nan_to_none(v) for v in obj]
     return obj
-
-
-def _write_json_atomically(data: dict, output_file: str) -> None:
-    folder = os.path.dirname(os.path.abspath(output_file))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".summary_", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_nan_to_none(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, output_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def defined_labels(reference_folder: str, prediction_folder: str) -> Optional[tuple[set[int], str]]:
@@ -339,7 +324,8 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
             plot_reliability(summary, os.path.join(folder, "calibration.png"))
         if "uncertainty" in summary:
             plot_risk_coverage(summary, os.path.join(folder, "risk_coverage.png"))
-    _write_json_atomically(summary, output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    write_json(output_file, _nan_to_none(summary))
     return summary
 
 

@@ -16,23 +16,25 @@ from typing import Callable, List, Sequence
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.crossval_summary import write_crossval_summary
+from nndiffseg.files import write_text
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
 
 # nnU-Net's commands in its instructions, and ours that take the same arguments
 OUR_TOOLS = {"nnUNetv2_predict": "nnDiffSeg_predict", "nnUNetv2_ensemble": "nnDiffSeg_ensemble",
              "nnUNetv2_apply_postprocessing": "nnDiffSeg_apply_postprocessing"}
-STAGE_TRAINER_PREFIX = "nnDiffSegTrainerMaskVAE"
 
 
 def check_trained_folds(dataset_name: str, models: Sequence[dict], folds: Sequence[int], ensembling: bool) -> None:
     """Every model has every fold trained and validated as nnU-Net's selection needs it."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from nndiffseg.registry import find_trainer_class
     for m in models:
         trainer, plans, configuration = m["trainer"], m["plans"], m["configuration"]
-        if trainer.startswith(STAGE_TRAINER_PREFIX):
-            raise NnDiffSegError(f"{trainer} trains the mask autoencoder stage of the latent trainers, not a "
-                                 f"segmentation model: select nnDiffSegTrainerLatent* instead")
+        if getattr(find_trainer_class(trainer), "is_training_stage", False):
+            raise NnDiffSegError(f"{trainer} trains a stage of another trainer, not a segmentation model: select "
+                                 f"the trainer it serves instead")
         folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
         train = f"nnDiffSeg_train {dataset_name} {configuration} FOLD -tr {trainer} -p {plans} --npz"
         if not folder.is_dir():
@@ -63,9 +65,7 @@ def instructions_naming_our_tools(nnunet_instructions: Callable) -> Callable:
             text = text.replace(f"{theirs} ", f"{ours} ")
         print(text)
         if instructions_file is not None:
-            tmp = f"{instructions_file}.partial"
-            Path(tmp).write_text(text.strip() + "\n")
-            os.replace(tmp, instructions_file)
+            write_text(instructions_file, text.strip() + "\n")
     return print_inference_instructions
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
-from nndiffseg.hooks import HOOK_ENV, reached
+from nndiffseg.test_seam import HOOK_ENV, reached
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.pools import quiet_pool, stop_pool
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import types
-import unittest.mock
 from pathlib import Path
 from typing import List, Optional, Sequence, Type
 
 import nnunetv2
-from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2 import paths as nnunet_paths
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
@@ -28,6 +27,7 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.files import write_json
 from nndiffseg.planning import planner as nndiffseg_planners
 from nndiffseg.pools import quiet_pool
 from nndiffseg.run.checks import missing_cases
@@ -141,7 +141,7 @@ def _preprocess_into(staging: Path, dataset_id: int, plans: dict, configuration:
     says, so it gets plans (the same but for that, under the staging folder's name) that say ``staging``."""
     staging_plans = copy.deepcopy(plans)
     staging_plans["configurations"][configuration]["data_identifier"] = staging.name
-    save_json(staging_plans, str(_plans_file(staging)), sort_keys=False)
+    write_json(_plans_file(staging), staging_plans)
     preprocess_dataset(dataset_id, staging.name, [configuration], [num_processes])
 
 
@@ -248,12 +248,21 @@ class _InProcessPool:
 
 
 @contextlib.contextmanager
-def _pools_in(module, make_pool):
-    """nnU-Net's planning modules make their pools with multiprocessing.get_context("spawn").Pool(n): here with
-    make_pool(n)."""
-    spawn = types.SimpleNamespace(Pool=make_pool)
-    with unittest.mock.patch.object(module, "multiprocessing", types.SimpleNamespace(get_context=lambda _: spawn)):
+def _rebound(module, name: str, value):
+    """``module.name`` is ``value`` inside the block: nnunetv2 2.8 takes no pool as an argument, its planning
+    modules make theirs by module-level name (``multiprocessing.get_context("spawn").Pool(n)``, ``Pool``)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
         yield
+    finally:
+        setattr(module, name, original)
+
+
+def _pools_in(module, make_pool):
+    """nnU-Net's pools of ``module`` made with make_pool(n)."""
+    spawn = types.SimpleNamespace(Pool=make_pool)
+    return _rebound(module, "multiprocessing", types.SimpleNamespace(get_context=lambda _: spawn))
 
 
 @contextlib.contextmanager
@@ -264,7 +273,7 @@ def _planning_pools():
     with contextlib.ExitStack() as stack:
         for module in (nnunet_fingerprint_module, nnunet_verify_module, nnunet_preprocessor_module):
             stack.enter_context(_pools_in(module, quiet_pool))
-        stack.enter_context(unittest.mock.patch.object(nnunet_utils_module, "Pool", _InProcessPool))
+        stack.enter_context(_rebound(nnunet_utils_module, "Pool", _InProcessPool))
         yield
 
 

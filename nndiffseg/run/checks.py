@@ -1,11 +1,11 @@
 """nnDiffSeg_train's checks that need the file system: the fold against the dataset's splits and cases, the
-preprocessed data against dataset.json, an earlier run in the fold folder, and the method options' files and
-names, all before a trainer (and its fold folder) exists."""
+preprocessed data against dataset.json, an earlier run in the fold folder, and the method options' values (by the
+checks their trainer declares), all before a trainer (and its fold folder) exists."""
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -14,11 +14,6 @@ from nndiffseg.errors import NnDiffSegError
 from nndiffseg.planning import PLANS_NAME
 
 NNUNET_FOLDS = 5
-# what the network of a --prior or --mask_vae checkpoint is built from, besides the trainer: one trained for
-# other labels or another patch would load (the mask autoencoder's channels do not follow the class count) and
-# then predict or decode wrongly
-CHECKPOINT_SETUP = {"prior": ("labels", "input channels", "patch size", "architecture"),
-                    "mask_vae": ("labels", "patch size")}
 
 
 def load_plans(dataset_name: str, plans_identifier: str) -> dict:
@@ -151,13 +146,8 @@ def check_preprocessed_data(dataset_name: str, plans_identifier: str, configurat
                              f"nnDiffSeg_plan_and_preprocess -d {dataset_id} -c {configuration}{options}")
 
 
-def _looks_like_a_path(value: str) -> bool:
-    """A diffusers repo id is NAME or ORG/NAME; anything else given to --sd_weights is meant as a folder."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value
-
-
 def _setup(plans: dict, configuration: str, dataset_json: dict) -> dict:
-    """What CHECKPOINT_SETUP compares, for one dataset, plans and configuration."""
+    """What a checkpoint option's ``setup`` may name, for one dataset, plans and configuration."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     config = PlansManager(plans).get_configuration(configuration)
     return {"dataset": plans["dataset_name"], "plans": f"{plans['plans_name']} {configuration}",
@@ -176,11 +166,11 @@ def _differences(what: str, recorded, current) -> list[str]:
     return [] if same else [f"{what} {recorded} recorded, {current} here"]
 
 
-def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, dataset_name: str, plans_identifier: str,
-                          configuration: str) -> None:
-    """A --prior or --mask_vae checkpoint records the dataset, plans and labels it was trained with (nnU-Net's
-    init_args): refuse one trained for other labels or another network, and warn (not refuse) of one from
-    another dataset, where transfer may be meant."""
+def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, setup: Sequence[str], dataset_name: str,
+                          plans_identifier: str, configuration: str) -> None:
+    """A checkpoint option's file records the dataset, plans and labels it was trained with (nnU-Net's init_args):
+    refuse one whose ``setup`` (labels, input channels, patch size, architecture) differs from this run's, and
+    warn (not refuse) of one from another dataset, where transfer may be meant."""
     plans = load_plans(dataset_name, plans_identifier)
     if configuration not in plans["configurations"]:
         return  # build_trainer names the configurations there are
@@ -193,7 +183,7 @@ def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, dataset_name: 
         print(f"WARNING: --{flag} {path} records no nnU-Net dataset, plans or labels (init_args): not checked "
               f"against {dataset_name}", file=sys.stderr)
         return
-    wrong = [d for what in CHECKPOINT_SETUP[flag] for d in _differences(what, recorded[what], current[what])]
+    wrong = [d for what in setup for d in _differences(what, recorded[what], current[what])]
     if wrong:
         raise NnDiffSegError(f"--{flag} {path} does not fit this run: {'; '.join(wrong)} (trained on "
                              f"{recorded['dataset']}, {recorded['plans']}; this run: {dataset_name}, "
@@ -204,28 +194,19 @@ def check_checkpoint_fits(flag: str, path: str, checkpoint: dict, dataset_name: 
               f"{dataset_name})", file=sys.stderr)
 
 
-def check_option_values(options: dict, dataset_name: str, plans_identifier: str, configuration: str) -> None:
-    """The method options' files, folders and names, checked before any work (the trainers would otherwise
-    meet them only at the start of training, after the fold folder was made)."""
-    if options.get("clip_model") is not None:
-        from nndiffseg.guided.text_prior import check_clip_model
-        check_clip_model(options["clip_model"])
-    if options.get("prompts"):
-        from nndiffseg.guided.text_prior import load_prompts_file
-        load_prompts_file(options["prompts"])
-    weights = options.get("sd_weights")
-    if weights not in (None, "random"):
-        path = Path(weights).expanduser()
-        if path.exists() and not path.is_dir():
-            raise NnDiffSegError(f"--sd_weights {weights} is a file: give a diffusers folder (with vae/) or repo id")
-        if not path.exists() and _looks_like_a_path(weights):
-            raise NnDiffSegError(f"cannot load Stable Diffusion's autoencoder from --sd_weights {weights}: no such "
-                                 f"local folder (a hub repo id looks like ORG/NAME, e.g. stable-diffusion-v1-5/"
-                                 f"stable-diffusion-v1-5); pass an existing folder, a repo id, or --sd_weights random "
-                                 f"to start from random weights")
-    for flag in ("prior", "mask_vae"):
-        if options.get(flag):
-            checkpoint = load_checkpoint_file(options[flag], f"--{flag}")
+def check_option_values(trainer_class: type, options: dict, dataset_name: str, plans_identifier: str,
+                        configuration: str) -> None:
+    """The method options' values before any work (the trainer meets them after the fold folder was made): by
+    the checks the trainer declares (``option_checks``: name -> check of the value; ``checkpoint_options``: name
+    -> what of this run's setup that nnU-Net checkpoint must match)."""
+    checks = getattr(trainer_class, "option_checks", {})
+    checkpoints = getattr(trainer_class, "checkpoint_options", {})
+    for name, value in options.items():
+        if name in checks:
+            checks[name](value)
+        if name in checkpoints and value:
+            checkpoint = load_checkpoint_file(value, f"--{name}")
             if "network_weights" not in checkpoint:
-                raise NnDiffSegError(f"--{flag} {options[flag]}: not an nnU-Net checkpoint (no network_weights)")
-            check_checkpoint_fits(flag, options[flag], checkpoint, dataset_name, plans_identifier, configuration)
+                raise NnDiffSegError(f"--{name} {value}: not an nnU-Net checkpoint (no network_weights)")
+            check_checkpoint_fits(name, value, checkpoint, checkpoints[name], dataset_name, plans_identifier,
+                                  configuration)

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
@@ -15,8 +16,8 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file
-from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError, run_cli
+from nndiffseg.files import write_atomically
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values,
                                   check_preprocessed_data, load_plans, parse_fold)
@@ -30,27 +31,51 @@ if TYPE_CHECKING:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
-def build_trainer(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
-                  trainer_name: str, plans_identifier: str, continue_training: bool,
-                  device: torch.device) -> nnUNetTrainer:
-    dataset_name = dataset_name_from_id(dataset_name_or_id)
-    plans = load_plans(dataset_name, plans_identifier)
-    if configuration not in plans["configurations"]:
-        raise NnDiffSegError(f"configuration '{configuration}' not in plans {plans_identifier} of {dataset_name} "
-                             f"(available: {', '.join(plans['configurations'])})")
+@dataclass
+class TrainingRun:
+    """What one ``nnDiffSeg_train`` run trains and how: ``train``'s arguments, handed whole to each DDP rank."""
+    dataset_name_or_id: Union[int, str]
+    configuration: str
+    fold: Union[int, str]
+    trainer_name: str = "nnUNetTrainer"
+    plans_identifier: str = PLANS_NAME
+    device: str = "cuda"
+    num_gpus: int = 1
+    continue_training: bool = False
+    only_run_validation: bool = False
+    val_with_best: bool = False
+    disable_checkpointing: bool = False
+    export_validation_probabilities: bool = False
+    pretrained_weights: Optional[str] = None
+    num_epochs: Optional[int] = None
+    iters_per_epoch: Optional[int] = None
+    val_iters_per_epoch: Optional[int] = None
+    trainer_options: Optional[dict] = None  # method options (see nndiffseg.registry)
+    overwrite: bool = False
+
+    @property
+    def continuing(self) -> bool:
+        return self.continue_training or self.only_run_validation
+
+
+def build_trainer(run: TrainingRun, device: torch.device) -> nnUNetTrainer:
+    dataset_name = dataset_name_from_id(run.dataset_name_or_id)
+    plans = load_plans(dataset_name, run.plans_identifier)
+    if run.configuration not in plans["configurations"]:
+        raise NnDiffSegError(f"configuration '{run.configuration}' not in plans {run.plans_identifier} of "
+                             f"{dataset_name} (available: {', '.join(plans['configurations'])})")
     from nndiffseg.registry import find_trainer_class
-    trainer_class = find_trainer_class(trainer_name)
-    plans["continue_training"] = continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
+    plans["continue_training"] = run.continue_training  # nnU-Net >= 2.7 reads this in the trainer's __init__
     dataset_json = load_json(join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset.json"))
-    return trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
+    return find_trainer_class(run.trainer_name)(plans=plans, configuration=run.configuration, fold=run.fold,
+                                                dataset_json=dataset_json, device=device)
 
 
-def run_length_attributes(run_length: dict) -> dict:
+def run_length_attributes(run: TrainingRun) -> dict:
     """nnDiffSeg_train's run length flags (checked by ``train``) as the trainer attributes they set (None: the
     trainer's)."""
     from nndiffseg.trainers.base import RUN_LENGTH
-    return dict(zip(RUN_LENGTH, (run_length.get("num_epochs"), run_length.get("iters_per_epoch"),
-                                 run_length.get("val_iters_per_epoch"))))
+    return dict(zip(RUN_LENGTH, (run.num_epochs, run.iters_per_epoch, run.val_iters_per_epoch)))
 
 
 def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
@@ -79,14 +104,14 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
                          f"truncated or corrupt); start a new run without --c after moving them away")
 
 
-def _load_checkpoints(trainer: nnUNetTrainer, continue_training: bool, only_run_validation: bool,
-                      pretrained_weights: Optional[str]) -> None:
+def _load_checkpoints(trainer: nnUNetTrainer, run: TrainingRun) -> None:
     """nnU-Net's maybe_load_checkpoint, with errors naming the checkpoint file."""
-    if continue_training and pretrained_weights is not None:
+    pretrained_weights = run.pretrained_weights
+    if run.continue_training and pretrained_weights is not None:
         raise NnDiffSegError("--c and -pretrained_weights cannot be combined (pretrained weights only start a run)")
-    if continue_training:
+    if run.continue_training:
         load_checkpoint_to_continue(trainer)
-    elif only_run_validation:
+    elif run.only_run_validation:
         final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
         if not os.path.isfile(final):
             raise NnDiffSegError(f"--val: training is not finished, {final} does not exist")
@@ -154,121 +179,112 @@ def _remove_the_earlier_run(fold_folder: Path) -> None:
         print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {fold_folder}")
 
 
-def _train_one_process(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, device,
-                       continue_training, only_run_validation, val_with_best, disable_checkpointing,
-                       export_validation_probabilities, pretrained_weights, run_length, trainer_options,
-                       fold_folder, before, overwrite) -> None:
+def _train_one_process(run: TrainingRun, fold_folder: Path, before: Optional[dict]) -> None:
+    device = torch.device(run.device)
     with _undone_if_refused(fold_folder, before):
-        trainer = build_trainer(dataset_name_or_id, configuration, fold, trainer_name, plans_identifier,
-                                continue_training, device)
+        trainer = build_trainer(run, device)
         # our trainers record their options and run length, stock ones their run length: --c and --val restore them
-        continuing = continue_training or only_run_validation
         if hasattr(trainer, "continuing"):
-            trainer.continuing = continuing
-            trainer.configure_run(trainer_options, run_length_attributes(run_length))
+            trainer.continuing = run.continuing
+            trainer.configure_run(run.trainer_options, run_length_attributes(run))
         else:
             from nndiffseg.trainers.base import configure_run
-            configure_run(trainer, trainer_options, run_length_attributes(run_length), continuing)
-        trainer.disable_checkpointing = disable_checkpointing
-        _load_checkpoints(trainer, continue_training, only_run_validation, pretrained_weights)
-    if overwrite and trainer.local_rank == 0:
+            configure_run(trainer, run.trainer_options, run_length_attributes(run), run.continuing)
+        trainer.disable_checkpointing = run.disable_checkpointing
+        _load_checkpoints(trainer, run)
+    if run.overwrite and trainer.local_rank == 0:
         _remove_the_earlier_run(fold_folder)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
-    if not only_run_validation:
+    if not run.only_run_validation:
         trainer.run_training()
-    if val_with_best:
+    if run.val_with_best:
         best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
         load_checkpoint_file(best, "--val_best")
         trainer.load_checkpoint(best)
-    trainer.perform_actual_validation(export_validation_probabilities)
+    trainer.perform_actual_validation(run.export_validation_probabilities)
 
 
-def _train_ddp(rank: int, world_size: int, *args) -> None:
-    """One DDP rank: nccl with one GPU per rank, or gloo on the CPU (args[5] is the device)."""
-    device: torch.device = args[5]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    if device.type == "cuda":
+def _train_ddp(rank: int, world_size: int, run: TrainingRun, fold_folder: Path, before: Optional[dict]) -> None:
+    """One DDP rank: nccl with one GPU per rank, or gloo on the CPU."""
+    cuda = run.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    if cuda:
         torch.cuda.set_device(torch.device("cuda", rank))
     else:
         torch.set_num_threads(max(1, cpu_threads() // world_size))
     try:
-        _train_one_process(*args)
+        _train_one_process(run, fold_folder, before)
     finally:
         dist.destroy_process_group()
 
 
-def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str],
-          trainer_name: str = "nnUNetTrainer", plans_identifier: str = PLANS_NAME, device: str = "cuda",
-          num_gpus: int = 1, continue_training: bool = False, only_run_validation: bool = False,
-          val_with_best: bool = False, disable_checkpointing: bool = False,
-          export_validation_probabilities: bool = False, pretrained_weights: Optional[str] = None,
-          num_epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
-          val_iters_per_epoch: Optional[int] = None, trainer_options: Optional[dict] = None,
-          overwrite: bool = False) -> None:
-    """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation. A new run in a fold folder
-    that holds a finished or interrupted one is refused unless ``overwrite``; one run per fold folder at a time."""
+def train(dataset_name_or_id: Union[int, str], configuration: str, fold: Union[int, str], **settings) -> None:
+    """Train one fold as ``nnUNetv2_train`` does, then run nnU-Net's final validation; ``settings`` are
+    TrainingRun's other fields, by name. A new run in a fold folder that holds a finished or interrupted one is
+    refused unless ``overwrite``; one run per fold folder at a time."""
+    run = TrainingRun(dataset_name_or_id, configuration, fold, **settings)
     check_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
-    fold = parse_fold(fold)
-    if continue_training and only_run_validation:
+    run.fold = parse_fold(run.fold)
+    if run.continue_training and run.only_run_validation:
         raise NnDiffSegError("--c and --val cannot be combined")
-    if overwrite and (continue_training or only_run_validation):
+    if run.overwrite and run.continuing:
         raise NnDiffSegError(f"--overwrite starts a new training; it cannot be combined with "
-                             f"{'--c' if continue_training else '--val'}")
-    if val_with_best and disable_checkpointing:
+                             f"{'--c' if run.continue_training else '--val'}")
+    if run.val_with_best and run.disable_checkpointing:
         raise NnDiffSegError("--val_best needs checkpoints; do not combine it with --disable_checkpointing")
-    if device not in ("cpu", "cuda", "mps"):
-        raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
+    if run.device not in ("cpu", "cuda", "mps"):
+        raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{run.device}'")
+    if run.device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
-    for flag, value in (("num_epochs", num_epochs), ("iters_per_epoch", iters_per_epoch),
-                        ("val_iters_per_epoch", val_iters_per_epoch), ("num_gpus", num_gpus)):
+    for flag in ("num_epochs", "iters_per_epoch", "val_iters_per_epoch", "num_gpus"):
+        value = getattr(run, flag)
         if value is not None and value < 1:  # before the trainers are imported: a typo is reported at once
             raise NnDiffSegError(f"-{'' if flag == 'num_gpus' else '-'}{flag} must be at least 1, got {value}")
     from nndiffseg.registry import TRAIN, check_options, find_trainer_class
-    options = check_options(find_trainer_class(trainer_name), trainer_options or {}, TRAIN)  # before any work
-    dataset_name = dataset_name_from_id(dataset_name_or_id)
+    trainer_class = find_trainer_class(run.trainer_name)
+    run.trainer_options = check_options(trainer_class, run.trainer_options or {}, TRAIN)  # before any work
+    dataset_name = dataset_name_from_id(run.dataset_name_or_id)
     # a continued run's options must equal its record (checked when the trainer is built), which passed these checks
-    if not (continue_training or only_run_validation):
-        check_option_values(options, dataset_name, plans_identifier, configuration)
-    check_fold(dataset_name, fold)
-    check_preprocessed_data(dataset_name, plans_identifier, configuration)
-    run_length = {"num_epochs": num_epochs, "iters_per_epoch": iters_per_epoch,
-                  "val_iters_per_epoch": val_iters_per_epoch}
-    check_enough_cases(dataset_name, plans_identifier, configuration, fold)
-    if num_gpus > 1 and device not in ("cuda", "cpu"):
-        raise NnDiffSegError(f"-num_gpus {num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
-    if num_gpus > 1 and device == "cuda" and torch.cuda.device_count() < num_gpus:
-        raise NnDiffSegError(f"-num_gpus {num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    fold_folder = Path(get_output_folder(dataset_name, trainer_name, plans_identifier, configuration, fold)).resolve()
+    if not run.continuing:
+        check_option_values(trainer_class, run.trainer_options, dataset_name, run.plans_identifier,
+                            run.configuration)
+    check_fold(dataset_name, run.fold)
+    check_preprocessed_data(dataset_name, run.plans_identifier, run.configuration)
+    check_enough_cases(dataset_name, run.plans_identifier, run.configuration, run.fold)
+    if run.num_gpus > 1 and run.device not in ("cuda", "cpu"):
+        raise NnDiffSegError(f"-num_gpus {run.num_gpus} (DDP) needs -device cuda (one GPU per process) or cpu (gloo)")
+    if run.num_gpus > 1 and run.device == "cuda" and torch.cuda.device_count() < run.num_gpus:
+        raise NnDiffSegError(f"-num_gpus {run.num_gpus} but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                             f"visible")
+    fold_folder = Path(get_output_folder(dataset_name, run.trainer_name, run.plans_identifier, run.configuration,
+                                         run.fold)).resolve()
     before = _fold_folder_before(fold_folder)
-    args = (dataset_name_or_id, configuration, fold, trainer_name, plans_identifier, torch.device(device),
-            continue_training, only_run_validation, val_with_best, disable_checkpointing,
-            export_validation_probabilities, pretrained_weights, run_length, options, fold_folder, before, overwrite)
     with fold_lock(fold_folder):  # held by this process alone; DDP's ranks run under it
-        if not (continue_training or only_run_validation):
+        if not run.continuing:
             with _undone_if_refused(fold_folder, before):
-                check_earlier_run(fold_folder, overwrite)
-        _run(args, num_gpus, device)
+                check_earlier_run(fold_folder, run.overwrite)
+        _run(run, fold_folder, before)
 
 
-def _run(args: tuple, num_gpus: int, device: str) -> None:
-    if num_gpus > 1:
+def _run(run: TrainingRun, fold_folder: Path, before: Optional[dict]) -> None:
+    if run.num_gpus > 1:
         from nnunetv2.run.run_training import find_free_network_port
         os.environ["MASTER_ADDR"] = "localhost"
         os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
         try:
-            torch.multiprocessing.spawn(_train_ddp, args=(num_gpus, *args), nprocs=num_gpus, join=True)
+            torch.multiprocessing.spawn(_train_ddp, args=(run.num_gpus, run, fold_folder, before),
+                                        nprocs=run.num_gpus, join=True)
         except torch.multiprocessing.ProcessRaisedException as e:  # the rank's own traceback was printed above
             raise NnDiffSegError(f"a DDP process failed: {str(e).strip().splitlines()[-1]}") from None
         return
-    if device == "cpu":
+    if run.device == "cpu":
         torch.set_num_threads(cpu_threads())
-    elif device == "cuda":
+    elif run.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    _train_one_process(*args)
+    _train_one_process(run, fold_folder, before)
 
 
 def train_entry() -> None:
@@ -278,21 +294,25 @@ def train_entry() -> None:
     parser.add_argument("dataset_name_or_id", help="dataset name or ID")
     parser.add_argument("configuration", help="configuration, e.g. 2d")
     parser.add_argument("fold", help="fold of nnU-Net's 5-fold cross-validation (0-4) or 'all'")
-    parser.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
-    parser.add_argument("-p", default=PLANS_NAME, help=f"plans identifier (default: {PLANS_NAME})")
+    parser.add_argument("-tr", dest="trainer_name", default="nnUNetTrainer",
+                        help="trainer class (default: nnUNetTrainer)")
+    parser.add_argument("-p", dest="plans_identifier", default=PLANS_NAME,
+                        help=f"plans identifier (default: {PLANS_NAME})")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
     parser.add_argument("-num_gpus", type=int, default=1,
                         help="DDP processes (default: 1): one per GPU with -device cuda, or N CPU processes on "
                              "gloo with -device cpu (a multi-process check without GPUs)")
     parser.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from")
-    parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--val", action="store_true", help="only run the final validation")
-    parser.add_argument("--val_best", action="store_true", help="validate with checkpoint_best")
+    parser.add_argument("--c", dest="continue_training", action="store_true",
+                        help="continue from the latest checkpoint")
+    parser.add_argument("--val", dest="only_run_validation", action="store_true", help="only run the final validation")
+    parser.add_argument("--val_best", dest="val_with_best", action="store_true", help="validate with checkpoint_best")
     parser.add_argument("--overwrite", action="store_true",
                         help="train again from the start in a fold folder that holds a finished or interrupted run "
                              "(refused without it): its checkpoints and validation are removed once the new run has "
                              "passed its checks")
-    parser.add_argument("--npz", action="store_true", help="save validation probabilities (for ensembling)")
+    parser.add_argument("--npz", dest="export_validation_probabilities", action="store_true",
+                        help="save validation probabilities (for ensembling)")
     parser.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
     parser.add_argument("--num_epochs", type=int, default=None, help="epochs (default: the trainer's, 1000)")
     parser.add_argument("--iters_per_epoch", type=int, default=None,
@@ -327,10 +347,8 @@ def train_entry() -> None:
     args = parser.parse_args()
     options = {"seed": args.seed, "sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
                "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
-    run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
-                          args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
-                          args.pretrained_weights, args.num_epochs, args.iters_per_epoch,
-                          args.val_iters_per_epoch, options, args.overwrite))
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainingRun) if hasattr(args, f.name)}
+    run_cli(lambda: train(**settings, trainer_options=options))
 
 
 if __name__ == "__main__":

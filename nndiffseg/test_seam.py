@@ -1,5 +1,6 @@
-"""A test hook: a process announces that it reached a known point, so a test can signal it exactly there
-instead of sleeping for a guessed time. Inert unless nnDiffSeg_test_hook is set."""
+"""The package's one test seam: at a known point (checkpoint_written, case_exported; tests/site adds
+pool_result_transfer) a process announces itself, so that a fault test can signal it exactly there instead of
+sleeping for a guessed time. Inert unless nnDiffSeg_test_hook is set: one environment lookup per point."""
 import os
 import time
 
