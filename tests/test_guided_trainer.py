@@ -46,7 +46,7 @@ def _common(guided, out):
 # the module's nnDiffSeg_predict runs, by output folder: one process for all of them (tests/cli.py run_batch)
 PREDICTIONS = {
     "default": [],
-    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--seed", 1],
+    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--sampling_seed", 1],
     "never": ["--num_samples", 0],
     "uncertainty3": ["--save_uncertainty", "--save_samples"],
     "uncertainty3_spread": ["--save_uncertainty", "--uncertainty", "spread"],
@@ -112,7 +112,7 @@ def test_trainer_head_settings_are_the_ones_whose_samples_carry_doubt():
     coin flip and agree where it is sure; that holds for the trainer only while it uses them."""
     from test_guided_heads import TRAINER_HEAD_SETTINGS
     from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
-    assert {k: nnDiffSegTrainerGuided.head_settings[k] for k in TRAINER_HEAD_SETTINGS} == TRAINER_HEAD_SETTINGS
+    assert nnDiffSegTrainerGuided.head_settings == TRAINER_HEAD_SETTINGS
 
 
 _PREDICT_WITH_OTHER_DEFAULTS = """
