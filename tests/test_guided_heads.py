@@ -499,7 +499,8 @@ def test_stochastic_samplers_draw_masks_that_split_where_the_answer_is_uncertain
     draws whole masks that split the left half and agree on the right."""
     probability = torch.full((1, 16, 16), 0.99)
     probability[:, :, :8] = 0.5
-    segmenter = _segmenter(num_classes=2, prediction_type="sample", sampler="ddim", steps=5, eta=1.0).eval()
+    segmenter = _segmenter(num_classes=2, prediction_type="sample", sampler="ddim", steps=5, eta=1.0,
+                           uncertainty="spread", fusion="mean").eval()
     segmenter.denoiser.predict = _posterior_mean_denoiser(segmenter, probability)
     image = torch.zeros(1, 1, 16, 16)
     labels = segmenter.sample(image, num_samples=8)[:, 0].argmax(1)  # (K, H, W)

@@ -56,8 +56,8 @@ def test_a_part_way_start_runs_its_steps_from_there_and_recovers_the_oracles_sam
     x0 = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
     x = train.add_noise(x0, torch.randn(x0.shape, generator=generator), torch.tensor([start] * 2))
     seen = []
-    oracle = oracle(x0, train, "sample")
-    result = denoise(scheduler, lambda x_t, t: seen.append(int(t)) or oracle(x_t, t), x, generator,
+    model = oracle(x0, train, "sample")
+    result = denoise(scheduler, lambda x_t, t: seen.append(int(t)) or model(x_t, t), x, generator,
                      eta=1.0 if sampler == "ddim" else 0.0)
     assert len(seen) == 3 and seen[0] == start
     # DDIM's last step lands on t = 0 rather than the clean sample when its stride does not divide the
