@@ -47,6 +47,8 @@ def _common(guided, out):
 PREDICTIONS = {
     "default": [],
     "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--sampling_seed", 1],
+    "dpm_staple_old_seed_flag": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
+                                 "--seed", 1],
     "never": ["--num_samples", 0],
     "uncertainty3": ["--save_uncertainty", "--save_samples"],
     "uncertainty3_spread": ["--save_uncertainty", "--uncertainty", "spread"],
@@ -149,6 +151,15 @@ def test_sampler_options_and_staple_fusion_run(guided, predictions):
 def test_bad_sampler_options_are_refused_before_anything_is_written(guided, predictions):
     assert_refused(predictions["never"], ["--num_samples must be at least 1"])
     assert not (guided["root"] / "never").exists()
+
+
+def test_the_old_seed_flag_of_predict_still_seeds_the_sampling_with_a_warning(guided, predictions):
+    old = _predicted(guided, predictions, "dpm_staple_old_seed_flag")
+    warning = "WARNING: --seed is deprecated in nnDiffSeg_predict; use --sampling_seed"
+    assert predictions["dpm_staple_old_seed_flag"].stderr.count(warning) == 1
+    new = _predicted(guided, predictions, "dpm_staple")
+    for f in sorted(new.glob("*.png")):
+        np.testing.assert_array_equal(np.array(Image.open(old / f.name)), np.array(Image.open(f)))
 
 
 def test_freeze_prior_without_a_prior_is_refused_before_any_work():
