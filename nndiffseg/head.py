@@ -6,15 +6,12 @@ the loss and the sampling loop live in the head).
   ``forward(image)`` returns class scores (B, C, H, W), what nnU-Net's predictor and validation expect.
 - ``predict(image)`` returns one ``HeadOutput``: the class scores, and where the head has them the per-pixel
   uncertainty map and the samples it fused, all from one call.
-- The config holds every setting that decides what a checkpoint predicts (prediction type, noise schedule,
-  sampler defaults, ...). As with diffusers' ``register_to_config`` decorator, the constructor's signature is
-  the one source of the defaults (``settings_from_signature``); unlike a diffusers model the config travels
-  *inside* the state dict (torch's ``get_extra_state``), because nnU-Net saves and loads
-  ``network.state_dict()`` and nothing else. Loading a checkpoint therefore restores the settings it was
-  trained with, whatever the constructor's defaults are now (``legacy_defaults`` fill in settings that did
-  not exist when it was saved); the settings that fix the architecture must match, or loading stops with a
-  message naming them. Prediction options (``prediction_options``, set with ``set_inference_options``)
-  override the config explicitly and survive loading further folds' weights.
+- The config holds every setting that decides what a checkpoint predicts. As with diffusers'
+  ``register_to_config``, the constructor's signature is the one source of the defaults; unlike a diffusers
+  model the config travels *inside* the state dict (``get_extra_state``): nnU-Net saves and loads
+  ``network.state_dict()`` alone. A checkpoint thus predicts with the settings it was trained with
+  (``legacy_defaults`` for those it predates); the settings that fix the architecture must match, or loading
+  stops naming them. Prediction options override the config and survive loading further folds' weights.
 """
 import functools
 import inspect
@@ -44,9 +41,9 @@ class HeadOutput(BaseOutput):
 
 
 def settings_from_signature(init: Callable) -> Callable:
-    """Decorates a constructor (diffusers' ``register_to_config``, small): its arguments, with the defaults of
-    its signature, become the config, except those named in the class's ``ignore_for_config`` (the
-    submodules); checked once the constructor has run (it may add settings it derives, e.g. from a part)."""
+    """diffusers' ``register_to_config`` decorator, small: the constructor's arguments with its signature's
+    defaults, less ``ignore_for_config``, become the config, checked once the constructor (which may add derived
+    settings) has run."""
     signature = inspect.signature(init)
 
     @functools.wraps(init)
@@ -112,7 +109,7 @@ class ConfiguredModule(nn.Module):
         self.__dict__["_nnunet_loss"] = loss
 
     def nnunet_loss(self, setting: str) -> Callable:
-        """The injected loss; RuntimeError naming ``setting`` (the weight that asks for it) when none was set."""
+        """The injected loss; RuntimeError naming ``setting`` (the weight that needs it) when none was set."""
         if self._nnunet_loss is None:
             raise RuntimeError(f"{setting} > 0 needs nnU-Net's segmentation loss: call set_nnunet_loss first")
         return self._nnunet_loss
@@ -190,6 +187,5 @@ class DiffusionHead(ConfiguredModule):
         raise NotImplementedError
 
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) labels for nnU-Net's pseudo Dice during training (cheaper than a full prediction
-        where the head allows)."""
+        """(B, H, W) labels for nnU-Net's pseudo Dice in training (cheaper than a prediction where it can be)."""
         return self.predict(image).scores.argmax(1)

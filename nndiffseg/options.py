@@ -27,7 +27,3 @@ def add_options(group: Any, options: Iterable[Option], default: Optional[str] = 
             else dict(type=option.type, choices=option.choices)
         note = f" (default: {default})" if default else ""
         group.add_argument(option.cli, dest=option.name, default=None, help=option.help + note, **kind)
-
-
-def option_names(options: Iterable[Option]) -> tuple:
-    return tuple(o.name for o in options)

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
 from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, load_pretrained_autoencoder,
                                            load_pretrained_denoiser, widen_first_conv)
-from nndiffseg.latent.mask_autoencoder import mask_autoencoder_loss, reconstruct_labels
+from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
 from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
 from nndiffseg.latent.segmenter import LatentSegmenter
 from head_mixin import HeadTests, oracle
@@ -139,9 +139,9 @@ def fine_tune_toy_mask_autoencoder():
     one-cycle schedule, about 4 min on one thread (0.99 needs them: 300 steps left class 1 at 0.987)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    autoencoder = build_autoencoder("compact", 3, TOY_DOWNSAMPLING)
-    _fit(autoencoder.parameters(), lambda: mask_autoencoder_loss(autoencoder, _toy_masks(rng, 4), 3)["loss"], 400, 3e-3)
-    return autoencoder.eval()
+    autoencoder = MaskAutoencoder(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), 3, segmentation_loss_weight=0.0)
+    _fit(autoencoder.parameters(), lambda: autoencoder.losses(None, _toy_masks(rng, 4))["loss"], 400, 3e-3)
+    return autoencoder.autoencoder.eval()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_mask_autoencoder_fine_tune_reconstructs_three_class_masks(fine_tuned_ma
     """The issue's bar: after a short fine-tune, decode(encode(mask)) has per-class Dice >= 0.99
     (measured 0.9989 / 0.9927 / 0.9952; the f8 autoencoder reached 0.995 / 0.957 / 0.980 after 300 steps)."""
     test = _toy_masks(np.random.default_rng(1), 16)[:, 0]
-    reconstructed = reconstruct_labels(fine_tuned_mask_autoencoder, test, num_classes=3)
+    reconstructed = MaskAutoencoder(fine_tuned_mask_autoencoder, 3).reconstruct(test)
     for c, dice in enumerate(_dice_per_class(reconstructed, test, (0, 1, 2))):
         assert dice >= 0.99, (c, dice)
 
@@ -243,7 +243,6 @@ def test_inference_timesteps_train_only_the_step_prediction_takes(segmenter):
 def test_mask_autoencoder_segmentation_loss_term_is_added_and_saved():
     """segmentation_loss_weight > 0 adds the trainer's loss of the decoded class scores (it needs it set); the
     weight is saved with the weights, and a checkpoint saved before the setting existed loads with 0."""
-    from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
     torch.manual_seed(0)
     head = MaskAutoencoder(build_autoencoder("compact", mask_channels(3), 4), 3, "compact",
                                segmentation_loss_weight=0.5).train()
@@ -254,7 +253,7 @@ def test_mask_autoencoder_segmentation_loss_term_is_added_and_saved():
     torch.manual_seed(1)
     losses = head(torch.zeros(2, 3, 32, 32), y)
     torch.manual_seed(1)
-    plain = mask_autoencoder_loss(head.autoencoder, y, 3)
+    plain = MaskAutoencoder(head.autoencoder, 3, segmentation_loss_weight=0.0).losses(None, y)
     assert losses["segmentation_loss"] > 0
     torch.testing.assert_close(losses["loss"], plain["loss"] + 0.5 * losses["segmentation_loss"])
     restored = MaskAutoencoder(build_autoencoder("compact", mask_channels(3), 4), 3, "compact")

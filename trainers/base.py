@@ -30,7 +30,7 @@ from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.hooks import reached
-from nndiffseg.options import Option, option_names
+from nndiffseg.options import Option
 
 # what a run was started with, in its fold folder: --c restores it
 RUN_RECORD = "nndiffseg_run.json"
@@ -73,7 +73,7 @@ def configure_run(trainer: nnUNetTrainer, options: Optional[dict], run_length: O
         if name not in RUN_LENGTH:
             raise ValueError(f"unknown run length setting {name}")
         setattr(trainer, name, int(value))
-    accepted = option_names(getattr(trainer, "training_options", ()))
+    accepted = [o.name for o in getattr(trainer, "training_options", ())]
     for name, value in options.items():
         if name not in accepted:
             raise NnDiffSegError(f"{trainer.__class__.__name__} takes no --{name}")

@@ -22,7 +22,7 @@ from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.segmenter import GuidedSegmenter
 from nndiffseg.guided.text_prior import class_prompts, embed_prompts, load_prompts_file
 from nndiffseg.options import Option
-from nndiffseg.trainers.base import nnDiffSegHeadTrainer, nnDiffSegTrainer
+from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 # CLIP text features (512 for ViT-B, 768 for ViT-L, 1024 for ViT-H) are zero-padded to this size, so the
 # network's shape does not depend on the CLIP model and nnU-Net's predictor can rebuild it from the plans alone
@@ -37,10 +37,9 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     # 0.812), a lead within the noise of 14 cases (docs/benchmarks.md)
     conditioning = "cross_attention"
     denoiser_size = "small"
-    training_options = nnDiffSegTrainer.training_options + (
-        Option("clip_model", "guided trainers: CLIP text encoder for the class prompts, MODEL:PRETRAINED_TAG "
-                             f"(default {DEFAULT_CLIP_MODEL}), MODEL:/path/to/weights, a local open_clip folder, or "
-                             "'random'"),
+    training_options = nnDiffSegHeadTrainer.training_options + (
+        Option("clip_model", f"guided trainers: CLIP text encoder for the class prompts, MODEL:PRETRAINED_TAG (default "
+                             f"{DEFAULT_CLIP_MODEL}), MODEL:/path/to/weights, a local open_clip folder, or 'random'"),
         Option("prompts", "guided trainers: JSON file {label name: prompt} replacing the default prompts "
                           "('a medical image of NAME')"),
         Option("prior", "guided trainers: start the prior U-Net from this nnUNetTrainer checkpoint (same dataset, "

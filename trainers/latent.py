@@ -31,8 +31,8 @@ from nndiffseg.latent.autoencoders import (LATENT_CHANNELS, build_autoencoder, b
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
 from nndiffseg.latent.segmenter import LatentSegmenter, PlannedImageEncoder
 from nndiffseg.mask_encoding import mask_channels
-from nndiffseg.options import Option, option_names
-from nndiffseg.trainers.base import nnDiffSegHeadTrainer, nnDiffSegTrainer
+from nndiffseg.options import Option
+from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 DEFAULT_SD_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LATENT_SCALE_BATCHES = 8
@@ -66,10 +66,9 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     # SDSeg fine-tunes SD's pretrained parts at 1e-5; the compact parts start from scratch and learned
     # several times faster at 1e-3 than at 1e-4 in a first CPU trial (toy shapes, AdamW)
     initial_lr_by_preset = {"compact": 1e-3, "sd": 1e-5}
-    training_options = nnDiffSegTrainer.training_options + (
-        Option("sd_weights", "latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or "
-                             "'random' (default: the _sd trainers load stable-diffusion-v1-5, the compact ones "
-                             "start from random weights)"),)
+    training_options = nnDiffSegHeadTrainer.training_options + (
+        Option("sd_weights", "latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or 'random' "
+                             "(default: stable-diffusion-v1-5 for the _sd trainers, random for the others)"),)
     downsampling: Optional[int] = None  # the autoencoders' factor; None: chosen from the patch (latent_downsampling)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -232,7 +231,7 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
         plans = {**self.plans_manager.plans, "continue_training": continuing}
         stage = self.mask_vae_trainer(plans, self.configuration_name, self.fold, self.dataset_json, self.device)
         epochs = max(1, round(MASK_STAGE_EPOCH_FRACTION * self.num_epochs))
-        stage.configure_run({k: v for k, v in self.options.items() if k in option_names(stage.training_options)},
+        stage.configure_run({k: v for k, v in self.options.items() if k in [o.name for o in stage.training_options]},
                             {"num_epochs": epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
                              "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch})
         self.print_to_log_file(f"no fine-tuned mask autoencoder for fold {self.fold}: "

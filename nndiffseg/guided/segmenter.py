@@ -178,11 +178,8 @@ class GuidedSegmenter(DiffusionHead):
                            sampler: Optional[str] = None, steps: Optional[int] = None, seed: Optional[int] = None,
                            eta: Optional[float] = None, strength: Optional[float] = None):
         """(the samples as ``sample`` returns them, the prior's probabilities (B, num_classes, H, W))."""
-        num_samples = self.setting("num_samples") if num_samples is None else num_samples
-        sampler = self.setting("sampler") if sampler is None else sampler
-        steps = self.setting("steps") if steps is None else steps
-        eta = self.setting("eta") if eta is None else eta
-        strength = self.setting("strength") if strength is None else strength
+        num_samples, sampler, steps, eta, strength = (self.setting(k) if v is None else v for k, v in (
+            ("num_samples", num_samples), ("sampler", sampler), ("steps", steps), ("eta", eta), ("strength", strength)))
         check_sampler(sampler, steps)
         check_start(strength, eta)
         batch = image.shape[0]

@@ -10,7 +10,7 @@ of the reconstruction and cross-entropy terms.
 set by the trainer with ``set_nnunet_loss``): Dice weighs each class's border pixels as much as its interior,
 where the per-pixel terms are dominated by the easy interior and background.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -19,44 +19,6 @@ from torch import nn
 from nndiffseg.head import ConfiguredModule, settings_from_signature
 from nndiffseg.latent.autoencoders import widen_first_conv
 from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
-
-KL_WEIGHT = 1e-6
-
-
-def mask_autoencoder_loss(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int,
-                          kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None,
-                          segmentation_loss: Optional[Callable] = None, segmentation_loss_weight: float = 0.0) -> dict:
-    target = encode_labels(labels, mask_channels(num_classes), ignore_label)
-    posterior = autoencoder.encode(target).latent_dist
-    reconstruction = autoencoder.decode(posterior.sample()).sample
-    flat = (labels[:, 0] if labels.ndim == 4 else labels).long()
-    if ignore_label is None:
-        rec_loss = nn.functional.l1_loss(reconstruction, target)
-        ce = nn.functional.cross_entropy(decoded_to_scores(reconstruction, num_classes), flat.clamp_min(0))
-    else:
-        valid = (flat != ignore_label).unsqueeze(1).float()
-        error = (reconstruction - target).abs() * valid
-        rec_loss = error.sum() / (valid.sum() * error.shape[1]).clamp_min(1)
-        ce = nn.functional.cross_entropy(decoded_to_scores(reconstruction, num_classes), flat.clamp_min(0)
-                                         .masked_fill(flat == ignore_label, -100), ignore_index=-100)
-        ce = torch.nan_to_num(ce)  # a batch without any labelled pixel
-    kl = posterior.kl().mean()
-    losses = {"loss": rec_loss + ce + kl_weight * kl, "reconstruction_loss": rec_loss.detach(),
-              "cross_entropy": ce.detach(), "kl": kl.detach()}
-    if segmentation_loss_weight > 0:
-        seg = segmentation_loss(decoded_to_scores(reconstruction, num_classes), labels if labels.ndim == 4
-                                else labels[:, None])
-        losses["loss"] = losses["loss"] + segmentation_loss_weight * seg
-        losses["segmentation_loss"] = seg.detach()
-    return losses
-
-
-@torch.no_grad()
-def reconstruct_labels(autoencoder: AutoencoderKL, labels: torch.Tensor, num_classes: int,
-                       ignore_label: Optional[int] = None) -> torch.Tensor:
-    """decode(encode(mask)) as a label map (B, H, W), through the posterior mode as at segmentation time."""
-    latents = autoencoder.encode(encode_labels(labels, mask_channels(num_classes), ignore_label)).latent_dist.mode()
-    return decoded_to_scores(autoencoder.decode(latents).sample, num_classes).argmax(1)
 
 
 class MaskAutoencoder(ConfiguredModule):
@@ -73,8 +35,7 @@ class MaskAutoencoder(ConfiguredModule):
     # after 1000 (docs/benchmarks.md, "Mask autoencoder budget")
     @settings_from_signature
     def __init__(self, autoencoder: AutoencoderKL, num_classes: int, preset: Optional[str] = None,
-                 kl_weight: float = KL_WEIGHT, ignore_label: Optional[int] = None,
-                 segmentation_loss_weight: float = 1.0):
+                 kl_weight: float = 1e-6, ignore_label: Optional[int] = None, segmentation_loss_weight: float = 1.0):
         super().__init__()
         self.autoencoder = autoencoder
 
@@ -92,14 +53,38 @@ class MaskAutoencoder(ConfiguredModule):
                                "does not segment images. Predict with the nnDiffSegTrainerLatent model.")
         return self.losses(image, target)
 
-    def losses(self, image: Optional[torch.Tensor], target: torch.Tensor) -> dict:
-        weight = self._config["segmentation_loss_weight"]
-        return mask_autoencoder_loss(self.autoencoder, target, self.num_classes, self._config["kl_weight"],
-                                     self._config["ignore_label"],
-                                     self.nnunet_loss("segmentation_loss_weight") if weight > 0 else None, weight)
+    def losses(self, image: Optional[torch.Tensor], labels: torch.Tensor) -> dict:
+        num_classes, ignore_label = self.num_classes, self._config["ignore_label"]
+        target = encode_labels(labels, mask_channels(num_classes), ignore_label)
+        posterior = self.autoencoder.encode(target).latent_dist
+        reconstruction = self.autoencoder.decode(posterior.sample()).sample
+        scores = decoded_to_scores(reconstruction, num_classes)
+        flat = (labels[:, 0] if labels.ndim == 4 else labels).long()
+        if ignore_label is None:
+            rec_loss = nn.functional.l1_loss(reconstruction, target)
+            ce = nn.functional.cross_entropy(scores, flat.clamp_min(0))
+        else:
+            valid = (flat != ignore_label).unsqueeze(1).float()
+            error = (reconstruction - target).abs() * valid
+            rec_loss = error.sum() / (valid.sum() * error.shape[1]).clamp_min(1)
+            ce = nn.functional.cross_entropy(scores, flat.clamp_min(0).masked_fill(flat == ignore_label, -100),
+                                             ignore_index=-100)
+            ce = torch.nan_to_num(ce)  # a batch without any labelled pixel
+        kl = posterior.kl().mean()
+        losses = {"loss": rec_loss + ce + self._config["kl_weight"] * kl, "reconstruction_loss": rec_loss.detach(),
+                  "cross_entropy": ce.detach(), "kl": kl.detach()}
+        if self._config["segmentation_loss_weight"] > 0:
+            seg = self.nnunet_loss("segmentation_loss_weight")(scores, labels if labels.ndim == 4 else labels[:, None])
+            losses["loss"] = losses["loss"] + self._config["segmentation_loss_weight"] * seg
+            losses["segmentation_loss"] = seg.detach()
+        return losses
 
+    @torch.no_grad()
     def reconstruct(self, labels: torch.Tensor) -> torch.Tensor:
-        return reconstruct_labels(self.autoencoder, labels, self.num_classes, self._config["ignore_label"])
+        """decode(encode(mask)) as a label map (B, H, W), through the posterior mode as at segmentation time."""
+        encoded = encode_labels(labels, mask_channels(self.num_classes), self._config["ignore_label"])
+        latents = self.autoencoder.encode(encoded).latent_dist.mode()
+        return decoded_to_scores(self.autoencoder.decode(latents).sample, self.num_classes).argmax(1)
 
     def validation_labels(self, image: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(target)
