@@ -12,7 +12,6 @@ latent loss, for small lesions. The variant is part of the trainer name, as nnU-
 for trainer variants, because nnU-Net rebuilds a network for prediction from the trainer class and the plans
 alone.
 """
-import json
 import os
 from typing import Optional
 
@@ -26,6 +25,7 @@ from torch import nn
 from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import reconstruction_dice
+from nndiffseg.files import write_json
 from nndiffseg.latent.autoencoders import (LATENT_CHANNELS, build_autoencoder, build_denoiser, latent_downsampling,
                                            load_pretrained_autoencoder, load_pretrained_denoiser)
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
@@ -158,8 +158,8 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
         dice = reconstruction_dice(self.module, label_maps())
         if self.local_rank == 0:
             os.makedirs(os.path.join(self.output_folder, "validation"), exist_ok=True)
-            with open(os.path.join(self.output_folder, "validation", "summary.json"), "w") as f:
-                json.dump({"reconstruction_dice": dice, "cases": list(val_keys)}, f, indent=2)
+            write_json(os.path.join(self.output_folder, "validation", "summary.json"),
+                       {"reconstruction_dice": dice, "cases": list(val_keys)})
         self.print_to_log_file(f"mask autoencoder reconstruction Dice per class: {dice}")
 
 
