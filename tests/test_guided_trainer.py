@@ -162,6 +162,24 @@ def test_the_old_seed_flag_of_predict_still_seeds_the_sampling_with_a_warning(gu
         np.testing.assert_array_equal(np.array(Image.open(old / f.name)), np.array(Image.open(f)))
 
 
+def test_the_clis_options_are_the_heads_and_trainers_declarations_each_once():
+    """nnDiffSeg_predict's groups hold every head's prediction options once (the shared ones in the first group), and
+    their help leaves the default to the checkpoint; nnDiffSeg_train's hold every trainer's training options."""
+    from nndiffseg.guided.segmenter import GuidedSegmenter
+    from nndiffseg.latent.segmenter import LatentSegmenter
+    from nndiffseg.registry import PREDICT, TRAIN, option_groups
+    from nndiffseg.trainers import nnDiffSegTrainerGuided, nnDiffSegTrainerLatent
+    groups = option_groups(PREDICT)
+    declared = [o for _, group in groups for o in group]
+    assert len(declared) == len(set(declared)) == len(set(GuidedSegmenter.prediction_options +
+                                                          LatentSegmenter.prediction_options))
+    assert [o.cli for o in groups[0][1]] == ["--steps", "--sampler", "--sampling_seed"]
+    assert not any("default" in o.help for o in declared)
+    training = [o.name for _, group in option_groups(TRAIN) for o in group]
+    assert set(training) == {o.name for o in nnDiffSegTrainerGuided.training_options +
+                             nnDiffSegTrainerLatent.training_options}
+
+
 def test_freeze_prior_without_a_prior_is_refused_before_any_work():
     from nndiffseg.errors import NnDiffSegError
     from nndiffseg.registry import TRAIN, check_options
