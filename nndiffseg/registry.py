@@ -5,7 +5,7 @@ through its head, the prediction options ``nnDiffSeg_predict`` may override (``p
 ``--steps``); any other trainer refuses them before anything is written. The CLIs build their arguments from
 the same declarations (``option_groups``).
 """
-from typing import Dict, List, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -56,6 +56,20 @@ def option_groups(kind: str) -> List[Tuple[str, Tuple[Option, ...]]]:
         if own:
             groups.append((f"{head.__name__} ({', '.join(names)})", own))
     return groups
+
+
+def add_option_groups(parser: Any, kind: str, default: Optional[str] = None) -> List[str]:
+    """``option_groups(kind)`` as argument groups of a CLI's argparse parser, each help ending with ``default``
+    where given; returns the options' names (None in the namespace for an option not given)."""
+    names = []
+    for title, options in option_groups(kind):
+        group = parser.add_argument_group(title)
+        for o in options:
+            how = dict(type=o.type, choices=o.choices) if o.const is None else dict(action="store_const", const=o.const)
+            note = f" (default: {default})" if default else ""
+            group.add_argument(o.cli, dest=o.name, default=None, help=o.help + note, **how)
+            names.append(o.name)
+    return names
 
 
 def check_options(trainer_class: type, options: dict, kind: str) -> dict:

@@ -401,11 +401,8 @@ def predict_entry() -> None:
                           "diffusion trainers)")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
-    from nndiffseg.options import add_options
-    from nndiffseg.registry import PREDICT, option_groups
-    groups = option_groups(PREDICT)
-    for title, options in groups:
-        add_options(parser.add_argument_group(title), options, "the checkpoint's")
+    from nndiffseg.registry import PREDICT, add_option_groups
+    names = add_option_groups(parser, PREDICT, "the checkpoint's")
     diffusion = parser.add_argument_group("diffusion trainers: outputs")
     diffusion.add_argument("--seed", dest="deprecated_seed", type=int, default=None, help=argparse.SUPPRESS)
     diffusion.add_argument("--save_samples", action="store_true",
@@ -419,7 +416,7 @@ def predict_entry() -> None:
     def main() -> int:
         if args.device == "cpu":
             torch.set_num_threads(cpu_threads())
-        options = {o.name: getattr(args, o.name) for _, group in groups for o in group}
+        options = {name: getattr(args, name) for name in names}
         if args.deprecated_seed is not None:
             print("WARNING: --seed is deprecated in nnDiffSeg_predict; use --sampling_seed", file=sys.stderr)
             options["seed"] = args.deprecated_seed if options["seed"] is None else options["seed"]

@@ -300,13 +300,10 @@ def train_entry() -> None:
     parser.add_argument("--val_iters_per_epoch", type=int, default=None,
                         help="validation iterations per epoch (default: the trainer's 50, or iters_per_epoch/5 "
                              "when --iters_per_epoch is given)")
-    from nndiffseg.options import add_options
-    from nndiffseg.registry import TRAIN, option_groups
-    groups = option_groups(TRAIN)
-    for title, options in groups:
-        add_options(parser.add_argument_group(title), options)
+    from nndiffseg.registry import TRAIN, add_option_groups
+    names = add_option_groups(parser, TRAIN)
     args = parser.parse_args()
-    options = {o.name: getattr(args, o.name) for _, group in groups for o in group}
+    options = {name: getattr(args, name) for name in names}
     run_cli(lambda: train(args.dataset_name_or_id, args.configuration, args.fold, args.tr, args.p, args.device,
                           args.num_gpus, args.c, args.val, args.val_best, args.disable_checkpointing, args.npz,
                           args.pretrained_weights, args.num_epochs, args.iters_per_epoch,
