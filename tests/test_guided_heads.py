@@ -430,6 +430,7 @@ def test_diffusion_target_matches_the_prediction_type(prediction_type):
     assert segmenter(torch.randn(2, 1, 8, 8), labels)["diffusion_loss"] < 1e-6
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_training_overfits_one_disc():
     image, label = toy_case(np.random.default_rng(0), 32, 32)
     image = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).repeat(4, 1, 1, 1)
@@ -550,6 +551,7 @@ def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSe
     return segmenter.eval(), rng
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_it_is_sure():
     """A tiny guided head trained with the trainer's default settings (300 steps, about 25 s on one thread),
     then sampled at the default: one DDIM step, 3 samples. Where the label is a coin flip the samples split;

@@ -93,6 +93,7 @@ def test_prediction_is_deterministic_and_shaped_as_class_scores(segmenter):
     assert not torch.equal(first, ddim)
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_training_reduces_the_loss_and_leaves_the_mask_autoencoder_frozen(segmenter):
     frozen = {k: v.clone() for k, v in segmenter.mask_autoencoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in segmenter.parameters() if p.requires_grad], 1e-3)
@@ -149,6 +150,7 @@ def fine_tuned_mask_autoencoder():
     return fine_tune_toy_mask_autoencoder()
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_mask_autoencoder_fine_tune_reconstructs_three_class_masks(fine_tuned_mask_autoencoder):
     """The issue's bar: after a short fine-tune, decode(encode(mask)) has per-class Dice >= 0.99
     (measured 0.9989 / 0.9927 / 0.9952; the f8 autoencoder reached 0.995 / 0.957 / 0.980 after 300 steps)."""
@@ -158,6 +160,7 @@ def test_mask_autoencoder_fine_tune_reconstructs_three_class_masks(fine_tuned_ma
         assert dice >= 0.99, (c, dice)
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_mask_autoencoder):
     model = LatentSegmenter(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), fine_tuned_mask_autoencoder,
                             build_denoiser("compact"), 3, 3)
