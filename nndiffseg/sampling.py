@@ -18,12 +18,20 @@ from typing import Callable, Optional
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
+from nndiffseg.options import Option
+
 NUM_TRAIN_TIMESTEPS = 1000
 SCHEDULES = {"linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
              "cosine": dict(beta_schedule="squaredcos_cap_v2"),
              "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+# the prediction options of every head that samples
+SAMPLING_OPTIONS = (
+    Option("steps", "denoising steps of --sampler (latent trainers: one DDIM step is the single step)", type=int),
+    Option("sampler", "the sampler", choices=SAMPLERS),
+    Option("seed", "seed of the sampling noise (the same seed gives the same output)", type=int,
+           flag="--sampling_seed"))
 
 
 def check_schedule(schedule: str, prediction_type: str) -> None:

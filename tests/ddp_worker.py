@@ -30,7 +30,7 @@ def build_head(kind: str) -> nn.Module:
         prior = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
         head = GuidedSegmenter(prior, build_guided_denoiser(3, 1, 16, "cross_attention", (8, 16)),
                                prediction_type="sample")
-        head.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0].long()))
+        head.set_nnunet_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0].long()))
         return head
     return LatentSegmenter(_autoencoder(), _autoencoder(), build_latent_denoiser("compact"), 3, 1)
 

@@ -15,12 +15,13 @@ from torch import nn
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, total_uncertainty, uncertainty, uncertainty_map
-from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
-from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, SAMPLING_DEFAULTS, GuidedSegmenter
+from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
+from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, GuidedSegmenter
 from nndiffseg.sampling import sampling_scheduler, training_scheduler
 from nndiffseg.guided.text_prior import (RANDOM_CLIP_CONFIG, class_prompts, embed_prompts, load_prompts_file,
                                          random_clip_model)
 from conftest import REPO_ROOT
+from head_mixin import HeadTests, oracle
 from toy_data import toy_case
 
 TEXT_DIM = RANDOM_CLIP_CONFIG["embed_dim"]
@@ -318,7 +319,7 @@ def test_prior_runs_once_and_the_samples_are_one_batch(conditioning):
 
 
 def test_eval_forward_gives_log_fused_probabilities_and_train_forward_the_losses():
-    segmenter = _segmenter(steps=2, num_samples=3, fusion="staple").eval()
+    segmenter = _segmenter(steps=2, num_samples=3, fusion="staple", uncertainty="spread").eval()
     image = torch.randn(1, 1, 16, 16)
     scores = segmenter(image)
     assert scores.shape == (1, 3, 16, 16) and scores.min() >= np.log(PROBABILITY_FLOOR) - 1e-6
@@ -395,7 +396,7 @@ def test_prior_loss_gets_the_deep_supervision_lists_and_its_weight():
         return sum(nn.functional.cross_entropy(o, t[:, 0]) for o, t in zip(output, target))
 
     torch.manual_seed(3)
-    segmenter.set_prior_loss(prior_loss)
+    segmenter.set_nnunet_loss(prior_loss)
     assert segmenter.config["prior_weight"] == 10.0 and "_prior_loss" not in dict(segmenter.named_modules())
     losses = segmenter(image, targets)
     assert seen == [(2, 2)]
@@ -429,6 +430,7 @@ def test_diffusion_target_matches_the_prediction_type(prediction_type):
     assert segmenter(torch.randn(2, 1, 8, 8), labels)["diffusion_loss"] < 1e-6
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_training_overfits_one_disc():
     image, label = toy_case(np.random.default_rng(0), 32, 32)
     image = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).repeat(4, 1, 1, 1)
@@ -447,7 +449,7 @@ def test_training_overfits_one_disc():
         return nn.functional.cross_entropy(output, target[:, 0])
 
     before = held_loss()
-    segmenter.set_prior_loss(cross_entropy)
+    segmenter.set_nnunet_loss(cross_entropy)
     optimizer = torch.optim.Adam(segmenter.parameters(), lr=1e-3)
     torch.manual_seed(1)
     for _ in range(100):
@@ -474,7 +476,7 @@ def test_inference_options_are_checked_before_they_are_set():
         with pytest.raises(ValueError, match=message):
             segmenter.set_inference_options(**bad)
     assert [segmenter.setting(k) for k in ("sampler", "steps", "num_samples")] == ["dpmsolver", 7, 2]  # unchanged
-    assert segmenter.config["steps"] == 50  # the checkpoint's setting is not changed by an override
+    assert segmenter.config["steps"] == 1  # the checkpoint's setting is not changed by an override
 
 
 # ---- do the samples carry doubt? A denoiser that knows the answer's distribution exactly
@@ -498,7 +500,8 @@ def test_stochastic_samplers_draw_masks_that_split_where_the_answer_is_uncertain
     draws whole masks that split the left half and agree on the right."""
     probability = torch.full((1, 16, 16), 0.99)
     probability[:, :, :8] = 0.5
-    segmenter = _segmenter(num_classes=2, prediction_type="sample", sampler="ddim", steps=5, eta=1.0).eval()
+    segmenter = _segmenter(num_classes=2, prediction_type="sample", sampler="ddim", steps=5, eta=1.0,
+                           uncertainty="spread", fusion="mean").eval()
     segmenter.denoiser.predict = _posterior_mean_denoiser(segmenter, probability)
     image = torch.zeros(1, 1, 16, 16)
     labels = segmenter.sample(image, num_samples=8)[:, 0].argmax(1)  # (K, H, W)
@@ -512,9 +515,9 @@ def test_stochastic_samplers_draw_masks_that_split_where_the_answer_is_uncertain
     assert (deterministic.std(0) < 0.05).all()
 
 
-# nnDiffSegTrainerGuided's head settings (x0 prediction, linear schedule, one DDIM step x 3 samples); a test in
-# test_guided_trainer.py checks that the trainer still uses them
-TRAINER_HEAD_SETTINGS = dict(prediction_type="sample", schedule="linear", **SAMPLING_DEFAULTS)
+# nnDiffSegTrainerGuided's head settings: the head's defaults (x0 prediction, linear schedule, one DDIM step x 3
+# samples); a test in test_guided_trainer.py checks that the trainer still uses them
+TRAINER_HEAD_SETTINGS: dict = {}
 
 
 def _square_cases(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,7 +541,7 @@ def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSe
     prior = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
     segmenter = GuidedSegmenter(prior, build_denoiser(2, 1, TEXT_DIM, "time", TINY), **settings)
     segmenter.set_text_embeddings(embed_prompts(["background", "square"], "random"))
-    segmenter.set_prior_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0]))
+    segmenter.set_nnunet_loss(lambda output, target: nn.functional.cross_entropy(output, target[:, 0]))
     optimizer = torch.optim.AdamW(segmenter.parameters(), lr=2e-3)
     for _ in range(steps):
         loss = segmenter(*_square_cases(rng, 8))["loss"]
@@ -548,6 +551,7 @@ def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSe
     return segmenter.eval(), rng
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_it_is_sure():
     """A tiny guided head trained with the trainer's default settings (300 steps, about 25 s on one thread),
     then sampled at the default: one DDIM step, 3 samples. Where the label is a coin flip the samples split;
@@ -563,17 +567,40 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     with torch.no_grad():
         _, total, all_samples = segmenter.predict(images).to_tuple()
     samples = all_samples[:, :, 1]  # (K, B, H, W) foreground probability
-    assert samples.shape[0] == SAMPLING_DEFAULTS["num_samples"] == 3
+    assert samples.shape[0] == segmenter.config["num_samples"] == 3
     unsure = torch.zeros(16, 16, dtype=torch.bool)
     unsure[5:11, 2:7] = True
     spread = uncertainty(all_samples)
     on_unsure, elsewhere = spread[:, unsure].mean().item(), spread[:, ~unsure].mean().item()
     assert on_unsure > 0.08 and on_unsure > 4 * elsewhere, (on_unsure, elsewhere)
     # the default map (total) adds the prior's doubt, which the coin-flip block has too
-    assert SAMPLING_DEFAULTS["uncertainty"] == "total"
+    assert segmenter.config["uncertainty"] == "total"
     on_unsure, elsewhere = total[:, unsure].mean().item(), total[:, ~unsure].mean().item()
     assert on_unsure > spread[:, unsure].mean().item() and on_unsure > 4 * elsewhere, (on_unsure, elsewhere)
     foreground = samples > 0.5
     agree = (foreground == foreground[0]).all(0)  # (B, H, W)
     assert agree[:, ~unsure].float().mean() >= 0.98, agree[:, ~unsure].float().mean()
     assert agree[:, unsure].float().mean() <= 0.5, agree[:, unsure].float().mean()  # 3 fair coins agree 1/4 of the time
+
+
+class TestGuidedHead(HeadTests):
+    image_shape = (2, 1, 16, 16)
+    saved = dict(steps=2, num_samples=2)
+    other_defaults = dict(prediction_type="epsilon", schedule="cosine", steps=7, num_samples=4)
+    legacy_build = dict(eta=0.5, strength=0.4, uncertainty="total")
+    architecture_change = ("conditioning", "cross_attention")
+    overrides = dict(steps=3, num_samples=1, fusion="mean")
+    output_channels = 3
+
+    def make_head(self, **settings) -> GuidedSegmenter:
+        return _segmenter("time", 3, **settings)
+
+    def denoiser_returns(self, head, output) -> None:
+        head.denoiser.forward = lambda noisy, t, *condition: output(noisy, t)
+        head.denoiser.predict = lambda noisy, t, *condition: output(noisy, t)
+
+    def oracle_sample(self, head, sampler, steps):
+        labels = torch.randint(0, 3, (1, 1, 16, 16))
+        x0 = encode_labels(labels, 3).repeat(head.config["num_samples"], 1, 1, 1)
+        self.denoiser_returns(head, oracle(x0, head.train_scheduler, head.config["prediction_type"]))
+        return head.sample(torch.randn(1, 1, 16, 16)), mask_to_probabilities(x0)[:, None]

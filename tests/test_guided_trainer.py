@@ -46,7 +46,9 @@ def _common(guided, out):
 # the module's nnDiffSeg_predict runs, by output folder: one process for all of them (tests/cli.py run_batch)
 PREDICTIONS = {
     "default": [],
-    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--seed", 1],
+    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--sampling_seed", 1],
+    "dpm_staple_old_seed_flag": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
+                                 "--seed", 1],
     "never": ["--num_samples", 0],
     "uncertainty3": ["--save_uncertainty", "--save_samples"],
     "uncertainty3_spread": ["--save_uncertainty", "--uncertainty", "spread"],
@@ -112,7 +114,7 @@ def test_trainer_head_settings_are_the_ones_whose_samples_carry_doubt():
     coin flip and agree where it is sure; that holds for the trainer only while it uses them."""
     from test_guided_heads import TRAINER_HEAD_SETTINGS
     from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
-    assert {k: nnDiffSegTrainerGuided.head_settings[k] for k in TRAINER_HEAD_SETTINGS} == TRAINER_HEAD_SETTINGS
+    assert nnDiffSegTrainerGuided.head_settings == TRAINER_HEAD_SETTINGS
 
 
 _PREDICT_WITH_OTHER_DEFAULTS = """
@@ -149,6 +151,33 @@ def test_sampler_options_and_staple_fusion_run(guided, predictions):
 def test_bad_sampler_options_are_refused_before_anything_is_written(guided, predictions):
     assert_refused(predictions["never"], ["--num_samples must be at least 1"])
     assert not (guided["root"] / "never").exists()
+
+
+def test_the_old_seed_flag_of_predict_still_seeds_the_sampling_with_a_warning(guided, predictions):
+    old = _predicted(guided, predictions, "dpm_staple_old_seed_flag")
+    warning = "WARNING: --seed is deprecated in nnDiffSeg_predict; use --sampling_seed"
+    assert predictions["dpm_staple_old_seed_flag"].stderr.count(warning) == 1
+    new = _predicted(guided, predictions, "dpm_staple")
+    for f in sorted(new.glob("*.png")):
+        np.testing.assert_array_equal(np.array(Image.open(old / f.name)), np.array(Image.open(f)))
+
+
+def test_the_clis_options_are_the_heads_and_trainers_declarations_each_once():
+    """nnDiffSeg_predict's groups hold every head's prediction options once (the shared ones in the first group), and
+    their help leaves the default to the checkpoint; nnDiffSeg_train's hold every trainer's training options."""
+    from nndiffseg.guided.segmenter import GuidedSegmenter
+    from nndiffseg.latent.segmenter import LatentSegmenter
+    from nndiffseg.registry import PREDICT, TRAIN, option_groups
+    from nndiffseg.trainers import nnDiffSegTrainerGuided, nnDiffSegTrainerLatent
+    groups = option_groups(PREDICT)
+    declared = [o for _, group in groups for o in group]
+    assert len(declared) == len(set(declared)) == len(set(GuidedSegmenter.prediction_options +
+                                                          LatentSegmenter.prediction_options))
+    assert [o.cli for o in groups[0][1]] == ["--steps", "--sampler", "--sampling_seed"]
+    assert not any("default" in o.help for o in declared)
+    training = [o.name for _, group in option_groups(TRAIN) for o in group]
+    assert set(training) == {o.name for o in nnDiffSegTrainerGuided.training_options +
+                             nnDiffSegTrainerLatent.training_options}
 
 
 def test_freeze_prior_without_a_prior_is_refused_before_any_work():

@@ -1,6 +1,7 @@
 """The single-step latent diffusion heads on their own (no nnU-Net): mask encoding, autoencoder and
 denoiser loading, the closed-form clean latent, determinism, and mask autoencoder fine-tuning."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,15 +10,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
 from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, load_pretrained_autoencoder,
                                            load_pretrained_denoiser, widen_first_conv)
-from nndiffseg.latent.mask_autoencoder import mask_autoencoder_loss, reconstruct_labels
-from nndiffseg.latent.mask_encoding import decoded_to_scores, encode_labels, mask_channels
+from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
+from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
 from nndiffseg.latent.segmenter import LatentSegmenter
+from head_mixin import HeadTests, oracle
 from toy_data import toy_case
 
 
 def test_mask_encoding_is_one_hot_in_minus_one_one_with_padding():
     labels = torch.tensor([[[0, 1], [1, 0]]])
-    encoded = encode_labels(labels, num_classes=2)
+    encoded = encode_labels(labels, mask_channels(2))
     assert encoded.shape == (1, 3, 2, 2) and mask_channels(2) == 3 and mask_channels(5) == 5
     assert encoded[0, :, 0, 1].tolist() == [-1, 1, -1]  # class 1 on, background and padding off
     assert (encoded[0, 2] == -1).all()  # the padding channel is "absent" everywhere
@@ -91,6 +93,7 @@ def test_prediction_is_deterministic_and_shaped_as_class_scores(segmenter):
     assert not torch.equal(first, ddim)
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_training_reduces_the_loss_and_leaves_the_mask_autoencoder_frozen(segmenter):
     frozen = {k: v.clone() for k, v in segmenter.mask_autoencoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in segmenter.parameters() if p.requires_grad], 1e-3)
@@ -137,9 +140,9 @@ def fine_tune_toy_mask_autoencoder():
     one-cycle schedule, about 4 min on one thread (0.99 needs them: 300 steps left class 1 at 0.987)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    autoencoder = build_autoencoder("compact", 3, TOY_DOWNSAMPLING)
-    _fit(autoencoder.parameters(), lambda: mask_autoencoder_loss(autoencoder, _toy_masks(rng, 4), 3)["loss"], 400, 3e-3)
-    return autoencoder.eval()
+    autoencoder = MaskAutoencoder(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), 3, segmentation_loss_weight=0.0)
+    _fit(autoencoder.parameters(), lambda: autoencoder.losses(None, _toy_masks(rng, 4))["loss"], 400, 3e-3)
+    return autoencoder.autoencoder.eval()
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +150,17 @@ def fine_tuned_mask_autoencoder():
     return fine_tune_toy_mask_autoencoder()
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_mask_autoencoder_fine_tune_reconstructs_three_class_masks(fine_tuned_mask_autoencoder):
     """The issue's bar: after a short fine-tune, decode(encode(mask)) has per-class Dice >= 0.99
     (measured 0.9989 / 0.9927 / 0.9952; the f8 autoencoder reached 0.995 / 0.957 / 0.980 after 300 steps)."""
     test = _toy_masks(np.random.default_rng(1), 16)[:, 0]
-    reconstructed = reconstruct_labels(fine_tuned_mask_autoencoder, test, num_classes=3)
+    reconstructed = MaskAutoencoder(fine_tuned_mask_autoencoder, 3).reconstruct(test)
     for c, dice in enumerate(_dice_per_class(reconstructed, test, (0, 1, 2))):
         assert dice >= 0.99, (c, dice)
 
 
+@pytest.mark.slow  # trains a toy model (seconds to minutes): the slow tier
 def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_mask_autoencoder):
     model = LatentSegmenter(build_autoencoder("compact", 3, TOY_DOWNSAMPLING), fine_tuned_mask_autoencoder,
                             build_denoiser("compact"), 3, 3)
@@ -167,7 +172,7 @@ def test_mask_latent_scale_is_calibrated_to_unit_variance_and_saved(fine_tuned_m
 
 
 def test_inference_steps_are_set_by_option_and_checked(segmenter):
-    assert segmenter.inference_option_names == ("steps", "sampler", "seed")
+    assert [o.name for o in segmenter.prediction_options] == ["steps", "sampler", "seed"]
     segmenter.set_inference_options(steps=10)
     assert segmenter.setting("steps") == 10 and segmenter.config["steps"] == 1
     with pytest.raises(ValueError, match="sampling steps must be an integer from 1 to 1000"):
@@ -203,9 +208,9 @@ def test_planned_encoder_f4_and_the_decoded_mask_loss():
     assert model.config["conditioning"] == "planned" and model.config["latent_downsampling"] == 4
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 1, 64, 64))
     model.train()
-    with pytest.raises(RuntimeError, match="set_mask_loss"):
+    with pytest.raises(RuntimeError, match="set_nnunet_loss"):
         model(x, y)
-    model.set_mask_loss(_soft_dice_ce)
+    model.set_nnunet_loss(_soft_dice_ce)
     losses = model(x, y)
     assert "decoded_mask_loss" in losses and losses["decoded_mask_loss"] > 0
     losses["loss"].backward()
@@ -241,21 +246,20 @@ def test_inference_timesteps_train_only_the_step_prediction_takes(segmenter):
 def test_mask_autoencoder_segmentation_loss_term_is_added_and_saved():
     """segmentation_loss_weight > 0 adds the trainer's loss of the decoded class scores (it needs it set); the
     weight is saved with the weights, and a checkpoint saved before the setting existed loads with 0."""
-    from nndiffseg.latent.mask_autoencoder import MaskAutoencoderHead
     torch.manual_seed(0)
-    head = MaskAutoencoderHead(build_autoencoder("compact", mask_channels(3), 4), 3, "compact",
+    head = MaskAutoencoder(build_autoencoder("compact", mask_channels(3), 4), 3, "compact",
                                segmentation_loss_weight=0.5).train()
     y = torch.randint(0, 3, (2, 1, 32, 32))
-    with pytest.raises(RuntimeError, match="set_mask_loss"):
+    with pytest.raises(RuntimeError, match="set_nnunet_loss"):
         head(torch.zeros(2, 3, 32, 32), y)
-    head.set_mask_loss(_soft_dice_ce)
+    head.set_nnunet_loss(_soft_dice_ce)
     torch.manual_seed(1)
     losses = head(torch.zeros(2, 3, 32, 32), y)
     torch.manual_seed(1)
-    plain = mask_autoencoder_loss(head.autoencoder, y, 3)
+    plain = MaskAutoencoder(head.autoencoder, 3, segmentation_loss_weight=0.0).losses(None, y)
     assert losses["segmentation_loss"] > 0
     torch.testing.assert_close(losses["loss"], plain["loss"] + 0.5 * losses["segmentation_loss"])
-    restored = MaskAutoencoderHead(build_autoencoder("compact", mask_channels(3), 4), 3, "compact")
+    restored = MaskAutoencoder(build_autoencoder("compact", mask_channels(3), 4), 3, "compact")
     restored.load_state_dict(head.state_dict())
     assert restored.config["segmentation_loss_weight"] == 0.5
     old = head.state_dict()
@@ -306,10 +310,25 @@ def test_foreground_weight_weighs_latent_cells_by_their_foreground_fraction(segm
         segmenter.register_to_config(foreground_weight=0.5)
 
 
-def test_foreground_weight_is_saved_and_old_checkpoints_load_without_it(segmenter):
-    segmenter.register_to_config(foreground_weight=4.0)
-    state = segmenter.get_extra_state()
-    assert state["config"]["foreground_weight"] == 4.0
-    del state["config"]["foreground_weight"]
-    segmenter.set_extra_state(state)
-    assert segmenter.config["foreground_weight"] == 1.0
+class TestLatentHead(HeadTests):
+    image_shape = (2, 1, 64, 64)
+    saved = dict(steps=1)
+    other_defaults = dict(steps=4, schedule="linear")
+    legacy_build = dict(decoded_loss_weight=1.0, timesteps="inference", foreground_weight=4.0)
+    architecture_change = ("preset", "sd")
+    overrides = dict(steps=3, sampler="ddpm", seed=2)
+    output_factor = 2  # the tiny autoencoder's
+    output_channels = 4
+
+    def make_head(self, **settings) -> LatentSegmenter:
+        torch.manual_seed(0)
+        return LatentSegmenter(_tiny_autoencoder(), _tiny_autoencoder(), build_denoiser("compact"), 3, 1,
+                               preset="compact", **settings)
+
+    def denoiser_returns(self, head, output) -> None:
+        head.denoiser.forward = lambda x, t: SimpleNamespace(sample=output(x[:, :4], t))
+
+    def oracle_sample(self, head, sampler, steps):
+        z0 = torch.randn(1, 4, 8, 8) * 2
+        self.denoiser_returns(head, oracle(z0, head.train_scheduler, head.config["prediction_type"]))
+        return head.sample_latent(torch.zeros(1, 4, 8, 8)), z0

@@ -29,6 +29,7 @@ from nndiffseg.checkpoints import remove_stale_partials
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.files import write_atomically, write_json
+from nndiffseg.options import Option
 from nndiffseg.test_seam import reached
 
 # what a run was started with, in its fold folder: --c restores it
@@ -72,7 +73,7 @@ def configure_run(trainer: nnUNetTrainer, options: Optional[dict], run_length: O
         if name not in RUN_LENGTH:
             raise ValueError(f"unknown run length setting {name}")
         setattr(trainer, name, int(value))
-    accepted = getattr(trainer, "option_names", ())
+    accepted = [o.name for o in getattr(trainer, "training_options", ())]
     for name, value in options.items():
         if name not in accepted:
             raise NnDiffSegError(f"{trainer.__class__.__name__} takes no --{name}")
@@ -91,7 +92,10 @@ class nnDiffSegTrainer(nnUNetTrainer):
     replace the network and the steps. ``__init__`` keeps nnU-Net's signature: nnU-Net saves the init
     arguments from it and rebuilds the trainer from them.
     """
-    option_names: tuple = ("seed",)  # method options nnDiffSeg_train may pass (see nndiffseg.registry)
+    # method options nnDiffSeg_train may pass (see nndiffseg.registry); a variant adds its own to its parent's
+    training_options: tuple = (Option("seed", "nndiffseg trainers: seed the network's initialisation and each epoch's "
+                                      "batches and noise; a seeded run resumed with --c ends with the same weights "
+                                      "as an uninterrupted one (default: unseeded, as nnU-Net)", type=int),)
     head_class: Optional[type] = None  # the diffusion head a trainer builds (None: nnU-Net's U-Net)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -120,7 +124,7 @@ class nnDiffSegTrainer(nnUNetTrainer):
 
     # ---- options and run length, recorded for --c
     def configure_run(self, options: Optional[dict] = None, run_length: Optional[dict] = None) -> None:
-        """Method options (already checked against ``option_names``) and run length overrides, recorded in the
+        """Method options (already checked against ``training_options``) and run length overrides, recorded in the
         fold folder (see ``configure_run``). Must run before ``initialize``."""
         self.options = configure_run(self, options, run_length, self.continuing)
         self._run_configured = True
@@ -215,6 +219,7 @@ class nnDiffSegHeadTrainer(nnDiffSegTrainer):
     """Adapts nnU-Net's loop to a diffusion head (``nndiffseg.head.DiffusionHead``): the head computes its own
     losses in ``forward`` (train mode), nnU-Net's predictor gets class scores from it (eval mode)."""
     mirroring_at_prediction = True  # nnDiffSeg_predict's and the final validation's default
+    head_settings: dict = {}  # keyword arguments for the head's constructor, where a variant departs from its defaults
     initial_lr_default = 1e-3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -19,8 +19,9 @@ from torch import nn
 from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
-from nndiffseg.guided.segmenter import SAMPLING_DEFAULTS, GuidedSegmenter
+from nndiffseg.guided.segmenter import GuidedSegmenter
 from nndiffseg.guided.text_prior import check_clip_model, class_prompts, embed_prompts, load_prompts_file
+from nndiffseg.options import Option
 from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 # CLIP text features (512 for ViT-B, 768 for ViT-L, 1024 for ViT-H) are zero-padded to this size, so the
@@ -36,17 +37,14 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
     # 0.812), a lead within the noise of 14 cases (docs/benchmarks.md)
     conditioning = "cross_attention"
     denoiser_size = "small"
-    # the head's settings for a new run; a trained checkpoint carries its own and predicts with those.
-    # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300
-    # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). Sampling
-    # (SAMPLING_DEFAULTS, one DDIM step x 3 samples): on the real ISIC sample every stochastic or multi-step
-    # sampler lost Dice, and 3 samples are what fits 10x nnU-Net's time; the map adds the prior's variance to the
-    # samples' ("total": a better pixel AUROC than the spread alone in four runs), and the samples' mean is
-    # averaged with the prior's probabilities ("with_prior": the rule's choice on held-out fold 2, Dice +1.7
-    # points; benchmarks/guided_uncertainty.py).
-    head_settings = dict(prediction_type="sample", schedule="linear", prior_weight=10.0,
-                         **SAMPLING_DEFAULTS)
-    option_names = ("seed", "clip_model", "prompts", "prior", "freeze_prior")
+    training_options = nnDiffSegHeadTrainer.training_options + (
+        Option("clip_model", f"guided trainers: CLIP text encoder for the class prompts, MODEL:PRETRAINED_TAG (default "
+                             f"{DEFAULT_CLIP_MODEL}), MODEL:/path/to/weights, a local open_clip folder, or 'random'"),
+        Option("prompts", "guided trainers: JSON file {label name: prompt} replacing the default prompts "
+                          "('a medical image of NAME')"),
+        Option("prior", "guided trainers: start the prior U-Net from this nnUNetTrainer checkpoint (same dataset, "
+                        "plans and configuration); default: trained jointly from scratch"),
+        Option("freeze_prior", "guided trainers: keep the --prior U-Net frozen", const=True))
     option_checks = {"clip_model": check_clip_model, "prompts": load_prompts_file}  # before any work
     checkpoint_options = {"prior": ("labels", "input channels", "patch size", "architecture")}
     mirroring_at_prediction = False  # 4x the cost in 2D for K samples x S steps
@@ -86,7 +84,7 @@ class nnDiffSegTrainerGuided(nnDiffSegHeadTrainer):
             network.freeze_prior()
 
     def after_initialize(self) -> None:
-        self.module.set_prior_loss(self.loss)
+        self.module.set_nnunet_loss(self.loss)  # the prior's own loss
 
     def on_train_start(self) -> None:
         super().on_train_start()

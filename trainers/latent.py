@@ -1,5 +1,5 @@
 """nnU-Net adapters for the single-step latent diffusion method (SDSeg / SDMC-Seg); the method itself is
-``nndiffseg.latent.segmenter.LatentSegmenter`` and ``nndiffseg.latent.mask_autoencoder.MaskAutoencoderHead``.
+``nndiffseg.latent.segmenter.LatentSegmenter`` and ``nndiffseg.latent.mask_autoencoder.MaskAutoencoder``.
 
 ``nnDiffSegTrainerMaskVAE`` fine-tunes the mask autoencoder on a fold's training masks;
 ``nnDiffSegTrainerLatent`` trains the image encoder and the denoiser with that autoencoder frozen, and runs
@@ -12,7 +12,6 @@ latent loss, for small lesions. The variant is part of the trainer name, as nnU-
 for trainer variants, because nnU-Net rebuilds a network for prediction from the trainer class and the plans
 alone.
 """
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -27,11 +26,13 @@ from torch import nn
 from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import reconstruction_dice
+from nndiffseg.files import write_json
 from nndiffseg.latent.autoencoders import (LATENT_CHANNELS, build_autoencoder, build_denoiser, latent_downsampling,
                                            load_pretrained_autoencoder, load_pretrained_denoiser)
-from nndiffseg.latent.mask_autoencoder import MaskAutoencoderHead
-from nndiffseg.latent.mask_encoding import mask_channels
+from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
 from nndiffseg.latent.segmenter import LatentSegmenter, PlannedImageEncoder
+from nndiffseg.mask_encoding import mask_channels
+from nndiffseg.options import Option
 from nndiffseg.trainers.base import nnDiffSegHeadTrainer
 
 DEFAULT_SD_WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -81,7 +82,9 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     # SDSeg fine-tunes SD's pretrained parts at 1e-5; the compact parts start from scratch and learned
     # several times faster at 1e-3 than at 1e-4 in a first CPU trial (toy shapes, AdamW)
     initial_lr_by_preset = {"compact": 1e-3, "sd": 1e-5}
-    option_names = ("seed", "sd_weights")
+    training_options = nnDiffSegHeadTrainer.training_options + (
+        Option("sd_weights", "latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or 'random' "
+                             "(default: stable-diffusion-v1-5 for the _sd trainers, random for the others)"),)
     option_checks = {"sd_weights": check_sd_weights}  # before any work
     downsampling: Optional[int] = None  # the autoencoders' factor; None: chosen from the patch (latent_downsampling)
 
@@ -120,23 +123,18 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
     """Fine-tunes the mask autoencoder on the fold's training masks, until the validation patches reconstruct at
     RECONSTRUCTION_TARGET per class or the epochs run out; validation reports the reconstruction Dice per class
     (nnU-Net's pseudo Dice of decode(encode(mask)))."""
-    head_class = MaskAutoencoderHead
-    is_training_stage = True
-    # nnU-Net's Dice + CE on the decoded class scores, beside the L1 and CE terms: on the ISIC sample at 64 px it
-    # reached reconstruction 0.98 in 425 iterations instead of 550 and 0.9874 on the whole validation masks
-    # after 850 instead of 0.9790 after 1000 (docs/benchmarks.md, "Mask autoencoder budget")
-    head_settings: dict = {"segmentation_loss_weight": 1.0}
+    is_training_stage = True  # trains a part of nnDiffSegTrainerLatent; it segments no images
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         downsampling = cls.downsampling or latent_downsampling(configuration_manager.patch_size, cls.preset)
-        return MaskAutoencoderHead(build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling),
-                                   num_output_channels, cls.preset, **cls.head_settings)
+        return MaskAutoencoder(build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling),
+                               num_output_channels, cls.preset, **cls.head_settings)
 
     def after_initialize(self) -> None:
-        self.module.set_mask_loss(self.loss)
+        self.module.set_nnunet_loss(self.loss)
 
     def load_initial_weights(self) -> None:
         pretrained = self._pretrained_autoencoder()
@@ -177,8 +175,8 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
         dice = reconstruction_dice(self.module, label_maps())
         if self.local_rank == 0:
             os.makedirs(os.path.join(self.output_folder, "validation"), exist_ok=True)
-            with open(os.path.join(self.output_folder, "validation", "summary.json"), "w") as f:
-                json.dump({"reconstruction_dice": dice, "cases": list(val_keys)}, f, indent=2)
+            write_json(os.path.join(self.output_folder, "validation", "summary.json"),
+                       {"reconstruction_dice": dice, "cases": list(val_keys)})
         self.print_to_log_file(f"mask autoencoder reconstruction Dice per class: {dice}")
 
 
@@ -190,13 +188,14 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
     # (12 x 25 iterations) Dice 0.745 against 0.659 with the decoded-mask loss (paired p 0.035, and 1.26 against
     # 1.6-2.5 s per iteration), 0.31 for SDSeg's noise prediction with t uniform (docs/benchmarks.md, "Latent
     # trainer levers"); decoded_loss_weight > 0 adds the decoded-mask loss back
-    head_settings = dict(schedule="scaled_linear", prediction_type="sample", latent_loss_weight=1.0, sampler="ddim",
-                         steps=1, decoded_loss_weight=0.0, timesteps="inference")
+    head_settings = dict(prediction_type="sample", timesteps="inference")
     conditioning = "planned"
-    option_names = ("seed", "sd_weights", "mask_vae")
+    training_options = _LatentTrainerBase.training_options + (
+        Option("mask_vae", "nnDiffSegTrainerLatent*: fine-tuned mask autoencoder checkpoint (default: the same "
+                           "fold's nnDiffSegTrainerMaskVAE* checkpoint_final.pth, if there is one)"),)
     # the mask autoencoder's channels do not follow the class count, nor its network the planned U-Net's
     checkpoint_options = {"mask_vae": ("labels", "patch size")}
-    mask_vae_trainer = "nnDiffSegTrainerMaskVAE"
+    mask_vae_trainer = nnDiffSegTrainerMaskVAE
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -222,10 +221,10 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
                                preset=cls.preset, **cls.head_settings)
 
     def after_initialize(self) -> None:
-        self.module.set_mask_loss(self.loss)
+        self.module.set_nnunet_loss(self.loss)
 
     def _mask_vae_folder(self) -> str:
-        return get_output_folder(self.plans_manager.dataset_name, self.mask_vae_trainer,
+        return get_output_folder(self.plans_manager.dataset_name, self.mask_vae_trainer.__name__,
                                  self.plans_manager.plans_name, self.configuration_name, self.fold)
 
     def _mask_vae_checkpoint(self) -> Optional[str]:
@@ -246,19 +245,17 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
         MASK_STAGE_EPOCH_FRACTION of this run's epochs at its iterations per epoch, into its own fold folder
         (so ``--mask_vae`` and stock tools find it as if trained separately); a stage that was interrupted
         continues from its checkpoint_latest.pth."""
-        from nndiffseg.registry import find_trainer_class  # it imports nndiffseg.trainers, which imports this module
         folder = self._mask_vae_folder()
         continuing = os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
         plans = {**self.plans_manager.plans, "continue_training": continuing}
-        stage = find_trainer_class(self.mask_vae_trainer)(plans, self.configuration_name, self.fold,
-                                                          self.dataset_json, self.device)
+        stage = self.mask_vae_trainer(plans, self.configuration_name, self.fold, self.dataset_json, self.device)
         epochs = max(1, round(MASK_STAGE_EPOCH_FRACTION * self.num_epochs))
-        stage.configure_run({k: v for k, v in self.options.items() if k in stage.option_names},
+        stage.configure_run({k: v for k, v in self.options.items() if k in [o.name for o in stage.training_options]},
                             {"num_epochs": epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
                              "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch})
         self.print_to_log_file(f"no fine-tuned mask autoencoder for fold {self.fold}: "
                                f"{'continuing' if continuing else 'running'} the mask autoencoder stage first "
-                               f"({self.mask_vae_trainer}, {stage.num_epochs} epochs x "
+                               f"({self.mask_vae_trainer.__name__}, {stage.num_epochs} epochs x "
                                f"{stage.num_iterations_per_epoch} iterations) in {folder}",
                                also_print_to_console=True)
         if continuing:
@@ -282,7 +279,7 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
             head.load_mask_autoencoder(weights)
         except ValueError as e:
             raise NnDiffSegError(f"--mask_vae {checkpoint} does not fit this trainer's mask autoencoder (train "
-                                 f"{self.mask_vae_trainer} on the same dataset and plans): {e}") from None
+                                 f"{self.mask_vae_trainer.__name__} on the same dataset and plans): {e}") from None
         self.print_to_log_file(f"mask autoencoder loaded from {checkpoint}")
         scale = head.calibrate_mask_latent_scale(
             next(self.dataloader_train)["target"].to(self.device) for _ in range(LATENT_SCALE_BATCHES))
@@ -292,7 +289,7 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
 
 class nnDiffSegTrainerMaskVAE_sd(nnDiffSegTrainerMaskVAE):
     preset = "sd"
-    head_settings = {**nnDiffSegTrainerMaskVAE.head_settings, "segmentation_loss_weight": 0.0}  # SDSeg's loss
+    head_settings = {"segmentation_loss_weight": 0.0}  # SDSeg's loss
 
 
 class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
@@ -300,9 +297,8 @@ class nnDiffSegTrainerLatent_sd(nnDiffSegTrainerLatent):
     latent losses only (noise L1 + latent estimation L1), t uniform over the schedule."""
     preset = "sd"
     conditioning = "kl"
-    head_settings = {**nnDiffSegTrainerLatent.head_settings, "prediction_type": "epsilon", "decoded_loss_weight": 0.0,
-                     "timesteps": "uniform"}
-    mask_vae_trainer = "nnDiffSegTrainerMaskVAE_sd"
+    head_settings: dict = {}  # the head's defaults are SDSeg's
+    mask_vae_trainer = nnDiffSegTrainerMaskVAE_sd
 
 
 class nnDiffSegTrainerLatent_fgWeight4(nnDiffSegTrainerLatent):

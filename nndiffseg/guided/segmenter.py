@@ -7,7 +7,7 @@ denoiser's text width and saved with the weights, so prediction loads no CLIP).
 
 Training (``forward`` in train mode): t uniform over the 1000 steps, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps;
 loss = MSE of the denoiser's output against eps, x0 or v (the prediction type), over the labelled pixels
-(nnU-Net's ignore label is left out) + prior_weight x the prior's own loss (``prior_loss``: nnU-Net's
+(nnU-Net's ignore label is left out) + prior_weight x the prior's own loss (nnU-Net's
 Dice + CE with deep supervision, set by the trainer). The prior's probabilities reach the denoiser
 undetached, as in GuidedDiff, which trains both end to end; a frozen prior (``freeze_prior``) gets neither
 its own loss nor the diffusion loss's gradient.
@@ -17,48 +17,60 @@ averaged with the prior's probabilities). The
 uncertainty (``uncertainty``) is their spread, or the total: the prior's own variance added to the
 samples' (``fusion.total_uncertainty``).
 """
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from nndiffseg.guided.denoiser import GuidedDenoiser
 from nndiffseg.guided.fusion import FUSIONS, UNCERTAINTIES, fuse, uncertainty_map
-from nndiffseg.guided.mask_encoding import encode_labels, mask_to_probabilities
-from nndiffseg.head import DiffusionHead, HeadOutput
-from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, check_start, denoise,
-                                sampling_scheduler, start_timestep, training_scheduler)
+from nndiffseg.head import DiffusionHead, HeadOutput, settings_from_signature
+from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
+from nndiffseg.options import Option
+from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, SAMPLING_OPTIONS, check_sampler, check_schedule, check_start,
+                                denoise, start_timestep)
 
 # The fused probabilities leave as their logarithm, so nnU-Net's softmax gives them back; the floor keeps
 # one sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.
 PROBABILITY_FLOOR = 1e-4
-# The sampling nnDiffSegTrainerGuided trains new models with (chosen by measurement: docs/benchmarks.md,
-# "Guided uncertainty"); a checkpoint keeps the settings it was trained with.
-SAMPLING_DEFAULTS = dict(sampler="ddim", steps=1, eta=0.0, strength=1.0, num_samples=3, uncertainty="total",
-                         fusion="with_prior")
-DEFAULTS = dict(prediction_type="epsilon", schedule="linear", sampler="ddim", steps=50, num_samples=5,
-                fusion="mean", seed=0, eta=0.0, strength=1.0, prior_weight=10.0, freeze_prior=False,
-                ignore_label=None, clip_model=None, prompts=None, uncertainty="spread")
 
 
 class GuidedSegmenter(DiffusionHead):
     architecture_settings = ("num_classes", "conditioning", "text_dim")
-    inference_option_names = ("sampler", "steps", "num_samples", "fusion", "seed", "eta", "strength", "uncertainty")
-    added_settings = {"eta": 0.0, "strength": 1.0, "uncertainty": "spread"}
+    ignore_for_config = ("prior", "denoiser")
+    prediction_options = SAMPLING_OPTIONS + (
+        Option("num_samples", "samples per image, fused", type=int),
+        Option("fusion", "how the samples are fused (staple: SimpleITK's STAPLE; with_prior: their mean averaged "
+                         "with the prior's probabilities)", choices=FUSIONS),
+        Option("eta", "DDIM's noise level, 0 (deterministic) to 1 (ancestral, as DDPM)", type=float),
+        Option("strength", "start from the prior's mask noised to about STRENGTH x 1000 instead of from pure "
+                           "noise (1)", type=float),
+        Option("uncertainty", "the uncertainty map: the samples' spread, or total (the prior's own variance added "
+                              "to the samples')", choices=UNCERTAINTIES))
+    legacy_defaults = {"eta": 0.0, "strength": 1.0, "uncertainty": "spread"}
     has_uncertainty = True
 
-    def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, **settings):
-        unknown = set(settings) - set(DEFAULTS)
-        if unknown:
-            raise TypeError(f"GuidedSegmenter got unknown settings {sorted(unknown)}")
+    # The defaults are nnDiffSegTrainerGuided's recipe; a checkpoint keeps the settings it was trained with.
+    # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300
+    # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). Sampling
+    # (one DDIM step x 3 samples): on the real ISIC sample every stochastic or multi-step sampler lost Dice, and
+    # 3 samples are what fits 10x nnU-Net's time; the map adds the prior's variance to the samples' ("total": a
+    # better pixel AUROC than the spread alone in four runs), and the samples' mean is averaged with the prior's
+    # probabilities ("with_prior": the rule's choice on held-out fold 2, Dice +1.7 points;
+    # benchmarks/guided_uncertainty.py). prior_weight 10 is GuidedDiff's.
+    @settings_from_signature
+    def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, prediction_type: str = "sample",
+                 schedule: str = "linear", sampler: str = "ddim", steps: int = 1, num_samples: int = 3,
+                 fusion: str = "with_prior", uncertainty: str = "total", seed: int = 0, eta: float = 0.0,
+                 strength: float = 1.0, prior_weight: float = 10.0, freeze_prior: bool = False,
+                 ignore_label: Optional[int] = None, clip_model: Optional[str] = None,
+                 prompts: Optional[Sequence[str]] = None):
         super().__init__()
         self.prior = prior
         self.denoiser = denoiser
         self.register_buffer("text_embeddings", torch.zeros(denoiser.num_classes, denoiser.text_dim))
-        self._prior_loss: Optional[Callable] = None
-        self._schedulers: dict = {}
-        self.register_to_config(num_classes=denoiser.num_classes, conditioning=denoiser.conditioning,
-                               text_dim=denoiser.text_dim, **{**DEFAULTS, **settings})
+        self._config.update(num_classes=denoiser.num_classes, conditioning=denoiser.conditioning,
+                            text_dim=denoiser.text_dim)
 
     def check_config(self, config: Mapping) -> None:
         check_schedule(config["schedule"], config["prediction_type"])
@@ -81,26 +93,6 @@ class GuidedSegmenter(DiffusionHead):
             raise ValueError(f"eta is DDIM's noise level; the {sampler} sampler takes none (use --sampler ddim)")
         super().set_inference_options(**options)
 
-    @property
-    def num_classes(self) -> int:
-        return self._config["num_classes"]
-
-    @property
-    def train_scheduler(self):
-        return self._scheduler("train", self._config["schedule"], self._config["prediction_type"])
-
-    def _scheduler(self, *key):
-        if key not in self._schedulers:
-            if key[0] == "train":
-                self._schedulers[key] = training_scheduler(key[1], key[2])
-            else:
-                self._schedulers[key] = sampling_scheduler(self._scheduler("train", *key[1:3]), *key[3:])
-        return self._schedulers[key]
-
-    def sampling_scheduler(self, sampler: str, steps: int, strength: float = 1.0):
-        return self._scheduler("sample", self._config["schedule"], self._config["prediction_type"], sampler, steps,
-                               1.0, strength)
-
     # ---- set up by the trainer
     def set_text_embeddings(self, embeddings: torch.Tensor, clip_model: Optional[str] = None,
                             prompts: Optional[Sequence[str]] = None) -> None:
@@ -114,11 +106,6 @@ class GuidedSegmenter(DiffusionHead):
         padded[:, :embeddings.shape[1]] = embeddings.to(padded.device, torch.float32)
         self.text_embeddings.copy_(padded)
         self.register_to_config(clip_model=clip_model, prompts=list(prompts) if prompts is not None else None)
-
-    def set_prior_loss(self, loss: Optional[Callable]) -> None:
-        """The prior's own loss, ``loss(prior_output, target)`` (nnU-Net's, deep supervision included); kept
-        out of the module tree, so it is neither a submodule nor saved."""
-        self.__dict__["_prior_loss"] = loss
 
     def load_prior_state(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Weights of a trained segmentation network of the prior's architecture; ValueError if they do not fit."""
@@ -171,8 +158,8 @@ class GuidedSegmenter(DiffusionHead):
             diffusion_loss = (squared * valid).sum() / (valid.sum() * squared.shape[1]).clamp_min(1)
         loss = diffusion_loss
         prior_loss = torch.zeros((), device=image.device)
-        if self._prior_loss is not None and not frozen:
-            prior_loss = self._prior_loss(prior_output, target)
+        if self._nnunet_loss is not None and not frozen:  # the prior's own loss (nnU-Net's), when the trainer set it
+            prior_loss = self._nnunet_loss(prior_output, target)
             loss = loss + self._config["prior_weight"] * prior_loss
         return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "prior_loss": prior_loss.detach()}
 
@@ -191,12 +178,8 @@ class GuidedSegmenter(DiffusionHead):
                            sampler: Optional[str] = None, steps: Optional[int] = None, seed: Optional[int] = None,
                            eta: Optional[float] = None, strength: Optional[float] = None):
         """(the samples as ``sample`` returns them, the prior's probabilities (B, num_classes, H, W))."""
-        num_samples = self.setting("num_samples") if num_samples is None else num_samples
-        sampler = self.setting("sampler") if sampler is None else sampler
-        steps = self.setting("steps") if steps is None else steps
-        seed = self.setting("seed") if seed is None else seed
-        eta = self.setting("eta") if eta is None else eta
-        strength = self.setting("strength") if strength is None else strength
+        num_samples, sampler, steps, eta, strength = (self.setting(k) if v is None else v for k, v in (
+            ("num_samples", num_samples), ("sampler", sampler), ("steps", steps), ("eta", eta), ("strength", strength)))
         check_sampler(sampler, steps)
         check_start(strength, eta)
         batch = image.shape[0]
@@ -205,10 +188,8 @@ class GuidedSegmenter(DiffusionHead):
         # the K samples of every image form one batch, sample-major: row k * B + b is sample k of image b
         condition = torch.cat([image, prior_probs], dim=1).repeat(num_samples, 1, 1, 1)
         text = self.denoiser.text_condition(self.text_embeddings, num_samples * batch)
-        # noise drawn on the CPU: the same seed gives the same samples on any device
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         shape = (num_samples * batch, self.num_classes) + tuple(image.shape[2:])
-        x = torch.randn(shape, generator=generator).to(device=image.device, dtype=image.dtype)
+        x, generator = self.seeded_noise(shape, image, seed)
         scheduler = self.sampling_scheduler(sampler, steps, strength)
         if strength < 1:
             start = torch.full((shape[0],), start_timestep(scheduler), device=image.device)

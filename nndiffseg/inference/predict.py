@@ -401,30 +401,10 @@ def predict_entry() -> None:
                           "diffusion trainers)")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
-    diffusion = parser.add_argument_group("diffusion trainers: override the settings saved in the checkpoint for "
-                                          "this run (refused by trainers that have no such setting)")
-    diffusion.add_argument("--steps", type=int, default=None,
-                           help="denoising steps of --sampler (the checkpoint's; new models of both diffusion "
-                                "trainers: 1; latent trainers: one DDIM step is the single step)")
-    diffusion.add_argument("--sampler", choices=("ddpm", "ddim", "dpmsolver"), default=None,
-                           help="the sampler (the checkpoint's; new models: ddim)")
-    diffusion.add_argument("--num_samples", type=int, default=None,
-                           help="guided trainers: samples per image, fused (the checkpoint's; new models: 3)")
-    diffusion.add_argument("--fusion", choices=("mean", "staple", "with_prior"), default=None,
-                           help="guided trainers: how the samples are fused (the checkpoint's: mean; staple: "
-                                "SimpleITK's STAPLE; with_prior: their mean averaged with the prior's probabilities)")
-    diffusion.add_argument("--eta", type=float, default=None,
-                           help="guided trainers: DDIM's noise level, 0 (deterministic) to 1 (ancestral, as DDPM) "
-                                "(the checkpoint's)")
-    diffusion.add_argument("--strength", type=float, default=None,
-                           help="guided trainers: start from the prior's mask noised to about STRENGTH x 1000 "
-                                "instead of from pure noise (1) (the checkpoint's)")
-    diffusion.add_argument("--uncertainty", choices=("spread", "total"), default=None,
-                           help="guided trainers: the uncertainty map: the samples' spread, or total (the prior's "
-                                "own variance added to the samples'; new models: total) (the checkpoint's)")
-    diffusion.add_argument("--seed", type=int, default=None,
-                           help="seed of the sampling noise (the checkpoint's: 0; the same seed gives the same "
-                                "output)")
+    from nndiffseg.registry import PREDICT, add_option_groups
+    names = add_option_groups(parser, PREDICT, "the checkpoint's")
+    diffusion = parser.add_argument_group("diffusion trainers: outputs")
+    diffusion.add_argument("--seed", dest="deprecated_seed", type=int, default=None, help=argparse.SUPPRESS)
     diffusion.add_argument("--save_samples", action="store_true",
                            help="guided trainers: also write each sample's label map; OUT/samples/sample_K/ is then a "
                                 "prediction folder per sample (K = 0 .. num_samples - 1, times the folds)")
@@ -436,9 +416,10 @@ def predict_entry() -> None:
     def main() -> int:
         if args.device == "cpu":
             torch.set_num_threads(cpu_threads())
-        options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
-                   "fusion": args.fusion, "seed": args.seed, "eta": args.eta, "strength": args.strength,
-                   "uncertainty": args.uncertainty}
+        options = {name: getattr(args, name) for name in names}
+        if args.deprecated_seed is not None:
+            print("WARNING: --seed is deprecated in nnDiffSeg_predict; use --sampling_seed", file=sys.stderr)
+            options["seed"] = args.deprecated_seed if options["seed"] is None else options["seed"]
         failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
                                   False if args.disable_tta else (True if args.enable_tta else None), args.step_size, args.save_probabilities,
                                   args.continue_prediction, args.nps, options, args.save_uncertainty,

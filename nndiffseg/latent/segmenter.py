@@ -19,7 +19,7 @@ Additions of nndiffseg, each a setting saved with the weights (SDSeg's recipe is
   so the conditioning network scales with nnU-Net's planning as the guided head's prior does;
 - ``latent_downsampling`` 4 or 8, the mask autoencoder's factor (the trainer chooses it from the patch);
 - ``decoded_loss_weight`` > 0: a segmentation loss (nnU-Net's Dice + CE, set by the trainer with
-  ``set_mask_loss``) on the mask decoded from z0_hat through the frozen decoder, so training sees the
+  ``set_nnunet_loss``) on the mask decoded from z0_hat through the frozen decoder, so training sees the
   segmentation itself and not only its latent;
 - ``timesteps="inference"``: train at the timestep that one-step prediction starts from (t = 999) instead
   of uniformly over the schedule, so all training goes to the one step that prediction uses;
@@ -29,22 +29,18 @@ Additions of nndiffseg, each a setting saved with the weights (SDSeg's recipe is
   network must reproduce its noise input to about 1 % before its mask estimate is usable.
 """
 import warnings
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
-from nndiffseg.head import DiffusionHead, HeadOutput
+from nndiffseg.head import DiffusionHead, HeadOutput, settings_from_signature
 from nndiffseg.latent.autoencoders import autoencoder_downsampling
-from nndiffseg.latent.mask_encoding import decoded_to_scores, encode_labels
-from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, check_sampler, check_schedule, denoise, sampling_scheduler,
-                                training_scheduler)
+from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
+from nndiffseg.sampling import NUM_TRAIN_TIMESTEPS, SAMPLING_OPTIONS, check_sampler, check_schedule, denoise
 
-DEFAULTS = dict(schedule="scaled_linear", prediction_type="epsilon", latent_loss_weight=1.0, sampler="ddim",
-                steps=1, seed=0, ignore_label=None, preset=None, decoded_loss_weight=0.0, timesteps="uniform",
-                foreground_weight=1.0)
 TIMESTEPS = ("uniform", "inference")
 PREDICTION_TYPES = ("epsilon", "sample")
 
@@ -89,19 +85,23 @@ class PlannedImageEncoder(nn.Module):
 
 class LatentSegmenter(DiffusionHead):
     architecture_settings = ("num_classes", "image_channels", "preset", "conditioning", "latent_downsampling")
-    inference_option_names = ("steps", "sampler", "seed")
+    ignore_for_config = ("image_encoder", "mask_autoencoder", "denoiser")
+    prediction_options = SAMPLING_OPTIONS
     # what checkpoints saved before these settings existed were trained with
-    added_settings = dict(conditioning="kl", latent_downsampling=8, decoded_loss_weight=0.0, timesteps="uniform",
-                          foreground_weight=1.0)
+    legacy_defaults = dict(conditioning="kl", latent_downsampling=8, decoded_loss_weight=0.0, timesteps="uniform",
+                           foreground_weight=1.0)
+    sample_clip = None  # latents are unbounded
 
+    # the defaults are SDSeg's recipe (nnDiffSegTrainerLatent_sd)
+    @settings_from_signature
     def __init__(self, image_encoder: Union[AutoencoderKL, nn.Module], mask_autoencoder: AutoencoderKL,
-                 denoiser: UNet2DModel, num_classes: int, image_channels: int, **settings):
+                 denoiser: UNet2DModel, num_classes: int, image_channels: int, schedule: str = "scaled_linear",
+                 prediction_type: str = "epsilon", latent_loss_weight: float = 1.0, sampler: str = "ddim",
+                 steps: int = 1, seed: int = 0, ignore_label: Optional[int] = None, preset: Optional[str] = None,
+                 decoded_loss_weight: float = 0.0, timesteps: str = "uniform", foreground_weight: float = 1.0):
         """``image_encoder``: a KL autoencoder (its encoder becomes the trainable image encoder, SDSeg's way) or
         any module mapping the image to conditioning features at the latent's resolution (e.g. a
         ``PlannedImageEncoder``)."""
-        unknown = set(settings) - set(DEFAULTS)
-        if unknown:
-            raise TypeError(f"LatentSegmenter got unknown settings {sorted(unknown)}")
         super().__init__()
         kl = isinstance(image_encoder, AutoencoderKL)
         self.image_encoder = ImageEncoder(image_encoder, image_channels) if kl else image_encoder
@@ -109,12 +109,8 @@ class LatentSegmenter(DiffusionHead):
         self.denoiser = denoiser
         # saved with the weights: calibrate_mask_latent_scale sets it from the training masks
         self.register_buffer("mask_latent_scale", torch.tensor(float(mask_autoencoder.config.scaling_factor)))
-        self._schedulers: dict = {}
-        self.__dict__["_mask_loss"] = None  # not a submodule: nnU-Net's loss is the trainer's
-        self.register_to_config(num_classes=num_classes, image_channels=image_channels,
-                                conditioning="kl" if kl else "planned",
-                                latent_downsampling=autoencoder_downsampling(mask_autoencoder),
-                                **{**DEFAULTS, **settings})
+        self._config.update(conditioning="kl" if kl else "planned",
+                            latent_downsampling=autoencoder_downsampling(mask_autoencoder))
 
     def check_config(self, config: Mapping) -> None:
         check_schedule(config["schedule"], config["prediction_type"])
@@ -137,28 +133,6 @@ class LatentSegmenter(DiffusionHead):
                           f"{self.setting('steps')} sampling steps run it at timesteps it never learned; one step "
                           f"is what it was trained for", stacklevel=2)
 
-    def set_mask_loss(self, loss: Optional[Callable]) -> None:
-        """The segmentation loss of the decoded mask, ``loss(class_scores, target)`` (nnU-Net's Dice + CE, which
-        also leaves out the ignore label); needed when ``decoded_loss_weight`` > 0."""
-        self.__dict__["_mask_loss"] = loss
-
-    @property
-    def num_classes(self) -> int:
-        return self._config["num_classes"]
-
-    @property
-    def train_scheduler(self):
-        key = ("train", self._config["schedule"])
-        if key not in self._schedulers:
-            self._schedulers[key] = training_scheduler(self._config["schedule"], self._config["prediction_type"])
-        return self._schedulers[key]
-
-    def sampling_scheduler(self, sampler: str, steps: int):
-        key = ("sample", self._config["schedule"], sampler, steps)
-        if key not in self._schedulers:
-            self._schedulers[key] = sampling_scheduler(self.train_scheduler, sampler, steps, clip=None)
-        return self._schedulers[key]
-
     def train(self, mode: bool = True) -> "LatentSegmenter":
         super().train(mode)
         self.mask_autoencoder.eval()  # frozen: its dropout/norm statistics never switch to training
@@ -166,7 +140,7 @@ class LatentSegmenter(DiffusionHead):
 
     # ---- set up by the trainer
     def load_mask_autoencoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """The fine-tuned mask autoencoder: a MaskAutoencoderHead's state dict (``autoencoder.*`` keys) or an
+        """The fine-tuned mask autoencoder: a MaskAutoencoder's state dict (``autoencoder.*`` keys) or an
         AutoencoderKL's own; ValueError if it does not fit."""
         state = {k[len("autoencoder."):]: v for k, v in state_dict.items() if k.startswith("autoencoder.")} \
             or {k: v for k, v in state_dict.items() if k != "_extra_state"}
@@ -186,7 +160,7 @@ class LatentSegmenter(DiffusionHead):
     # ---- latents
     @torch.no_grad()
     def encode_mask(self, labels: torch.Tensor) -> torch.Tensor:
-        encoded = encode_labels(labels, self.num_classes, self._config["ignore_label"])
+        encoded = encode_labels(labels, mask_channels(self.num_classes), self._config["ignore_label"])
         return self.mask_autoencoder.encode(encoded).latent_dist.mode() * self.mask_latent_scale
 
     def decode_mask(self, latents: torch.Tensor) -> torch.Tensor:
@@ -201,7 +175,7 @@ class LatentSegmenter(DiffusionHead):
         torch.distributed the moments are summed over all ranks, so every rank gets the same scale."""
         moments = torch.zeros(3, dtype=torch.float64, device=self.mask_latent_scale.device)
         for labels in label_batches:
-            encoded = encode_labels(labels, self.num_classes, self._config["ignore_label"])
+            encoded = encode_labels(labels, mask_channels(self.num_classes), self._config["ignore_label"])
             latents = self.mask_autoencoder.encode(encoded).latent_dist.mode().double()
             moments += torch.stack([latents.sum(), (latents ** 2).sum(), latents.new_tensor(latents.numel())])
         if dist.is_available() and dist.is_initialized():
@@ -261,18 +235,16 @@ class LatentSegmenter(DiffusionHead):
             latent_loss = l1(clean, z0)
             losses = {"loss": self._config["latent_loss_weight"] * latent_loss, "latent_loss": latent_loss.detach()}
         if self._config["decoded_loss_weight"] > 0:
-            if self._mask_loss is None:
-                raise RuntimeError("decoded_loss_weight > 0 needs a segmentation loss: call set_mask_loss first")
-            mask_loss = self._mask_loss(self.decode_mask(clean), target if target.ndim == 4 else target[:, None])
+            mask_loss = self.nnunet_loss("decoded_loss_weight")(self.decode_mask(clean),
+                                                                target if target.ndim == 4 else target[:, None])
             losses["loss"] = losses["loss"] + self._config["decoded_loss_weight"] * mask_loss
             losses["decoded_mask_loss"] = mask_loss.detach()
         return losses
 
     # ---- prediction
     def sample_latent(self, cond: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(self.setting("seed"))  # the same noise every call
-        shape = (cond.shape[0], self.mask_autoencoder.config.latent_channels, *cond.shape[2:])
-        z = torch.randn(shape, generator=generator).to(device=cond.device, dtype=cond.dtype)
+        z, generator = self.seeded_noise((cond.shape[0], self.mask_autoencoder.config.latent_channels,
+                                          *cond.shape[2:]), cond)  # the same noise every call
         scheduler = self.sampling_scheduler(self.setting("sampler"), self.setting("steps"))
         return denoise(scheduler, lambda z_t, t: self.denoiser(torch.cat([z_t, cond], dim=1), t).sample, z, generator)
 

@@ -320,33 +320,10 @@ def train_entry() -> None:
     parser.add_argument("--val_iters_per_epoch", type=int, default=None,
                         help="validation iterations per epoch (default: the trainer's 50, or iters_per_epoch/5 "
                              "when --iters_per_epoch is given)")
-    method = parser.add_argument_group("method options (only for the trainers that take them; --c restores the "
-                                       "first run's)")
-    method.add_argument("--seed", type=int, default=None,
-                        help="nndiffseg trainers: seed the network's initialisation and each epoch's batches and "
-                             "noise; a seeded run resumed with --c ends with the same weights as an uninterrupted "
-                             "one (default: unseeded, as nnU-Net)")
-    method.add_argument("--sd_weights", default=None,
-                        help="latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or "
-                             "'random' (default: the _sd trainers load stable-diffusion-v1-5, the compact ones "
-                             "start from random weights)")
-    method.add_argument("--mask_vae", default=None,
-                        help="nnDiffSegTrainerLatent*: fine-tuned mask autoencoder checkpoint (default: the same "
-                             "fold's nnDiffSegTrainerMaskVAE* checkpoint_final.pth, if there is one)")
-    method.add_argument("--clip_model", default=None,
-                        help="guided trainers: CLIP text encoder for the class prompts, MODEL:PRETRAINED_TAG (default "
-                             "ViT-B-32:openai), MODEL:/path/to/weights, a local open_clip folder, or 'random'")
-    method.add_argument("--prompts", default=None,
-                        help="guided trainers: JSON file {label name: prompt} replacing the default prompts "
-                             "('a medical image of NAME')")
-    method.add_argument("--prior", default=None,
-                        help="guided trainers: start the prior U-Net from this nnUNetTrainer checkpoint (same "
-                             "dataset, plans and configuration); default: trained jointly from scratch")
-    method.add_argument("--freeze_prior", action="store_const", const=True, default=None,
-                        help="guided trainers: keep the --prior U-Net frozen")
+    from nndiffseg.registry import TRAIN, add_option_groups
+    names = add_option_groups(parser, TRAIN)
     args = parser.parse_args()
-    options = {"seed": args.seed, "sd_weights": args.sd_weights, "mask_vae": args.mask_vae, "clip_model": args.clip_model,
-               "prompts": args.prompts, "prior": args.prior, "freeze_prior": args.freeze_prior}
+    options = {name: getattr(args, name) for name in names}
     settings = {f.name: getattr(args, f.name) for f in fields(TrainingRun) if hasattr(args, f.name)}
     run_cli(lambda: train(**settings, trainer_options=options))
 
