@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.inference.pooled_spread import PooledSpread
-from nndiffseg.inference.predict import write_prediction_record
+from nndiffseg.inference.prediction_folder import (UNCERTAINTY_FOLDER, UNCERTAINTY_KEY, read_record, uncertainty_file,
+                                                   write_record)
 
 
 def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:
@@ -31,9 +32,6 @@ def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]
     cases = [f.name[:-len(file_ending)] for f in folder.iterdir()
              if f.name.endswith(file_ending) and not f.name.startswith(".")]
     return {c: (folder / f"{c}.npz").is_file() and (folder / f"{c}.pkl").is_file() for c in cases}
-
-
-UNCERTAINTY_FOLDER = "uncertainty"  # nndiffseg.inference.uncertainty's (not imported: it loads the predictor)
 
 
 def _npz_shape(file: Path, key: str) -> tuple:
@@ -103,14 +101,15 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
                                      f"{folders[0] / f'{case}.npz'} of shape {first_shapes[case]}")
         if (folder / UNCERTAINTY_FOLDER).is_dir():
             maps = folder / UNCERTAINTY_FOLDER
-            without = sorted(c for c in cases if not (maps / f"{c}.npz").is_file())
+            without = sorted(c for c in cases if not uncertainty_file(folder, c).is_file())
             if without:
                 raise NnDiffSegError(f"{maps} has no uncertainty map for case(s) {', '.join(without[:5])}: predict "
                                      f"them again with --save_uncertainty, or remove the folder")
             for case, shape in shapes.items():
-                spread = _npz_shape(maps / f"{case}.npz", "uncertainty")
+                spread = _npz_shape(uncertainty_file(folder, case), UNCERTAINTY_KEY)
                 if int(np.prod(spread)) != int(np.prod(shape[1:])):
-                    raise NnDiffSegError(f"{maps / f'{case}.npz'} has shape {spread}, its probabilities {shape[1:]}")
+                    raise NnDiffSegError(f"{uncertainty_file(folder, case)} has shape {spread}, its probabilities "
+                                         f"{shape[1:]}")
     return dataset_json, plans
 
 
@@ -124,10 +123,7 @@ def _load(file: Path, key: str) -> np.ndarray:
 
 def _image_file(folder: Path, case: str) -> str | None:
     """The case's first image, where nnDiffSeg_predict's record names its input folder (for the picture)."""
-    record = folder / "nndiffseg_predict_args.json"
-    if not record.is_file():
-        return None
-    input_folder = json.loads(record.read_text()).get("input_folder")
+    input_folder = (read_record(folder) or {}).get("input_folder")
     return str(Path(input_folder) / f"{case}_0000.png") if input_folder else None
 
 
@@ -140,7 +136,7 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
         pooled = PooledSpread()
         for folder in folders:
             probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
-            spread = torch.from_numpy(_load(folder / UNCERTAINTY_FOLDER / f"{case}.npz", "uncertainty")) \
+            spread = torch.from_numpy(_load(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
                 if folder in with_maps else None
             pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)
@@ -165,8 +161,8 @@ def ensemble(input_folders: Sequence[str], output_folder: str, save_probabilitie
     ensemble_folders([str(f) for f in folders], str(out), save_probabilities, num_processes, dataset_json, plans)
     if any((f / UNCERTAINTY_FOLDER).is_dir() for f in folders):
         write_pooled_uncertainty(folders, out, dataset_json["file_ending"])
-    write_prediction_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
-                                                       "save_probabilities": save_probabilities})
+    write_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
+                                            "save_probabilities": save_probabilities})
     print(f"Ensemble written to {out}")
 
 
