@@ -228,7 +228,8 @@ def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
     data, _, _ = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                            predictor.configuration_manager, predictor.dataset_json)
     data = torch.from_numpy(data)
-    scores, uncertainty, samples = predictor.predict_head_output(data, uncertainty=True, samples=True)
+    output = predictor.predict_head_output(data, uncertainty=True, samples=True)
+    scores, uncertainty, samples = output.scores, output.uncertainty, output.samples
     reference = predictor.predict_logits_from_preprocessed_data(data)
     assert torch.equal(scores, reference) and uncertainty.shape == tuple(data.shape[1:])
     assert uncertainty.min() >= 0 and uncertainty.max() > 0
