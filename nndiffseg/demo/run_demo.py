@@ -102,9 +102,9 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
 
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"
-    failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer=trainer, plans=plans,
-                              folds=["0"], device=device, save_probabilities=True, num_processes_export=0,
-                              save_uncertainty=guided)
+    failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer=trainer,
+                              plans=plans, folds=["0"], device=device, save_probabilities=True,
+                              num_processes_export=0, save_uncertainty=guided)
     if failures:
         raise NnDiffSegError(f"prediction failed for {', '.join(failures)}")
 

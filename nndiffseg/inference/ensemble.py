@@ -100,16 +100,15 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
                 raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape {shape}, "
                                      f"{folders[0] / f'{case}.npz'} of shape {first_shapes[case]}")
         if (folder / UNCERTAINTY_FOLDER).is_dir():
-            maps = folder / UNCERTAINTY_FOLDER
             without = sorted(c for c in cases if not uncertainty_file(folder, c).is_file())
             if without:
-                raise NnDiffSegError(f"{maps} has no uncertainty map for case(s) {', '.join(without[:5])}: predict "
-                                     f"them again with --save_uncertainty, or remove the folder")
+                raise NnDiffSegError(f"{folder / UNCERTAINTY_FOLDER} has no uncertainty map for case(s) "
+                                     f"{', '.join(without[:5])}: predict them again with --save_uncertainty, or "
+                                     f"remove the folder")
             for case, shape in shapes.items():
-                spread = _npz_shape(uncertainty_file(folder, case), UNCERTAINTY_KEY)
+                spread = _npz_shape(file := uncertainty_file(folder, case), UNCERTAINTY_KEY)
                 if int(np.prod(spread)) != int(np.prod(shape[1:])):
-                    raise NnDiffSegError(f"{uncertainty_file(folder, case)} has shape {spread}, its probabilities "
-                                         f"{shape[1:]}")
+                    raise NnDiffSegError(f"{file} has shape {spread}, its probabilities {shape[1:]}")
     return dataset_json, plans
 
 
@@ -140,8 +139,8 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
                 if folder in with_maps else None
             pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)
-        save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}",
-                             f"ensemble of {len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
+        save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}", f"ensemble of "
+                             f"{len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
     return cases
 
 

@@ -20,10 +20,11 @@ from tqdm import tqdm
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.files import remove_partials
 from nndiffseg.head import HeadOutput
 from nndiffseg.hooks import HOOK_ENV, reached
 from nndiffseg.inference.prediction_folder import (PREDICT_ARGS_FILE, RECORD_FILES, SAMPLES_FOLDER, case_outputs,
-                                                   clean, export_label_map, is_predicted, read_record, write_record)
+                                                   export_label_map, is_predicted, read_record, write_record)
 from nndiffseg.inference.predictor import HeadPredictor
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.pools import quiet_pool, stop_pool
@@ -252,7 +253,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
               "save_samples": save_samples}
     if continue_prediction:
         check_continuation(output_path, record, file_ending)  # before anything is written
-    clean(output_path)  # from an interrupted earlier run
+    remove_partials(output_path, recursive=True)  # from an interrupted earlier run
 
     register_ext_trainer_dir()
     predictor_class = nnUNetPredictor if head_class is None else HeadPredictor
@@ -269,7 +270,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
     write_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     geometry = (predictor.configuration_manager, predictor.plans_manager)
-    samples_folder = output_path / SAMPLES_FOLDER
 
     pending = []
     pool = quiet_pool(num_processes_export) if num_processes_export > 0 else None
@@ -308,10 +308,10 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     except BaseException:  # Ctrl-C (or a fault): stop the exports now; finished cases stay for --continue_prediction
         if pool is not None:
             stop_pool(pool)
-        clean(output_path)
+        remove_partials(output_path, recursive=True)
         raise
-    clean(output_path)  # exports that failed (a full disk) in a worker
-    for folder in sorted(samples_folder.glob("sample_*")) if save_samples else []:  # each a prediction folder
+    remove_partials(output_path, recursive=True)  # exports that failed (a full disk) in a worker
+    for folder in sorted(output_path.glob(f"{SAMPLES_FOLDER}/sample_*")) if save_samples else []:
         write_record(folder, dataset_json, predictor.plans_manager.plans, {**record, "sample": folder.name})
     written = len(cases) - sum(c in cases for c in failures)
     print(f"Predicted {written} case(s) into {output_path}")
@@ -384,13 +384,12 @@ def predict_entry() -> None:
         options = {"steps": args.steps, "sampler": args.sampler, "num_samples": args.num_samples,
                    "fusion": args.fusion, "seed": args.seed, "eta": args.eta, "strength": args.strength,
                    "uncertainty": args.uncertainty}
-        failures = predict_folder(args.i, args.o, args.d, args.c, trainer=args.tr, plans=args.p, folds=args.f,
-                                  checkpoint_name=args.chk, device=args.device,
-                                  use_tta=False if args.disable_tta else (True if args.enable_tta else None),
-                                  tile_step_size=args.step_size, save_probabilities=args.save_probabilities,
-                                  continue_prediction=args.continue_prediction, num_processes_export=args.nps,
-                                  inference_options=options, save_uncertainty=args.save_uncertainty,
-                                  save_samples=args.save_samples)
+        failures = predict_folder(
+            args.i, args.o, args.d, args.c, trainer=args.tr, plans=args.p, folds=args.f, checkpoint_name=args.chk,
+            device=args.device, use_tta=not args.disable_tta if args.disable_tta or args.enable_tta else None,
+            tile_step_size=args.step_size, save_probabilities=args.save_probabilities,
+            continue_prediction=args.continue_prediction, num_processes_export=args.nps, inference_options=options,
+            save_uncertainty=args.save_uncertainty, save_samples=args.save_samples)
         return 1 if failures else 0
 
     run_cli(main)

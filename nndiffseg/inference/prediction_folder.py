@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from nndiffseg.files import partial_name, remove_partials, write_atomically, write_text
+from nndiffseg.files import partial_name, write_atomically, write_text
 
 UNCERTAINTY_FOLDER = "uncertainty"
 UNCERTAINTY_KEY = "uncertainty"  # the array in uncertainty/CASE.npz
@@ -21,10 +21,6 @@ RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written besi
 
 def uncertainty_file(folder: Path, case: str) -> Path:
     return Path(folder) / UNCERTAINTY_FOLDER / f"{case}.npz"
-
-
-def sample_folder(folder: Path, k: int) -> Path:
-    return Path(folder) / SAMPLES_FOLDER / f"sample_{k}"
 
 
 def case_outputs(case: str, file_ending: str, save_probabilities: bool, save_uncertainty: bool,
@@ -56,18 +52,12 @@ def write_record(folder: Path, dataset_json: dict, plans: dict, arguments: dict)
 
 
 def read_record(folder: Path) -> Optional[dict]:
-    """The run's arguments (``PREDICT_ARGS_FILE``), None where there are none; ValueError/OSError when unreadable."""
+    """The run's arguments, None where there are none; ValueError or OSError when unreadable."""
     record = Path(folder) / PREDICT_ARGS_FILE
     if not record.is_file():
         return None
     recorded = json.loads(record.read_text())
     return recorded if isinstance(recorded, dict) else {}
-
-
-def clean(folder: Path) -> None:
-    """The files an interrupted or failed run left under a temporary name (uncertainty/ and samples/ too)."""
-    if Path(folder).is_dir():
-        remove_partials(folder, recursive=True)
 
 
 def export_label_map(logits: np.ndarray, properties: dict, configuration_manager, plans_manager, dataset_json: dict,

@@ -11,7 +11,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from PIL import Image
 
 from nndiffseg.files import write_atomically
-from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY, sample_folder, save_array, uncertainty_file
+from nndiffseg.inference.prediction_folder import SAMPLES_FOLDER, UNCERTAINTY_KEY, save_array, uncertainty_file
 from nndiffseg.visualization.overlay import MIN_PANEL_WIDTH, save_overlay
 
 # the picture's title per uncertainty measure (GuidedSegmenter's ``uncertainty`` setting)
@@ -22,8 +22,7 @@ MEASURE_TITLES = {"spread": "spread of the samples; 0: all agree",
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,
                        image_files: List[str], output_folder: Path, case: str, measure: str = "spread") -> None:
     """The uncertainty map back in the image's geometry (nnU-Net's resampling of probabilities, cropping
-    reverted) as ``uncertainty/CASE.npz`` (float32 ``uncertainty``) and, for 2D images, a PNG beside it:
-    the image with the predicted contours and the map as a heat panel."""
+    reverted), saved by ``save_uncertainty_map``."""
     spacing = [properties["spacing"][i] for i in plans_manager.transpose_forward]
     shape = properties["shape_after_cropping_and_before_resampling"]
     current = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
@@ -32,8 +31,7 @@ def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_
     full = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=np.float32),
                                   np.asarray(resampled, dtype=np.float32), properties["bbox_used_for_cropping"])
     full = full.transpose(plans_manager.transpose_backward)
-    label_file = output_folder / f"{case}.png"
-    save_uncertainty_map(full, output_folder, case, image_files[0], label_file,
+    save_uncertainty_map(full, output_folder, case, image_files[0], output_folder / f"{case}.png",
                          f"prediction and uncertainty ({MEASURE_TITLES[measure]})")
 
 
@@ -54,13 +52,13 @@ def save_uncertainty_map(full: np.ndarray, output_folder: Path, case: str, image
 def export_samples(samples: torch.Tensor, properties: dict, configuration_manager, plans_manager, dataset_json: dict,
                    output_folder: Path, case: str) -> None:
     """Each sample's label map in the image's geometry (nnU-Net's export of its probabilities) as
-    ``samples/sample_K/CASE<ending>``, written under a temporary name and renamed."""
+    ``samples/sample_K/CASE<ending>``."""
     label_manager = plans_manager.get_label_manager(dataset_json)
     writer = plans_manager.image_reader_writer_class()
     ending = dataset_json["file_ending"]
     for k, probabilities in enumerate(samples):
         segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
             probabilities.clamp_min(1e-4).log(), plans_manager, configuration_manager, label_manager, properties)
-        folder = sample_folder(output_folder, k)
+        folder = output_folder / SAMPLES_FOLDER / f"sample_{k}"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / f"{case}{ending}", lambda name: writer.write_seg(segmentation, name, properties))
