@@ -23,15 +23,15 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.inference.pooled_spread import PooledSpread
-from nndiffseg.inference.prediction_folder import (UNCERTAINTY_FOLDER, UNCERTAINTY_KEY, read_record, uncertainty_file,
-                                                   write_record)
+from nndiffseg.inference.prediction_folder import (RECORD_FILES, UNCERTAINTY_FOLDER, UNCERTAINTY_KEY, case_outputs,
+                                                   read_record, uncertainty_file, write_record)
 
 
 def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:
     """Case -> whether its .npz and .pkl (nnU-Net's properties) are there, for each label map in ``folder``."""
     cases = [f.name[:-len(file_ending)] for f in folder.iterdir()
              if f.name.endswith(file_ending) and not f.name.startswith(".")]
-    return {c: (folder / f"{c}.npz").is_file() and (folder / f"{c}.pkl").is_file() for c in cases}
+    return {c: all((folder / f).is_file() for f in case_outputs(c, file_ending, True, False, 0)[1:]) for c in cases}
 
 
 def _npz_shape(file: Path, key: str) -> tuple:
@@ -67,7 +67,7 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     for folder in folders:
         if not folder.is_dir():
             raise NnDiffSegError(f"prediction folder {folder} does not exist")
-        files = [folder / "dataset.json", folder / "plans.json"]
+        files = [folder / name for name in RECORD_FILES[:2]]  # dataset.json, plans.json
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise NnDiffSegError(f"{folder} has no {' and no '.join(missing)}: predict it again with "
