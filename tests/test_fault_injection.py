@@ -456,17 +456,20 @@ def test_nnunet_folder_that_is_a_file(tmp_path, monkeypatch):
         nnunet_raw_folder()
 
 
-def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch):
-    from nndiffseg.inference import predict
+@pytest.mark.parametrize("fails_at", [".npz", ".png"])
+def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch, fails_at):
+    from nnunetv2.inference import export_prediction
+    from nndiffseg.inference.prediction_folder import export_label_map
 
     def export(logits, properties, configuration_manager, plans_manager, dataset_json, output, save_probabilities):
-        Path(output + ".npz").write_bytes(b"half")
-        Path(output + ".png").write_bytes(b"half")
-        raise OSError(28, "No space left on device", output + ".png")
+        for ending in (".npz", ".pkl", ".png"):
+            Path(output + ending).write_bytes(b"half")
+            if ending == fails_at:
+                raise OSError(28, "No space left on device", output + ending)
 
-    monkeypatch.setattr(predict, "export_prediction_from_logits", export)
+    monkeypatch.setattr(export_prediction, "export_prediction_from_logits", export)
     with pytest.raises(OSError):
-        predict.export_atomically(None, {}, None, None, {"file_ending": ".png"}, str(tmp_path), "case", True)
+        export_label_map(None, {}, None, None, {"file_ending": ".png"}, str(tmp_path), "case", True)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -48,7 +48,8 @@ def test_an_image_with_nan_or_inf_is_refused_naming_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------- item 7: endings
 
 def test_input_files_with_another_ending_are_named_in_a_warning(tmp_path, capsys):
-    from nndiffseg.inference.predict import PREDICT_ARGS_FILE, group_input_files
+    from nndiffseg.inference.predict import group_input_files
+    from nndiffseg.inference.prediction_folder import PREDICT_ARGS_FILE
 
     for name in ("a_0000.png", "b_0000.PNG", "c_0000.jpg", "d_0000.nii.gz", ".DS_Store", "dataset.json",
                  PREDICT_ARGS_FILE):
@@ -140,7 +141,8 @@ RECORD = {"input_folder": "/data/in", "model_folder": "/results/Dataset041_Toy/T
 
 
 def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
-    from nndiffseg.inference.predict import PREDICT_ARGS_FILE, check_continuation
+    from nndiffseg.inference.predict import check_continuation
+    from nndiffseg.inference.prediction_folder import PREDICT_ARGS_FILE
 
     out = tmp_path / "pred"
     check_continuation(out, RECORD, ".png")  # a new folder
@@ -168,7 +170,7 @@ def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
 def test_a_case_counts_as_predicted_only_when_its_outputs_are_whole(tmp_path):
     """An empty or cut-short label map, or a missing file of those the run writes per case, means: predict again."""
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
-    from nndiffseg.inference.predict import case_outputs, is_predicted
+    from nndiffseg.inference.prediction_folder import case_outputs, is_predicted
 
     write_masks(tmp_path, 1, cases=("whole", "cut"))
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:40])

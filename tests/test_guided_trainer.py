@@ -123,7 +123,7 @@ from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
 from nndiffseg.inference.predict import predict_folder
 nnDiffSegTrainerGuided.head_settings = dict(prediction_type="epsilon", schedule="cosine", sampler="ddpm", steps=3,
                                             num_samples=2, fusion="staple", prior_weight=1.0)
-failures = predict_folder(sys.argv[1], sys.argv[2], sys.argv[3], "2d", "nnDiffSegTrainerGuided", folds=["0"],
+failures = predict_folder(sys.argv[1], sys.argv[2], sys.argv[3], "2d", trainer="nnDiffSegTrainerGuided", folds=["0"],
                           device="cpu", num_processes_export=0)
 sys.exit(1 if failures else 0)
 """
@@ -242,13 +242,12 @@ def _load_trained_network(guided):
 
 
 def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
-    """--save_uncertainty predicts through one call per tile that returns scores and spread together; its
-    stitching (tile steps, Gaussian weights, mirroring) gives nnU-Net's own predictor's logits."""
-    from nndiffseg.inference.uncertainty import UncertaintyPredictor
+    """HeadPredictor stitches the scores, spread and samples of one call per tile in nnU-Net's own sliding window
+    (tile steps, Gaussian weights, mirroring): the scores are nnU-Net's predictor's logits, bit for bit."""
+    from nndiffseg.inference.predictor import HeadPredictor
     from nndiffseg.ext_trainer import register_ext_trainer_dir
     register_ext_trainer_dir()
-    predictor = UncertaintyPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"),
-                                     allow_tqdm=False)
+    predictor = HeadPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(guided["model"]), [0], "checkpoint_final.pth")
     predictor.network.set_inference_options(num_samples=2, fusion="mean")  # the scores are the samples' mean
     reader = predictor.plans_manager.image_reader_writer_class()
@@ -258,15 +257,15 @@ def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
     data, _, _ = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
                                            predictor.configuration_manager, predictor.dataset_json)
     data = torch.from_numpy(data)
-    scores, uncertainty, samples = predictor.predict_logits_and_uncertainty(data, keep_samples=True)
+    output = predictor.predict_head_output(data, uncertainty=True, samples=True)
+    scores, uncertainty, samples = output.scores, output.uncertainty, output.samples
     reference = predictor.predict_logits_from_preprocessed_data(data)
-    assert scores.shape == reference.shape and uncertainty.shape == tuple(data.shape[1:])
-    torch.testing.assert_close(scores, reference.float(), atol=2e-2, rtol=1e-2)  # nnU-Net sums in float16
+    assert torch.equal(scores, reference) and uncertainty.shape == tuple(data.shape[1:])
     assert uncertainty.min() >= 0 and uncertainty.max() > 0
     # the stitched samples are probabilities whose mean says what the scores say (the scores are stitched in
     # log space, the samples in probability space, so they agree on the labels, not to the digit)
     assert samples.shape == (2, *scores.shape)
-    torch.testing.assert_close(samples.sum(1), torch.ones(samples.shape[:1] + samples.shape[2:]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(samples.sum(1), torch.ones(samples.shape[:1] + samples.shape[2:]), atol=1e-2, rtol=0)
     assert (samples.mean(0).argmax(0) == scores.argmax(0)).float().mean() >= 0.95
 
 

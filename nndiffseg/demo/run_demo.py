@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.files import write_text
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER
 
 DATASET_ID = 990
 # The trainer the demo shows: the guided diffusion trainer, which also writes uncertainty maps. Its text
@@ -102,9 +103,9 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
 
     _step("5/6 nnDiffSeg_predict on the held-out test cases")
     predictions = out / "predictions"
-    failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer, plans,
-                              folds=["0"], device=device, save_probabilities=True, num_processes_export=0,
-                              save_uncertainty=guided)
+    failures = predict_folder(str(dataset / "imagesTs"), str(predictions), DATASET_ID, "2d", trainer=trainer,
+                              plans=plans, folds=["0"], device=device, save_probabilities=True,
+                              num_processes_export=0, save_uncertainty=guided)
     if failures:
         raise NnDiffSegError(f"prediction failed for {', '.join(failures)}")
 
@@ -126,7 +127,7 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     print(f"  summary:      {predictions / 'summary.json'} (figures: {predictions / FIGURES_FOLDER})")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
     if guided:
-        print(f"  uncertainty:  {predictions / 'uncertainty'} (per pixel, .npz and PNG; 0: the prior is sure and all "
+        print(f"  uncertainty:  {predictions / UNCERTAINTY_FOLDER} (per pixel, .npz and PNG; 0: the prior is sure and all "
               f"samples agree)")
     print(f"  model:        {out / 'nnUNet_results'}")
     return summary

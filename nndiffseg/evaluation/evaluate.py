@@ -25,8 +25,8 @@ from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determin
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
-from nndiffseg.evaluation.uncertainty_evaluation import (UNCERTAINTY_FOLDER, case_uncertainty_data, find_case_files,
-                                                         summarize_uncertainty)
+from nndiffseg.evaluation.uncertainty_evaluation import case_uncertainty_data, find_case_files, summarize_uncertainty
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER
 from nndiffseg.files import write_json
 from nndiffseg.utils import name_list
 

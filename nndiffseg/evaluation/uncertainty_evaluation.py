@@ -15,12 +15,11 @@ from typing import Any, Optional
 import numpy as np
 
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY
 from nndiffseg.evaluation.uncertainty_metrics import (CalibrationCounts, failure_detection, normalized_entropy,
                                                       subsample_indices)
 
 PROBABILITIES_KEY = "probabilities"  # nnU-Net's export_prediction_from_logits
-UNCERTAINTY_KEY = "uncertainty"  # nndiffseg.inference.uncertainty.export_uncertainty
-UNCERTAINTY_FOLDER = "uncertainty"  # as nndiffseg.inference.uncertainty writes it (not imported: it loads the predictor)
 # Pixels per case kept for the pooled pixel AUROC and overlap: exact below, a seeded random subset above
 # (a 512 x 512 image has 262144 pixels, so 2D images are kept whole).
 PIXELS_PER_CASE = 300_000

@@ -23,17 +23,15 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.inference.pooled_spread import PooledSpread
-from nndiffseg.inference.predict import write_prediction_record
+from nndiffseg.inference.prediction_folder import (RECORD_FILES, UNCERTAINTY_FOLDER, UNCERTAINTY_KEY, case_outputs,
+                                                   read_record, uncertainty_file, write_record)
 
 
 def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:
     """Case -> whether its .npz and .pkl (nnU-Net's properties) are there, for each label map in ``folder``."""
     cases = [f.name[:-len(file_ending)] for f in folder.iterdir()
              if f.name.endswith(file_ending) and not f.name.startswith(".")]
-    return {c: (folder / f"{c}.npz").is_file() and (folder / f"{c}.pkl").is_file() for c in cases}
-
-
-UNCERTAINTY_FOLDER = "uncertainty"  # nndiffseg.inference.uncertainty's (not imported: it loads the predictor)
+    return {c: all((folder / f).is_file() for f in case_outputs(c, file_ending, True, False, 0)[1:]) for c in cases}
 
 
 def _npz_shape(file: Path, key: str) -> tuple:
@@ -69,7 +67,7 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     for folder in folders:
         if not folder.is_dir():
             raise NnDiffSegError(f"prediction folder {folder} does not exist")
-        files = [folder / "dataset.json", folder / "plans.json"]
+        files = [folder / name for name in RECORD_FILES[:2]]  # dataset.json, plans.json
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise NnDiffSegError(f"{folder} has no {' and no '.join(missing)}: predict it again with "
@@ -102,15 +100,15 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
                 raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape {shape}, "
                                      f"{folders[0] / f'{case}.npz'} of shape {first_shapes[case]}")
         if (folder / UNCERTAINTY_FOLDER).is_dir():
-            maps = folder / UNCERTAINTY_FOLDER
-            without = sorted(c for c in cases if not (maps / f"{c}.npz").is_file())
+            without = sorted(c for c in cases if not uncertainty_file(folder, c).is_file())
             if without:
-                raise NnDiffSegError(f"{maps} has no uncertainty map for case(s) {', '.join(without[:5])}: predict "
-                                     f"them again with --save_uncertainty, or remove the folder")
+                raise NnDiffSegError(f"{folder / UNCERTAINTY_FOLDER} has no uncertainty map for case(s) "
+                                     f"{', '.join(without[:5])}: predict them again with --save_uncertainty, or "
+                                     f"remove the folder")
             for case, shape in shapes.items():
-                spread = _npz_shape(maps / f"{case}.npz", "uncertainty")
+                spread = _npz_shape(file := uncertainty_file(folder, case), UNCERTAINTY_KEY)
                 if int(np.prod(spread)) != int(np.prod(shape[1:])):
-                    raise NnDiffSegError(f"{maps / f'{case}.npz'} has shape {spread}, its probabilities {shape[1:]}")
+                    raise NnDiffSegError(f"{file} has shape {spread}, its probabilities {shape[1:]}")
     return dataset_json, plans
 
 
@@ -124,10 +122,7 @@ def _load(file: Path, key: str) -> np.ndarray:
 
 def _image_file(folder: Path, case: str) -> str | None:
     """The case's first image, where nnDiffSeg_predict's record names its input folder (for the picture)."""
-    record = folder / "nndiffseg_predict_args.json"
-    if not record.is_file():
-        return None
-    input_folder = json.loads(record.read_text()).get("input_folder")
+    input_folder = (read_record(folder) or {}).get("input_folder")
     return str(Path(input_folder) / f"{case}_0000.png") if input_folder else None
 
 
@@ -140,12 +135,12 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
         pooled = PooledSpread()
         for folder in folders:
             probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
-            spread = torch.from_numpy(_load(folder / UNCERTAINTY_FOLDER / f"{case}.npz", "uncertainty")) \
+            spread = torch.from_numpy(_load(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
                 if folder in with_maps else None
             pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)
-        save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}",
-                             f"ensemble of {len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
+        save_uncertainty_map(pooled.spread().numpy(), out, case, image, out / f"{case}{file_ending}", f"ensemble of "
+                             f"{len(folders)} prediction folders and its uncertainty (pooled spread; 0: all agree)")
     return cases
 
 
@@ -165,8 +160,8 @@ def ensemble(input_folders: Sequence[str], output_folder: str, save_probabilitie
     ensemble_folders([str(f) for f in folders], str(out), save_probabilities, num_processes, dataset_json, plans)
     if any((f / UNCERTAINTY_FOLDER).is_dir() for f in folders):
         write_pooled_uncertainty(folders, out, dataset_json["file_ending"])
-    write_prediction_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
-                                                       "save_probabilities": save_probabilities})
+    write_record(out, dataset_json, plans, {"ensemble_of": [str(f.resolve()) for f in folders],
+                                            "save_probabilities": save_probabilities})
     print(f"Ensemble written to {out}")
 
 

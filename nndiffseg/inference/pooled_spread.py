@@ -25,7 +25,7 @@ class PooledSpread:
     def add(self, probabilities: torch.Tensor, spread: Optional[torch.Tensor] = None) -> None:
         """One member: probabilities (C, *spatial), spread (*spatial) or None for a member that does not sample."""
         p = probabilities.double()
-        u2 = torch.zeros(p.shape[1:], dtype=torch.float64) if spread is None else spread.double().reshape(p.shape[1:]) ** 2
+        u2 = torch.zeros_like(p[0]) if spread is None else spread.double().reshape(p.shape[1:]) ** 2
         if self.members == 0:
             self._p, self._p2, self._u2 = p.clone(), p * p, u2.clone()
         else:

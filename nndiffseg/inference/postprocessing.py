@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from nndiffseg.errors import NnDiffSegError, run_cli
-from nndiffseg.inference.predict import write_prediction_record
+from nndiffseg.inference.prediction_folder import write_record
 
 
 def _load_json(path: Path, flag: str) -> dict:
@@ -52,8 +52,7 @@ def apply_postprocessing(input_folder: str, output_folder: str, pp_pkl_file: str
     rules = ", ".join(f"{fn.__name__}({kw})" for fn, kw in zip(pp_fns, pp_fn_kwargs)) or "none (copies the labels)"
     print(f"Postprocessing {source} into {out}: {rules}")
     apply_postprocessing_to_folder(str(source), str(out), pp_fns, pp_fn_kwargs, plans, dataset, num_processes)
-    write_prediction_record(out, dataset, plans, {"postprocessed_from": str(source.resolve()),
-                                                  "pp_pkl_file": str(pkl.resolve())})
+    write_record(out, dataset, plans, {"postprocessed_from": str(source.resolve()), "pp_pkl_file": str(pkl.resolve())})
 
 
 def apply_postprocessing_entry() -> None:

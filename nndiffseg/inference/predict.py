@@ -13,24 +13,26 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
 from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
+from nndiffseg.files import remove_partials
+from nndiffseg.head import HeadOutput
 from nndiffseg.test_seam import HOOK_ENV, reached
+from nndiffseg.inference.prediction_folder import (PREDICT_ARGS_FILE, RECORD_FILES, SAMPLES_FOLDER, case_outputs,
+                                                   export_label_map, is_predicted, read_record, write_record)
+from nndiffseg.inference.predictor import HeadPredictor
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.pools import quiet_pool, stop_pool
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list
 
-# The predictor, the trainers (diffusers, open_clip) and the uncertainty export are imported where they are
-# used: the export workers, which import this module again, then need only nnU-Net's export
+# The trainers (diffusers, open_clip) and the uncertainty export are imported where they are used; the export
+# workers import only nndiffseg.inference.prediction_folder
 
-PARTIAL_PREFIX = ".partial_"
-PREDICT_ARGS_FILE = "nndiffseg_predict_args.json"
-RECORD_FILES = ("dataset.json", "plans.json", PREDICT_ARGS_FILE)  # written beside the predictions
 
 def group_input_files(input_folder: Path, file_ending: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """nnU-Net's naming: CASE_0000<ending>, CASE_0001<ending>, ... (an RGB PNG is one file holding three
@@ -81,24 +83,6 @@ def read_case(reader, files: List[str], dataset_json: dict) -> Tuple[np.ndarray,
     return data, properties
 
 
-def export_atomically(logits: np.ndarray, properties: dict, configuration_manager, plans_manager,
-                      dataset_json: dict, output_folder: str, case: str, save_probabilities: bool) -> None:
-    """nnU-Net's export, written under a temporary name and renamed, so an interrupted run never leaves a
-    half-written file that --continue_prediction would take for done."""
-    tmp = os.path.join(output_folder, PARTIAL_PREFIX + case)
-    # the label map is renamed last: its presence is what marks the case done
-    endings = ([".npz", ".pkl"] if save_probabilities else []) + [dataset_json["file_ending"]]
-    try:
-        export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json, tmp,
-                                      save_probabilities)
-        for ending in endings:
-            os.replace(tmp + ending, os.path.join(output_folder, case + ending))
-    finally:  # a failed export (a full disk) leaves nothing half-written
-        for ending in endings:
-            if os.path.exists(tmp + ending):
-                os.remove(tmp + ending)
-
-
 def _wait(result: multiprocessing.pool.AsyncResult) -> None:
     """Wait for an export in short slices: Ctrl-C delivered to another thread (torch's, the pool's) is only
     acted on when the main thread runs bytecode, so one long blocking wait would hold it off until the export
@@ -107,14 +91,7 @@ def _wait(result: multiprocessing.pool.AsyncResult) -> None:
         result.wait(0.2)
 
 
-def _remove_partials(output_path: Path) -> None:
-    """Files written under a temporary name (label maps; uncertainty/ and samples/sample_K/ below)."""
-    for leftover in output_path.rglob(PARTIAL_PREFIX + "*"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-
-
-def _initialize_predictor(predictor: "nnUNetPredictor", model_folder: Path, folds: List[str],
+def _initialize_predictor(predictor: nnUNetPredictor, model_folder: Path, folds: List[str],
                           checkpoint_name: str) -> None:
     """nnU-Net's loading, with an unreadable checkpoint named instead of torch's bare EOFError."""
     try:
@@ -163,8 +140,12 @@ def check_continuation(output_path: Path, record: dict, file_ending: str) -> Non
     """--continue_prediction keeps the outputs already in ``output_path`` only when its record names the model and
     every setting that decides the outputs as ``record`` does (the input folder may differ); outputs without a
     record are refused too, since what made them is unknown. A mix of two models' outputs would pass for one."""
-    record_file = output_path / PREDICT_ARGS_FILE
-    if not record_file.is_file():
+    try:
+        recorded = read_record(output_path)
+    except (OSError, ValueError) as e:
+        raise NnDiffSegError(f"--continue_prediction: {output_path / PREDICT_ARGS_FILE} cannot be read "
+                             f"({describe_error(e)})") from None
+    if recorded is None:
         outputs = sorted(p.name for p in output_path.glob("*") if p.is_file() and not p.name.startswith(".")
                          and p.name.endswith((file_ending, ".npz"))) if output_path.is_dir() else []
         if outputs:
@@ -173,11 +154,6 @@ def check_continuation(output_path: Path, record: dict, file_ending: str) -> Non
                                  f"model and settings that made them: predict into a new folder, or without "
                                  f"--continue_prediction to predict every case again")
         return
-    try:
-        recorded = json.loads(record_file.read_text())
-    except (OSError, ValueError) as e:
-        raise NnDiffSegError(f"--continue_prediction: {record_file} cannot be read ({describe_error(e)})") from None
-    recorded = recorded if isinstance(recorded, dict) else {}
     now = json.loads(json.dumps(record, default=str))  # as it would be recorded
     differ = [f"{name}: recorded {_shown(recorded.get(name, NOT_RECORDED))}, now {_shown(now[name])}"
               for name in OUTPUT_SETTINGS if recorded.get(name, NOT_RECORDED) != now[name]]
@@ -185,27 +161,6 @@ def check_continuation(output_path: Path, record: dict, file_ending: str) -> Non
         raise NnDiffSegError(f"--continue_prediction: {output_path} was predicted with other settings "
                              f"({'; '.join(differ)}): continue with the recorded ones, or predict into a new folder "
                              f"(without --continue_prediction every case is predicted again)")
-
-
-def case_outputs(case: str, file_ending: str, save_probabilities: bool, save_uncertainty: bool,
-                 num_sample_maps: int) -> List[str]:
-    """The files a predicted case leaves in the output folder (relative paths), its label map first."""
-    from nndiffseg.inference.uncertainty import SAMPLES_FOLDER, UNCERTAINTY_FOLDER
-    files = [case + file_ending] + ([f"{case}.npz", f"{case}.pkl"] if save_probabilities else [])
-    if save_uncertainty:
-        files.append(f"{UNCERTAINTY_FOLDER}/{case}.npz")
-    return files + [f"{SAMPLES_FOLDER}/sample_{k}/{case}{file_ending}" for k in range(num_sample_maps)]
-
-
-def is_predicted(output_path: Path, files: List[str], reader) -> bool:
-    """Whether every file is there and not empty, and the first (the label map) can be read by ``reader``."""
-    if not all((output_path / f).is_file() and (output_path / f).stat().st_size > 0 for f in files):
-        return False
-    try:
-        reader.read_seg(str(output_path / files[0]))
-    except Exception:  # any reader failure: a file cut short by a kill or a full disk
-        return False
-    return True
 
 
 def skip_predicted(cases: Dict[str, List[str]], output_path: Path, reader, outputs) -> None:
@@ -221,16 +176,6 @@ def skip_predicted(cases: Dict[str, List[str]], output_path: Path, reader, outpu
               f"again: {name_list(again)}")
 
 
-def write_prediction_record(folder: Path, dataset_json: dict, plans: dict, arguments: dict) -> None:
-    """What nnU-Net's predictor writes beside its predictions: dataset.json and plans.json (nnUNetv2_ensemble,
-    nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them), and the arguments of the run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in zip(RECORD_FILES, (dataset_json, plans, arguments)):
-        tmp = folder / (PARTIAL_PREFIX + name)
-        tmp.write_text(json.dumps(content, indent=4, default=str))
-        os.replace(tmp, folder / name)
-
-
 def apply_inference_options(network: torch.nn.Module, options: dict) -> None:
     """Prediction options (already checked by name in nndiffseg.registry) override the checkpoint's settings."""
     if options:
@@ -240,7 +185,21 @@ def apply_inference_options(network: torch.nn.Module, options: dict) -> None:
             raise NnDiffSegError(str(e)) from None
 
 
-def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, configuration: str,
+def predict_case(predictor: nnUNetPredictor, files: List[str], dataset_json: dict, uncertainty: bool = False,
+                 samples: bool = False) -> Tuple[HeadOutput, dict]:
+    """Read, preprocess and predict one case: its prediction in preprocessed space (the fields asked for; scores
+    on the CPU) and nnU-Net's properties of the case, which the export needs."""
+    reader = predictor.plans_manager.image_reader_writer_class()
+    data, properties = read_case(reader, files, dataset_json)
+    data, _, properties = predictor.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
+        data, None, properties, predictor.plans_manager, predictor.configuration_manager, dataset_json)
+    data = torch.from_numpy(data)
+    if isinstance(predictor, HeadPredictor):
+        return predictor.predict_head_output(data, uncertainty, samples), properties
+    return HeadOutput(scores=predictor.predict_logits_from_preprocessed_data(data).cpu()), properties
+
+
+def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, configuration: str, *,
                    trainer: str = "nnUNetTrainer", plans: str = PLANS_NAME, folds: Optional[Sequence[str]] = None,
                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: Optional[bool] = None,
                    tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
@@ -252,7 +211,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     {"steps": 10}) go to a diffusion network's ``set_inference_options``; networks without it refuse them.
     ``save_uncertainty``: also write the uncertainty per pixel (networks that sample: the guided
     trainers) under ``uncertainty/``; ``save_samples``: also each sample's label map, as the prediction folders
-    ``samples/sample_K/``."""
+    ``samples/sample_K/``. Diffusion heads predict through ``HeadPredictor`` (the same label maps with or
+    without these), nnU-Net's trainers through nnU-Net's predictor."""
     check_nnunet_paths("nnUNet_results")
     input_path, output_path = Path(input_folder), Path(output_folder)
     if not input_path.is_dir():
@@ -267,8 +227,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         raise NnDiffSegError(f"-nps must be 0 (export in this process) or more, got {num_processes_export}")
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nndiffseg.inference.uncertainty import UncertaintyPredictor, export_samples, export_uncertainty
+    from nndiffseg.inference.uncertainty import export_samples, export_uncertainty
     from nndiffseg.registry import PREDICT, check_options, find_trainer_class
     trainer_class = find_trainer_class(trainer)
     options = check_options(trainer_class, inference_options or {}, PREDICT)
@@ -277,7 +236,6 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         if wanted and not getattr(head_class, "has_uncertainty", False):
             raise NnDiffSegError(f"{trainer} draws no samples, so it has no {flag[7:]} to save ({flag} is for the "
                                  f"guided diffusion trainers)")
-    sampling = save_uncertainty or save_samples
     model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)
     folds = _check_folds(model_folder, [str(f) for f in folds] if folds else None, checkpoint_name)
 
@@ -295,52 +253,41 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
               "save_samples": save_samples}
     if continue_prediction:
         check_continuation(output_path, record, file_ending)  # before anything is written
-    _remove_partials(output_path)  # from an interrupted earlier run
+    remove_partials(output_path, recursive=True)  # from an interrupted earlier run
 
     register_ext_trainer_dir()
-    predictor_class = UncertaintyPredictor if sampling else nnUNetPredictor
+    predictor_class = nnUNetPredictor if head_class is None else HeadPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
     head = getattr(predictor.network, "_orig_mod", predictor.network)
-    reader = predictor.plans_manager.image_reader_writer_class()
     if continue_prediction:
         num_sample_maps = len(folds) * head.setting("num_samples") if save_samples else 0
-        skip_predicted(cases, output_path, reader,
+        skip_predicted(cases, output_path, predictor.plans_manager.image_reader_writer_class(),
                        lambda case: case_outputs(case, file_ending, save_probabilities, save_uncertainty,
                                                  num_sample_maps))
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
-    write_prediction_record(output_path, dataset_json, predictor.plans_manager.plans, record)
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    export_args = (predictor.configuration_manager, predictor.plans_manager, dataset_json, str(output_path))
+    write_record(output_path, dataset_json, predictor.plans_manager.plans, record)
+    geometry = (predictor.configuration_manager, predictor.plans_manager)
 
     pending = []
     pool = quiet_pool(num_processes_export) if num_processes_export > 0 else None
     try:
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
-                data, properties = read_case(reader, files, dataset_json)
-                data, _, properties = preprocessor.run_case_npy(data, None, properties, predictor.plans_manager,
-                                                                predictor.configuration_manager, dataset_json)
-                if sampling:
-                    logits, uncertainty, samples = predictor.predict_logits_and_uncertainty(torch.from_numpy(data),
-                                                                                            save_samples)
-                    logits = logits.numpy()
-                else:
-                    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().numpy()
-                args = (logits, properties, *export_args, case, save_probabilities)
-                if pool is None or sampling:  # the uncertainty picture draws the exported labels
+                output, properties = predict_case(predictor, files, dataset_json, save_uncertainty, save_samples)
+                args = (output.scores.numpy(), properties, *geometry, dataset_json, str(output_path), case,
+                        save_probabilities)
+                if pool is None or save_uncertainty or save_samples:  # the uncertainty picture draws the labels
                     if save_samples:  # before the label map, whose presence marks the case done
-                        export_samples(samples, properties, predictor.configuration_manager, predictor.plans_manager,
-                                       dataset_json, output_path, case)
-                    export_atomically(*args)
+                        export_samples(output.samples, properties, *geometry, dataset_json, output_path, case)
+                    export_label_map(*args)
                     if save_uncertainty:
-                        export_uncertainty(uncertainty, properties, predictor.configuration_manager,
-                                           predictor.plans_manager, files, output_path, case,
-                                           head.setting("uncertainty"))
+                        export_uncertainty(output.uncertainty.numpy(), properties, *geometry, files, output_path,
+                                           case, head.setting("uncertainty"))
                 else:
-                    pending.append((case, pool.apply_async(export_atomically, args)))
+                    pending.append((case, pool.apply_async(export_label_map, args)))
                     if os.environ.get(HOOK_ENV):
                         _wait(pending[-1][1])  # the hook marks an exported case
                 reached("case_exported")
@@ -361,13 +308,11 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     except BaseException:  # Ctrl-C (or a fault): stop the exports now; finished cases stay for --continue_prediction
         if pool is not None:
             stop_pool(pool)
-        _remove_partials(output_path)
+        remove_partials(output_path, recursive=True)
         raise
-    _remove_partials(output_path)  # exports that failed (a full disk) in a worker
-    if save_samples:  # each sample's folder is a prediction folder of its own
-        from nndiffseg.inference.uncertainty import SAMPLES_FOLDER
-        for folder in sorted((output_path / SAMPLES_FOLDER).glob("sample_*")):
-            write_prediction_record(folder, dataset_json, predictor.plans_manager.plans, {**record, "sample": folder.name})
+    remove_partials(output_path, recursive=True)  # exports that failed (a full disk) in a worker
+    for folder in sorted(output_path.glob(f"{SAMPLES_FOLDER}/sample_*")) if save_samples else []:
+        write_record(folder, dataset_json, predictor.plans_manager.plans, {**record, "sample": folder.name})
     written = len(cases) - sum(c in cases for c in failures)
     print(f"Predicted {written} case(s) into {output_path}")
     if failures:
@@ -420,10 +365,12 @@ def predict_entry() -> None:
         if args.deprecated_seed is not None:
             print("WARNING: --seed is deprecated in nnDiffSeg_predict; use --sampling_seed", file=sys.stderr)
             options["seed"] = args.deprecated_seed if options["seed"] is None else options["seed"]
-        failures = predict_folder(args.i, args.o, args.d, args.c, args.tr, args.p, args.f, args.chk, args.device,
-                                  False if args.disable_tta else (True if args.enable_tta else None), args.step_size, args.save_probabilities,
-                                  args.continue_prediction, args.nps, options, args.save_uncertainty,
-                                  args.save_samples)
+        failures = predict_folder(
+            args.i, args.o, args.d, args.c, trainer=args.tr, plans=args.p, folds=args.f, checkpoint_name=args.chk,
+            device=args.device, use_tta=False if args.disable_tta else (True if args.enable_tta else None),
+            tile_step_size=args.step_size, save_probabilities=args.save_probabilities,
+            continue_prediction=args.continue_prediction, num_processes_export=args.nps, inference_options=options,
+            save_uncertainty=args.save_uncertainty, save_samples=args.save_samples)
         return 1 if failures else 0
 
     run_cli(main)
