@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 from nndiffseg.files import write_json, write_text
 
 BASELINE = "nnUNetTrainer"
-TOOLS = Path(sys.executable).parent  # the nnDiffSeg_ entry points of this environment
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NNDIFFSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -68,7 +67,9 @@ def tool(name: str, *args, work: Path, log: Path, echo: str = "", results: str =
     env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
                nnUNet_results=str(work / results))
     env.setdefault("nnUNet_n_proc_DA", "2")
-    command = [str(TOOLS / f"nnDiffSeg_{name}"), *map(str, args)]
+    # what the console script nnDiffSeg_NAME runs (setup.py), also where pip --target installed no scripts
+    command = [sys.executable, "-c", f"import sys; from nndiffseg.console import {name}; "
+               f"sys.argv[0] = 'nnDiffSeg_{name}'; sys.exit({name}())", *map(str, args)]
     start = time.perf_counter()
     with open(log, "a") as out:
         out.write("$ " + " ".join(command) + "\n")
@@ -138,7 +139,8 @@ def paired(cases: dict, reference: dict) -> dict:
 
 
 def run_model(model: Model, scenario: Scenario, work: Path, images: Path, labels: Path, trained: set) -> dict:
-    row, log = {"model": model.name, "trainer": model.trainer, "results": model.results}, work / "logs" / f"{model.name}.log"
+    row = {"model": model.name, "trainer": model.trainer, "results": model.results}
+    log = work / "logs" / f"{model.name}.log"
     log.parent.mkdir(exist_ok=True)
     common, key = ("-device", scenario.device), f"{model.results}/{model.trainer}"
     if key not in trained:
@@ -158,7 +160,9 @@ def run_model(model: Model, scenario: Scenario, work: Path, images: Path, labels
     one = work / "one_image"
     if not one.is_dir():
         one.mkdir()
-        shutil.copy(sorted(images.glob("*"))[0], one)
+        case = sorted(images.glob("*_0000.*"))[0].name.split("_0000.")[0]
+        for channel in images.glob(f"{case}_*"):
+            shutil.copy(channel, one)
     single = tool("predict", "-i", one, "-o", work / "predictions_one" / model.name, *predict, work=work, log=log,
                   results=model.results)
     n = len(list(labels.glob("*.png")))
