@@ -165,8 +165,8 @@ def run_model(model: Model, scenario: Scenario, work: Path, images: Path, labels
             shutil.copy(channel, one)
     single = tool("predict", "-i", one, "-o", work / "predictions_one" / model.name, *predict, work=work, log=log,
                   results=model.results)
-    n = len(list(labels.glob("*.png")))
-    row["predict"]["s_per_image"] = (row["predict"]["wall_s"] - single["wall_s"]) / max(n - 1, 1)
+    extra = (row["predict"]["wall_s"] - single["wall_s"]) / max(len(list(labels.glob("*.png"))) - 1, 1)
+    row["predict"]["s_per_image"] = extra if extra > 0 else None  # None: too few images to tell from the noise
     tool("evaluate", "-ref", labels, "-pred", out, "-o", out / "summary.json", "--no_plots", "-np", 1,
          work=work, log=log)
     summary = json.loads((out / "summary.json").read_text())

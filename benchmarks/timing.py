@@ -11,8 +11,8 @@ GUIDED = Model("nnDiffSegTrainerGuided", train_args=("--clip_model", "random"))
 LATENT = [Model("nnDiffSegTrainerMaskVAE", predict=False), Model("nnDiffSegTrainerLatent")]
 
 SCENARIOS = [
-    Scenario("quick", [Model("nnUNetTrainer"), GUIDED, *LATENT], size=128, num_train=10, num_test=16, epochs=3,
-             iters=5, note="the before/after check of a refactor: a toy run, the ratios are what counts"),
+    Scenario("quick", [Model("nnUNetTrainer"), GUIDED, *LATENT], size=128, num_train=10, num_test=32, epochs=4,
+             iters=10, note="the before/after check of a refactor: a toy run, the ratios are what counts"),
     Scenario("full", [Model("nnUNetTrainer"), GUIDED, *LATENT], size=256, num_train=40, num_test=16, epochs=4,
              iters=20),
 ]
