@@ -143,9 +143,10 @@ def run_model(model: Model, scenario: Scenario, work: Path, images: Path, labels
     log = work / "logs" / f"{model.name}.log"
     log.parent.mkdir(exist_ok=True)
     common, key = ("-device", scenario.device), f"{model.results}/{model.trainer}"
-    if key not in trained:
+    if key not in trained:  # --overwrite: a run that --resume repeats may have left a partial fold folder
         row["train"] = tool("train", scenario.dataset_id, "2d", scenario.fold, "-tr", model.trainer, *common,
-                            "--num_epochs", scenario.epochs, "--iters_per_epoch", scenario.iters, *model.train_args,
+                            "--num_epochs", scenario.epochs, "--iters_per_epoch", scenario.iters, "--overwrite",
+                            *model.train_args,
                             work=work, log=log, echo=r"Epoch \d+$", results=model.results)
         row["train"]["s_per_iter"] = seconds_per_iteration(work / model.results, model.trainer, scenario.iters,
                                                            scenario.fold)
@@ -218,7 +219,8 @@ def table(result: dict) -> str:
 def run(scenario: Scenario, work: Path, resume: bool = False) -> dict:
     """Runs SCENARIO in WORK (new, or with ``resume`` a folder of an interrupted run: rows done are kept)."""
     start, results = time.perf_counter(), work / "results.json"
-    done = {r["model"]: r for r in json.loads(results.read_text())["rows"]} if resume and results.exists() else {}
+    before = json.loads(results.read_text()) if resume and results.exists() else {"rows": [], "wall_s": 0}
+    done, start = {r["model"]: r for r in before["rows"]}, start - before["wall_s"]  # wall time: both runs
     if not resume and work.exists() and any(work.iterdir()):
         sys.exit(f"ERROR: {work} is not empty; give a new --work_dir (or --resume)")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "logs"):

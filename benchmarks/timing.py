@@ -1,6 +1,6 @@
 """Training and prediction time of each nndiffseg trainer against nnUNetTrainer's, in one run.
 
-    python benchmarks/timing.py --work_dir /tmp/timing                    # quick: toy data, about 6 min on 2 cores
+    python benchmarks/timing.py --work_dir /tmp/timing                    # quick: toy data, about 5 min on 2 idle cores
     python benchmarks/timing.py --work_dir /tmp/timing256 --scenario full  # 256 x 256, 4 x 20 iterations
 """
 import sys
