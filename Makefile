@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nndiffseg-installed
 
-.PHONY: install demo lint test test-fast clean
+.PHONY: install demo lint test test-fast benchmark clean
 
 $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "nndiffseg needs Python 3.10 or newer; set PYTHON=python3.X")'
@@ -32,5 +32,10 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# each trainer's training and prediction time against nnUNetTrainer's, on toy data (a few minutes)
+benchmark: $(STAMP)
+	rm -rf benchmark_output/timing
+	$(BIN)/python benchmarks/timing.py --work_dir benchmark_output/timing
+
 clean:
-	rm -rf $(VENV) demo_output *.egg-info
+	rm -rf $(VENV) demo_output benchmark_output *.egg-info
