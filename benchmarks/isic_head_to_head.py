@@ -2,7 +2,8 @@
 trainer at its defaults and the latent trainer, same fold and iterations; nnUNetTrainer again at about the guided
 trainer's training time. Quality is compared per case (paired Dice, Wilcoxon) on fold 0's validation cases.
 
-    OMP_NUM_THREADS=1 python benchmarks/isic_head_to_head.py --work_dir /tmp/h2h128   # not run yet (estimate: 1.5 h on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/isic_head_to_head.py --work_dir /tmp/h2h128
+    # not run yet (estimate: 1.5 h on 2 cores)
 """
 import sys
 

@@ -61,7 +61,8 @@ def nnunet_raw_folder() -> Path:
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= dataset_id <= 999:
-        raise DatasetConversionError(f"dataset ID must be between 1 and 999 (nnU-Net uses three digits), got {dataset_id}")
+        raise DatasetConversionError(f"dataset ID must be between 1 and 999 (nnU-Net uses three digits), "
+                                     f"got {dataset_id}")
     return f"Dataset{dataset_id:03d}_{name}"
 
 

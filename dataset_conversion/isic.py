@@ -84,7 +84,8 @@ RELEASES: dict[int, ReleaseSpec] = {
                   'Symposium on Biomedical Imaging (ISBI) 2016, hosted by the International Skin Imaging '
                   'Collaboration (ISIC)", arXiv:1605.01397 (2016)',
         splits=(
-            SplitSpec("Training", ("ISBI2016_ISIC_Part1_Training_Data",), ("ISBI2016_ISIC_Part1_Training_GroundTruth",)),
+            SplitSpec("Training", ("ISBI2016_ISIC_Part1_Training_Data",),
+                      ("ISBI2016_ISIC_Part1_Training_GroundTruth",)),
             SplitSpec("Test", ("ISBI2016_ISIC_Part1_Test_Data",), ("ISBI2016_ISIC_Part1_Test_GroundTruth",)),
         ),
     ),

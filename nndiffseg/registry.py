@@ -27,7 +27,8 @@ def find_trainer_class(name: str) -> Type[nnUNetTrainer]:
     try:
         return recursive_find_trainer_class_by_name(name)
     except RuntimeError:
-        raise NnDiffSegError(f"trainer '{name}' not found in nndiffseg.trainers ({', '.join(nndiffseg.trainers.__all__)}) "
+        raise NnDiffSegError(f"trainer '{name}' not found in nndiffseg.trainers "
+                             f"({', '.join(nndiffseg.trainers.__all__)}) "
                              f"nor in nnunetv2.training.nnUNetTrainer (e.g. nnUNetTrainer)") from None
 
 

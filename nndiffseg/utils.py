@@ -24,7 +24,8 @@ def dataset_name_from_id(dataset_name_or_id: int | str) -> str:
         try:
             dataset_name_or_id = int(dataset_name_or_id)
         except ValueError:
-            raise NnDiffSegError(f"dataset must be an ID or a name like Dataset004_ISIC2017, got '{dataset_name_or_id}'")
+            raise NnDiffSegError(f"dataset must be an ID or a name like Dataset004_ISIC2017, "
+                                 f"got '{dataset_name_or_id}'") from None
     try:
         return maybe_convert_to_dataset_name(dataset_name_or_id)
     except RuntimeError as e:

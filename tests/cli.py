@@ -38,7 +38,8 @@ def nnunet_folders(root: Path) -> dict:
     return env
 
 
-def run_tool(name: str, *args, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_tool(name: str, *args, env: dict | None = None, check: bool = True,
+             timeout: float = 600) -> subprocess.CompletedProcess:
     """Our tools run as ``python -m module`` (same code as the console scripts); others (nnUNetv2_*) by
     their console script beside this interpreter."""
     cmd = [sys.executable, "-m", MODULES[name]] if name in MODULES else [str(BIN / name)]

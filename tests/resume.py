@@ -33,8 +33,9 @@ def crash_after_first_epoch(trainer: str, dataset_id: int, fold: int, options: d
     (and the output goes to a file, as open pipes held by them would block reading until they die)."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen([sys.executable, "-c", _CRASH_AFTER_FIRST_EPOCH, trainer, str(dataset_id),
-                                    str(fold), json.dumps(options), str(num_epochs), crash_in or trainer], env={**os.environ, **env}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                    str(fold), json.dumps(options), str(num_epochs), crash_in or trainer],
+                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         returncode = process.wait(timeout=600)
         try:
             os.killpg(process.pid, signal.SIGKILL)

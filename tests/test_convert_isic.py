@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import assert_refused
 from PIL import Image
 
-from cli import assert_refused
 from nndiffseg.dataset_conversion.common import DatasetConversionError
 from nndiffseg.dataset_conversion.isic import convert_isic, detect_isic_layout
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli import assert_refused, run_tool
 from PIL import Image
 
-from cli import assert_refused, run_tool
 from nndiffseg.dataset_conversion.common import DatasetConversionError
 from nndiffseg.dataset_conversion.stroke2021 import (
     LEAKAGE_WARNING,

@@ -5,11 +5,10 @@ import json
 import os
 import socket
 
+import ddp_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import ddp_worker
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import write_toy_dataset
 

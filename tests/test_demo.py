@@ -1,8 +1,7 @@
 """The demo command end to end (shortened run), and its refusal to clobber an earlier run."""
 import json
-import sys
-
 import subprocess
+import sys
 
 
 def run_demo(*args):

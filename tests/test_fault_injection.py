@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import MODULES, assert_refused, nnunet_folders, run_batch
 from PIL import Image
-
-from cli import MODULES, assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
 from nndiffseg.test_seam import HOOK_ENV, MARKER, reached
@@ -339,7 +338,8 @@ def stop_and_wait(process: subprocess.Popen, sig: signal.Signals, timeout: float
         os.kill(process.pid, signal.SIGUSR1)
         time.sleep(2)
         os.killpg(process.pid, signal.SIGKILL)
-        raise AssertionError(f"no exit {timeout} s after {sig.name}; its stacks:\n{process.communicate()[1][-6000:]}")
+        stacks = process.communicate()[1][-6000:]
+        raise AssertionError(f"no exit {timeout} s after {sig.name}; its stacks:\n{stacks}") from None
     return stdout, stderr, time.monotonic() - sent
 
 
@@ -459,6 +459,7 @@ def test_nnunet_folder_that_is_a_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fails_at", [".npz", ".png"])
 def test_disk_full_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch, fails_at):
     from nnunetv2.inference import export_prediction
+
     from nndiffseg.inference.prediction_folder import export_label_map
 
     def export(logits, properties, configuration_manager, plans_manager, dataset_json, output, save_probabilities):
@@ -520,6 +521,7 @@ def test_small_stroke2021_release_warns_of_empty_split_parts(nnunet_env, tmp_pat
 
 def test_isic_names_skipped_files_and_cleans_a_killed_run(nnunet_env, tmp_path, capsys):
     from test_convert_isic import add_clutter, make_2017
+
     from nndiffseg.dataset_conversion.isic import convert_isic
 
     src = make_2017(tmp_path / "isic")
@@ -561,6 +563,7 @@ def test_stopping_the_export_pool_is_bounded_when_its_lock_is_held():
     """Pool.terminate waits for the task queue's lock; were it held for good (a worker killed or stuck while
     holding it), a Ctrl-C'd prediction would hang. stop_pool kills the workers after its timeout instead."""
     import multiprocessing
+
     from nndiffseg.pools import stop_pool
 
     pool = multiprocessing.get_context("spawn").Pool(1)

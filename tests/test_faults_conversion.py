@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from PIL import Image
-
 from cli import assert_refused, run_batch
+from PIL import Image
+from test_convert_isic import TRAIN_2017, make_2017, read_png, tree_hashes
+
 from nndiffseg.dataset_conversion.common import DatasetConversionError
 from nndiffseg.dataset_conversion.isic import convert_isic
 from nndiffseg.dataset_conversion.stroke2021 import convert_stroke2021
@@ -18,7 +19,6 @@ from nndiffseg.dataset_conversion.stroke2021_fixture import (
     write_dicom,
     write_stroke2021_fixture,
 )
-from test_convert_isic import TRAIN_2017, make_2017, read_png, tree_hashes
 
 RESCALE_SLOPE, RESCALE_INTERCEPT = (0x0028, 0x1053), (0x0028, 0x1052)
 

@@ -3,7 +3,6 @@ continued with another model or settings, evaluation of a folder against itself 
 ensemble of one folder given twice. In-process tests of the functions; the refusals that need a trained model
 run in tests/test_fault_injection.py's batch."""
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -27,6 +26,7 @@ def write_slice(file: Path, values: np.ndarray) -> str:
 def test_an_image_with_nan_or_inf_is_refused_naming_the_file(tmp_path):
     """An all-NaN CT slice was predicted as 685 pixels of haemorrhage; the case must fail instead."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     from nndiffseg.inference.predict import read_case
 
     fine = write_slice(tmp_path / "ct_0000.mha", np.zeros((8, 8)))
@@ -170,6 +170,7 @@ def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
 def test_a_case_counts_as_predicted_only_when_its_outputs_are_whole(tmp_path):
     """An empty or cut-short label map, or a missing file of those the run writes per case, means: predict again."""
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
     from nndiffseg.inference.prediction_folder import case_outputs, is_predicted
 
     write_masks(tmp_path, 1, cases=("whole", "cut"))

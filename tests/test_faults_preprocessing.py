@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from nndiffseg.errors import NnDiffSegError, Terminated
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from test_fault_injection import HOOK_ENV, start, stop_and_wait, tree_hashes, wait_for_marker
 from toy_data import write_toy_dataset
+
+from nndiffseg.errors import NnDiffSegError, Terminated
 
 TOY = 45
 CASES = 6

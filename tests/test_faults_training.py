@@ -3,14 +3,11 @@
 fewer than 5 cases (item 7). One toy dataset of 4 cases is planned (not trained); the refusals run in one
 process (tests/cli.py run_batch). The re-runs of a trained fold are refusal cases in test_fault_injection."""
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from test_fault_injection import tree_hashes
 from toy_data import write_toy_dataset

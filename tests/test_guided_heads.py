@@ -9,20 +9,25 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import REPO_ROOT
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from head_mixin import HeadTests, oracle
 from torch import nn
+from toy_data import toy_case
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, total_uncertainty, uncertainty, uncertainty_map
-from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, GuidedSegmenter
+from nndiffseg.guided.text_prior import (
+    RANDOM_CLIP_CONFIG,
+    class_prompts,
+    embed_prompts,
+    load_prompts_file,
+    random_clip_model,
+)
+from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.sampling import sampling_scheduler, training_scheduler
-from nndiffseg.guided.text_prior import (RANDOM_CLIP_CONFIG, class_prompts, embed_prompts, load_prompts_file,
-                                         random_clip_model)
-from conftest import REPO_ROOT
-from head_mixin import HeadTests, oracle
-from toy_data import toy_case
 
 TEXT_DIM = RANDOM_CLIP_CONFIG["embed_dim"]
 TINY = (8, 16)

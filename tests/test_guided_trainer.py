@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
+from PIL import Image
 from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
 from toy_data import assert_beats_trivial_rules, write_toy_dataset
 
@@ -46,7 +45,8 @@ def _common(guided, out):
 # the module's nnDiffSeg_predict runs, by output folder: one process for all of them (tests/cli.py run_batch)
 PREDICTIONS = {
     "default": [],
-    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple", "--sampling_seed", 1],
+    "dpm_staple": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
+                   "--sampling_seed", 1],
     "dpm_staple_old_seed_flag": ["--sampler", "dpmsolver", "--steps", 5, "--num_samples", 3, "--fusion", "staple",
                                  "--seed", 1],
     "never": ["--num_samples", 0],
@@ -113,6 +113,7 @@ def test_trainer_head_settings_are_the_ones_whose_samples_carry_doubt():
     """tests/test_guided_heads.py shows on a toy head that these settings' samples split where the label is a
     coin flip and agree where it is sure; that holds for the trainer only while it uses them."""
     from test_guided_heads import TRAINER_HEAD_SETTINGS
+
     from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
     assert nnDiffSegTrainerGuided.head_settings == TRAINER_HEAD_SETTINGS
 
@@ -244,8 +245,8 @@ def _load_trained_network(guided):
 def test_stitched_scores_with_uncertainty_match_nnunets_sliding_window(guided):
     """HeadPredictor stitches the scores, spread and samples of one call per tile in nnU-Net's own sliding window
     (tile steps, Gaussian weights, mirroring): the scores are nnU-Net's predictor's logits, bit for bit."""
-    from nndiffseg.inference.predictor import HeadPredictor
     from nndiffseg.ext_trainer import register_ext_trainer_dir
+    from nndiffseg.inference.predictor import HeadPredictor
     register_ext_trainer_dir()
     predictor = HeadPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(guided["model"]), [0], "checkpoint_final.pth")

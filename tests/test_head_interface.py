@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from diffusers import AutoencoderKL
+from head_mixin import oracle
 from torch import nn
 
-from conftest import REPO_ROOT
-from head_mixin import oracle
 from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
 from nndiffseg.sampling import SAMPLERS, denoise, sampling_scheduler, start_timestep, training_scheduler

@@ -5,9 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli import assert_refused, nnunet_folders, run_tool
+from PIL import Image
 from toy_data import write_toy_dataset
 
 IGNORE_ID, REGIONS_ID = 71, 72

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
-
 from cli import run_tool
 from conftest import REPO_ROOT
 from toy_data import write_toy_dataset
@@ -52,6 +51,7 @@ def toy_fingerprint(module_tmp):
 
 def test_planner_rounds_2d_patches_up_to_the_latent_grid(toy_fingerprint):
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
     from nndiffseg.planning.planner import PATCH_MULTIPLE, nnDiffSegPlanner
 
     nnunet = ExperimentPlanner(21).plan_experiment()["configurations"]["2d"]

@@ -7,9 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli import nnunet_folders, run_tool
+from PIL import Image
 from toy_data import nearest_mean_colour_rule
 
 DATASET_ID = 17

@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
-
-from nndiffseg.latent.autoencoders import (build_autoencoder, build_denoiser, load_pretrained_autoencoder,
-                                           load_pretrained_denoiser, widen_first_conv)
-from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
-from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
-from nndiffseg.latent.segmenter import LatentSegmenter
 from head_mixin import HeadTests, oracle
 from toy_data import toy_case
+
+from nndiffseg.latent.autoencoders import (
+    build_autoencoder,
+    build_denoiser,
+    load_pretrained_autoencoder,
+    load_pretrained_denoiser,
+    widen_first_conv,
+)
+from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
+from nndiffseg.latent.segmenter import LatentSegmenter
+from nndiffseg.mask_encoding import decoded_to_scores, encode_labels, mask_channels
 
 
 def test_mask_encoding_is_one_hot_in_minus_one_one_with_padding():
@@ -303,9 +308,11 @@ def test_foreground_weight_weighs_latent_cells_by_their_foreground_fraction(segm
     labels[..., 4:, 4:6] = 7  # cell (1, 1): half label 7 (foreground, or ignored once 7 is the ignore label)
     assert segmenter._latent_weights(labels, (1, 4, 2, 2)) is None
     segmenter.register_to_config(foreground_weight=4.0)
-    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)), torch.tensor([[[[4.0, 2.5], [1.0, 2.5]]]]))
+    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)),
+                               torch.tensor([[[[4.0, 2.5], [1.0, 2.5]]]]))
     segmenter.register_to_config(ignore_label=7)
-    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)), torch.tensor([[[[4.0, 2.5], [1.0, 0.5]]]]))
+    torch.testing.assert_close(segmenter._latent_weights(labels, (1, 4, 2, 2)),
+                               torch.tensor([[[[4.0, 2.5], [1.0, 0.5]]]]))
     with pytest.raises(ValueError, match="foreground_weight must be >= 1"):
         segmenter.register_to_config(foreground_weight=0.5)
 

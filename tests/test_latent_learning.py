@@ -3,7 +3,6 @@ single-step trainer) on noisy toy discs, 2 classes (background + 1) and 3 classe
 with nnDiffSeg_predict. The noise (sd 60 against colour offsets of 70-90) defeats a per-pixel colour rule, so
 the bar can only be passed by using the shapes' context, as a segmentation network must."""
 import pytest
-
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import assert_beats_trivial_rules, write_toy_dataset
 

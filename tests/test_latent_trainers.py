@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
+from PIL import Image
 from resume import assert_same_weights, crash_after_first_epoch
 from toy_data import write_toy_dataset
 
@@ -59,6 +58,7 @@ train(sys.argv[1], "2d", 2, trainer_name="nnDiffSegTrainerMaskVAE", device="cpu"
 def test_the_mask_autoencoder_stage_stops_once_the_target_is_reached(latent):
     import subprocess
     import sys
+
     import torch
     result = subprocess.run([sys.executable, "-c", _STAGE_WITH_A_TARGET_OF_ZERO, str(DATASET_ID)],
                             env={**os.environ, **latent["env"]}, capture_output=True, text=True,

@@ -11,10 +11,9 @@ import pickle
 
 import numpy as np
 import pytest
+from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from PIL import Image
 from scipy import ndimage
-
-from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from toy_data import write_toy_dataset
 
 DATASET_ID = 71
@@ -205,9 +204,10 @@ def test_ensemble_pools_the_uncertainty_of_its_members(predictions):
 
 
 def test_ensemble_names_a_corrupt_probability_file_before_writing(predictions, tmp_path):
+    import shutil
+
     from nndiffseg.errors import NnDiffSegError
     from nndiffseg.inference.ensemble import ensemble
-    import shutil
     broken = tmp_path / "broken"
     shutil.copytree(predictions["root"] / TRAINERS[0], broken)
     npz = broken / predictions["cases"][0].replace(".png", ".npz")
@@ -219,9 +219,10 @@ def test_ensemble_names_a_corrupt_probability_file_before_writing(predictions, t
 
 @pytest.mark.parametrize("wrong", ["probabilities", "uncertainty"])
 def test_ensemble_refuses_arrays_of_another_shape_before_writing(predictions, tmp_path, wrong):
+    import shutil
+
     from nndiffseg.errors import NnDiffSegError
     from nndiffseg.inference.ensemble import ensemble
-    import shutil
     changed = tmp_path / "changed"
     shutil.copytree(predictions["root"] / TRAINERS[1], changed)
     name = predictions["cases"][-1].replace(".png", ".npz")

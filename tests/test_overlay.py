@@ -3,8 +3,7 @@ import pytest
 from PIL import Image
 
 from nndiffseg.errors import NnDiffSegError
-from nndiffseg.visualization.overlay import (overlay_contours, save_overlay, uncertainty_panel,
-                                             write_overlays)
+from nndiffseg.visualization.overlay import overlay_contours, save_overlay, uncertainty_panel, write_overlays
 
 YELLOW, CYAN, MAGENTA, GREEN = (255, 255, 0), (0, 255, 255), (255, 0, 255), (0, 220, 0)
 
@@ -107,7 +106,8 @@ def test_save_overlay_sizes(tmp_path, image):
     image = np.random.default_rng(0).integers(0, 255, (60, 160, 3), dtype=np.uint8)
     prediction = _square((60, 160), 10, 20, 30)
     save_overlay(tmp_path / "plain.png", image, prediction)
-    save_overlay(tmp_path / "sub" / "full.png", image, prediction, prediction, np.random.default_rng(0).random((60, 160)),
+    uncertainty = np.random.default_rng(0).random((60, 160))
+    save_overlay(tmp_path / "sub" / "full.png", image, prediction, prediction, uncertainty,
                  title="case")
     with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "sub" / "full.png") as full:
         assert plain.format == "PNG" and plain.mode == "RGB"

@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli import assert_refused, nnunet_folders, run_batch, run_tool
+from PIL import Image
 from toy_data import write_toy_dataset
 
 DATASET_ID = 11
@@ -114,8 +113,9 @@ def test_stock_nnunet_finds_the_same_trainer_class(toy):
     code = ("import nndiffseg.trainers as t;"
             "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find;"
             "print(find('nnDiffSegTrainer') is t.nnDiffSegTrainer)")
-    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
     from pathlib import Path
+
+    from nndiffseg.ext_trainer import EXT_TRAINER_DIR
     same = subprocess.run([sys.executable, "-c", code], env={**os.environ, "nnUNet_extTrainer": EXT_TRAINER_DIR},
                           capture_output=True, text=True, check=True)
     assert same.stdout.strip().splitlines()[-1] == "True"

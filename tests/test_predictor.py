@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from PIL import Image
 from torch import nn
-
-from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import write_toy_dataset
+
 from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.inference.predictor import HeadPredictor
 

@@ -1,6 +1,5 @@
 """Calibration and failure-detection metrics, each against an independent hand computation, and
 nnDiffSeg_evaluate scoring probabilities (.npz) and uncertainty maps from a prediction folder."""
-import itertools
 import json
 import subprocess
 import sys
@@ -11,8 +10,15 @@ from PIL import Image
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.evaluate import evaluate_folders
-from nndiffseg.evaluation.uncertainty_metrics import (CalibrationCounts, aurc, case_spearman, normalized_entropy,
-                                                      pixel_auroc, risk_coverage, uncertainty_error_overlap)
+from nndiffseg.evaluation.uncertainty_metrics import (
+    CalibrationCounts,
+    aurc,
+    case_spearman,
+    normalized_entropy,
+    pixel_auroc,
+    risk_coverage,
+    uncertainty_error_overlap,
+)
 
 
 def hand_ece(p, y, bins=15):

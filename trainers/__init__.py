@@ -5,8 +5,13 @@ Every class in ``__all__`` is found by ``nnDiffSeg_train``/``nnDiffSeg_predict``
 """
 from nndiffseg.trainers.base import nnDiffSegTrainer
 from nndiffseg.trainers.guided import nnDiffSegTrainerGuided, nnDiffSegTrainerGuided_time
-from nndiffseg.trainers.latent import (nnDiffSegTrainerLatent, nnDiffSegTrainerLatent_fgWeight4,
-                                       nnDiffSegTrainerLatent_sd, nnDiffSegTrainerMaskVAE, nnDiffSegTrainerMaskVAE_sd)
+from nndiffseg.trainers.latent import (
+                                       nnDiffSegTrainerLatent,
+                                       nnDiffSegTrainerLatent_fgWeight4,
+                                       nnDiffSegTrainerLatent_sd,
+                                       nnDiffSegTrainerMaskVAE,
+                                       nnDiffSegTrainerMaskVAE_sd,
+)
 
 __all__ = ["nnDiffSegTrainer", "nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_sd", "nnDiffSegTrainerLatent",
            "nnDiffSegTrainerLatent_sd", "nnDiffSegTrainerLatent_fgWeight4", "nnDiffSegTrainerGuided",

@@ -27,8 +27,14 @@ from nndiffseg.checkpoints import read_network_weights
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import reconstruction_dice
 from nndiffseg.files import write_json
-from nndiffseg.latent.autoencoders import (LATENT_CHANNELS, build_autoencoder, build_denoiser, latent_downsampling,
-                                           load_pretrained_autoencoder, load_pretrained_denoiser)
+from nndiffseg.latent.autoencoders import (
+    LATENT_CHANNELS,
+    build_autoencoder,
+    build_denoiser,
+    latent_downsampling,
+    load_pretrained_autoencoder,
+    load_pretrained_denoiser,
+)
 from nndiffseg.latent.mask_autoencoder import MaskAutoencoder
 from nndiffseg.latent.segmenter import LatentSegmenter, PlannedImageEncoder
 from nndiffseg.mask_encoding import mask_channels
@@ -83,7 +89,8 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     # several times faster at 1e-3 than at 1e-4 in a first CPU trial (toy shapes, AdamW)
     initial_lr_by_preset = {"compact": 1e-3, "sd": 1e-5}
     training_options = nnDiffSegHeadTrainer.training_options + (
-        Option("sd_weights", "latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or 'random' "
+        Option("sd_weights", "latent trainers: Stable Diffusion weights, a diffusers repo id or local folder, or "
+                             "'random' "
                              "(default: stable-diffusion-v1-5 for the _sd trainers, random for the others)"),)
     option_checks = {"sd_weights": check_sd_weights}  # before any work
     downsampling: Optional[int] = None  # the autoencoders' factor; None: chosen from the patch (latent_downsampling)

@@ -114,7 +114,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
                                num_processes=1)
     print(format_table(summary))
     print(format_uncertainty_table(summary))
-    overlays = write_overlays(dataset / "imagesTs", predictions, out / "overlays", reference_folder=dataset / "labelsTs")
+    overlays = write_overlays(dataset / "imagesTs", predictions, out / "overlays",
+                              reference_folder=dataset / "labelsTs")
 
     print(f"\nDemo finished in {time.time() - start:.0f} s.")
     source = "spread" if guided else "entropy"
@@ -127,7 +128,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
     print(f"  summary:      {predictions / 'summary.json'} (figures: {predictions / FIGURES_FOLDER})")
     print(f"  overlays:     {out / 'overlays'} ({len(overlays)} PNGs: prediction yellow, reference green)")
     if guided:
-        print(f"  uncertainty:  {predictions / UNCERTAINTY_FOLDER} (per pixel, .npz and PNG; 0: the prior is sure and all "
+        print(f"  uncertainty:  {predictions / UNCERTAINTY_FOLDER} (per pixel, .npz and PNG; "
+              f"0: the prior is sure and all "
               f"samples agree)")
     print(f"  model:        {out / 'nnUNet_results'}")
     return summary
@@ -135,7 +137,8 @@ def run_demo(output_folder: str | Path = "demo_output", trainer: str = DEMO_TRAI
 
 def demo_entry() -> None:
     parser = argparse.ArgumentParser(description="Run nndiffseg end to end on a small synthetic dermoscopy dataset.")
-    parser.add_argument("-o", default="demo_output", help="folder for everything the demo writes (default: demo_output)")
+    parser.add_argument("-o", default="demo_output",
+                        help="folder for everything the demo writes (default: demo_output)")
     parser.add_argument("-tr", default=DEMO_TRAINER, help=f"trainer (default: {DEMO_TRAINER})")
     parser.add_argument("-device", default="cpu", help="cpu (default), cuda or mps")
     parser.add_argument("--num_epochs", type=int, default=DEMO_EPOCHS)

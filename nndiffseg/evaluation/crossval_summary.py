@@ -91,7 +91,8 @@ def pooled_validation_uncertainty(model: Path, folds: Sequence[int], gt_folder: 
             "failure_detection": summary["uncertainty"]["entropy"]["all_labels"]}
 
 
-def collect(results_folder: Path, info: dict, gt_folder: Optional[Path] = None, num_processes: int = 1) -> Dict[str, dict]:
+def collect(results_folder: Path, info: dict, gt_folder: Optional[Path] = None,
+            num_processes: int = 1) -> Dict[str, dict]:
     """Per model or ensemble identifier (nnU-Net's): fold Dice (models only), the pooled Dice and per-case Dice,
     and for models whose folds kept probabilities, with ``gt_folder`` given, their pooled uncertainty numbers."""
     folds = info["folds"]
@@ -138,7 +139,8 @@ def _markdown(rows: Dict[str, dict], folds: Sequence[int], best: str) -> str:
         lines += ["", "Calibration and failure detection of the validation probabilities (uncertainty: their "
                       "normalised entropy), all folds' validation cases pooled; nnDiffSeg_evaluate's metrics "
                       "(lower ECE, Brier and AURC and higher AUROC and Spearman are better):", "",
-                  "| model | " + " | ".join(UNCERTAINTY_COLUMNS) + " |", "|" + " --- |" * (len(UNCERTAINTY_COLUMNS) + 1)]
+                  "| model | " + " | ".join(UNCERTAINTY_COLUMNS) + " |",
+                  "|" + " --- |" * (len(UNCERTAINTY_COLUMNS) + 1)]
         for identifier, values in scored.items():
             cells = [values[block][key] for block, key in UNCERTAINTY_COLUMNS.values()]
             lines.append(f"| {_short(identifier)} | " + " | ".join(

@@ -17,7 +17,7 @@ import math
 import multiprocessing
 import os
 import sys
-from typing import Any, Iterable, Optional, Sequence, Type
+from typing import Any, Iterable, Optional, Type
 
 import numpy as np
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
@@ -26,8 +26,8 @@ from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determin
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
 from nndiffseg.evaluation.uncertainty_evaluation import case_uncertainty_data, find_case_files, summarize_uncertainty
-from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER
 from nndiffseg.files import write_json
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER
 from nndiffseg.utils import name_list
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.

@@ -15,9 +15,13 @@ from typing import Any, Optional
 import numpy as np
 
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.evaluation.uncertainty_metrics import (
+    CalibrationCounts,
+    failure_detection,
+    normalized_entropy,
+    subsample_indices,
+)
 from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY
-from nndiffseg.evaluation.uncertainty_metrics import (CalibrationCounts, failure_detection, normalized_entropy,
-                                                      subsample_indices)
 
 PROBABILITIES_KEY = "probabilities"  # nnU-Net's export_prediction_from_logits
 # Pixels per case kept for the pooled pixel AUROC and overlap: exact below, a seeded random subset above
@@ -104,7 +108,7 @@ def summarize_uncertainty(results: list[dict], case_entries: list[dict], labels:
                 "pixels": counts.count[counts.count > 0].tolist()}}
         summary["calibration"] = {
             "per_class": per_class,
-            "mean": {m: float(np.mean([per_class[str(l)][m] for l in labels])) for m in ("ece", "brier")}}
+            "mean": {m: float(np.mean([per_class[str(label)][m] for label in labels])) for m in ("ece", "brier")}}
     sources = list(results[0]["mean_uncertainty"]) if results else []
     if not sources:
         return summary

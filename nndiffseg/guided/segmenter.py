@@ -27,8 +27,15 @@ from nndiffseg.guided.fusion import FUSIONS, UNCERTAINTIES, fuse, uncertainty_ma
 from nndiffseg.head import DiffusionHead, HeadOutput, settings_from_signature
 from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.options import Option
-from nndiffseg.sampling import (NUM_TRAIN_TIMESTEPS, SAMPLING_OPTIONS, check_sampler, check_schedule, check_start,
-                                denoise, start_timestep)
+from nndiffseg.sampling import (
+    NUM_TRAIN_TIMESTEPS,
+    SAMPLING_OPTIONS,
+    check_sampler,
+    check_schedule,
+    check_start,
+    denoise,
+    start_timestep,
+)
 
 # The fused probabilities leave as their logarithm, so nnU-Net's softmax gives them back; the floor keeps
 # one sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.

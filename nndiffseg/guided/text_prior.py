@@ -74,7 +74,7 @@ def load_prompts_file(path) -> dict:
     return prompts
 
 
-def random_clip_model() -> "open_clip.CLIP":
+def random_clip_model() -> torch.nn.Module:
     """The tiny text encoder behind ``clip_model="random"``: the same weights on every call."""
     import open_clip
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random stream

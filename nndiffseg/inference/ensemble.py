@@ -23,8 +23,15 @@ from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.inference.pooled_spread import PooledSpread
-from nndiffseg.inference.prediction_folder import (RECORD_FILES, UNCERTAINTY_FOLDER, UNCERTAINTY_KEY, case_outputs,
-                                                   read_record, uncertainty_file, write_record)
+from nndiffseg.inference.prediction_folder import (
+    RECORD_FILES,
+    UNCERTAINTY_FOLDER,
+    UNCERTAINTY_KEY,
+    case_outputs,
+    read_record,
+    uncertainty_file,
+    write_record,
+)
 
 
 def _cases_with_probabilities(folder: Path, file_ending: str) -> Dict[str, bool]:

@@ -22,12 +22,20 @@ from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.files import remove_partials
 from nndiffseg.head import HeadOutput
-from nndiffseg.test_seam import HOOK_ENV, reached
-from nndiffseg.inference.prediction_folder import (PREDICT_ARGS_FILE, RECORD_FILES, SAMPLES_FOLDER, case_outputs,
-                                                   export_label_map, is_predicted, read_record, write_record)
+from nndiffseg.inference.prediction_folder import (
+    PREDICT_ARGS_FILE,
+    RECORD_FILES,
+    SAMPLES_FOLDER,
+    case_outputs,
+    export_label_map,
+    is_predicted,
+    read_record,
+    write_record,
+)
 from nndiffseg.inference.predictor import HeadPredictor
 from nndiffseg.planning import PLANS_NAME
 from nndiffseg.pools import quiet_pool, stop_pool
+from nndiffseg.test_seam import HOOK_ENV, reached
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id, name_list
 
 # The trainers (diffusers, open_clip) and the uncertainty export are imported where they are used; the export

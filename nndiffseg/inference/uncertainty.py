@@ -61,4 +61,5 @@ def export_samples(samples: torch.Tensor, properties: dict, configuration_manage
             probabilities.clamp_min(1e-4).log(), plans_manager, configuration_manager, label_manager, properties)
         folder = output_folder / SAMPLES_FOLDER / f"sample_{k}"
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / f"{case}{ending}", lambda name: writer.write_seg(segmentation, name, properties))
+        write_atomically(folder / f"{case}{ending}",
+                         lambda name, seg=segmentation: writer.write_seg(seg, name, properties))

@@ -14,13 +14,17 @@ from typing import List, Optional, Sequence, Type
 import nnunetv2
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2 import paths as nnunet_paths
-from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                  plan_experiment_dataset, preprocess_dataset)
 from nnunetv2.experiment_planning import verify_dataset_integrity as nnunet_verify_module
 from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor as nnunet_fingerprint_module
-from nnunetv2.experiment_planning.verify_dataset_integrity import \
-    verify_dataset_integrity as nnunet_verify_dataset_integrity
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+    extract_fingerprint_dataset,
+    plan_experiment_dataset,
+    preprocess_dataset,
+)
+from nnunetv2.experiment_planning.verify_dataset_integrity import (
+    verify_dataset_integrity as nnunet_verify_dataset_integrity,
+)
 from nnunetv2.preprocessing.preprocessors import default_preprocessor as nnunet_preprocessor_module
 from nnunetv2.utilities import utils as nnunet_utils_module
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class

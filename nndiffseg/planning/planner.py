@@ -57,5 +57,6 @@ class nnDiffSegPlanner(ExperimentPlanner):
             "n_conv_per_stage_decoder": self.UNet_blocks_per_stage_decoder[:num_stages - 1],
         })
         # the larger patch covers more of the dataset per batch: re-apply nnU-Net's 5 % cap
-        max_batch = round(approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64))
+        patch_voxels = np.prod(patch_size, dtype=np.float64)
+        max_batch = round(approximate_n_voxels_dataset * self.max_dataset_covered / patch_voxels)
         plan["batch_size"] = max(min(plan["batch_size"], max_batch), self.UNet_min_batch_size)

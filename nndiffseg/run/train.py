@@ -19,8 +19,15 @@ from nndiffseg.checkpoints import CONTINUE_CHECKPOINTS, load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.files import write_atomically
 from nndiffseg.planning import PLANS_NAME
-from nndiffseg.run.checks import (check_earlier_run, check_enough_cases, check_fold, check_option_values,
-                                  check_preprocessed_data, load_plans, parse_fold)
+from nndiffseg.run.checks import (
+    check_earlier_run,
+    check_enough_cases,
+    check_fold,
+    check_option_values,
+    check_preprocessed_data,
+    load_plans,
+    parse_fold,
+)
 from nndiffseg.run.fold_lock import fold_lock
 from nndiffseg.utils import check_nnunet_paths, cpu_threads, dataset_name_from_id
 

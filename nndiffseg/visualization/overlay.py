@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from nndiffseg.files import write_atomically
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.files import write_atomically
 
 # Foreground class c is drawn in PALETTE[(c - 1) % len(PALETTE)]; green is kept for the reference.
 PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -166,7 +166,8 @@ def save_overlay(out_png: str | Path, image: np.ndarray, prediction: np.ndarray,
         if uncertainty.ndim == 3 and uncertainty.shape[0] == 1:
             uncertainty = uncertainty[0]
         if uncertainty.shape != prediction.shape:
-            raise NnDiffSegError(f"uncertainty shape {uncertainty.shape} differs from prediction shape {prediction.shape}")
+            raise NnDiffSegError(f"uncertainty shape {uncertainty.shape} differs from prediction shape "
+                                 f"{prediction.shape}")
         vmax = _uncertainty_vmax(uncertainty, uncertainty_vmax)
         panels.append(uncertainty_panel(uncertainty, vmax))
     factor = max(1, -(-min_panel_width // prediction.shape[1])) if min_panel_width else 1
