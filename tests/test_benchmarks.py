@@ -9,6 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import Model, Scenario, main, table  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 TINY = Scenario("tiny", [Model("nnUNetTrainer"), Model("nnDiffSegTrainerLatent")], size=64, num_train=6, num_test=3,
                 epochs=1, iters=2)
 

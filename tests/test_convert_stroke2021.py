@@ -31,6 +31,8 @@ from nndiffseg.dataset_conversion.stroke2021_fixture import (
     write_stroke2021_fixture,
 )
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 MODULE = "nndiffseg.dataset_conversion.stroke2021"
 LABELS = {"background": 0, "ischemic": 1, "hemorrhagic": 2}
 

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 61
 
 

@@ -3,6 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 
 def run_demo(*args):
     return subprocess.run([sys.executable, "-m", "nndiffseg.demo.run_demo", *map(str, args)],

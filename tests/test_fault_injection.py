@@ -23,6 +23,8 @@ from toy_data import write_toy_dataset
 
 from nndiffseg.test_seam import HOOK_ENV, MARKER, reached
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 TOY, LABELS_0_2, ORPHAN_LABEL, BAD_JSON = 41, 42, 43, 44
 TRAINER = "nnDiffSegTrainer"
 MODEL = f"{TRAINER}__nnDiffSegPlans__2d"

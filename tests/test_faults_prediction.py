@@ -13,6 +13,8 @@ from PIL import Image
 
 from nndiffseg.errors import NnDiffSegError
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 CT_JSON = {"channel_names": {"0": "CT", "1": "CT2"}, "file_ending": ".mha", "labels": {"background": 0, "lesion": 1}}
 
 

@@ -25,6 +25,8 @@ from toy_data import write_toy_dataset
 
 from nndiffseg.errors import NnDiffSegError, Terminated
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 TOY = 45
 CASES = 6
 IN_TRANSFER = {HOOK_ENV: "pool_result_transfer:pause"}

@@ -12,6 +12,8 @@ from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_too
 from test_fault_injection import tree_hashes
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 46
 SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 1]
 # a run the fix should refuse at once would otherwise train; none may run long

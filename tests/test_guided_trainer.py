@@ -11,6 +11,8 @@ from PIL import Image
 from resume import assert_same_weights, crash_after_first_epoch, uninterrupted_results
 from toy_data import assert_beats_trivial_rules, write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 41
 # the learning run: 3-class toy discs (48 x 64 images, patch 64 x 64), 2 x 20 iterations of batch 2, about
 # 90 s on one thread with planning, the final validation and the predictions

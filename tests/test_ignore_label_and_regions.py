@@ -9,6 +9,8 @@ from cli import assert_refused, nnunet_folders, run_tool
 from PIL import Image
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 IGNORE_ID, REGIONS_ID = 71, 72
 SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
 

@@ -12,6 +12,8 @@ from cli import run_tool
 from conftest import REPO_ROOT
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 
 def test_normal_install_keeps_everything_inside_the_nndiffseg_package(tmp_path):
     source = tmp_path / "src"

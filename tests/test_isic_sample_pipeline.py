@@ -11,6 +11,8 @@ from cli import nnunet_folders, run_tool
 from PIL import Image
 from toy_data import nearest_mean_colour_rule
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 17
 
 

@@ -6,6 +6,8 @@ import pytest
 from cli import PLAN_QUICKLY, nnunet_folders, run_tool
 from toy_data import assert_beats_trivial_rules, write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 NOISE = 60
 # per number of classes: epochs x iterations, plus the mask autoencoder stage (at most as many epochs)
 RUN_LENGTH = {2: (3, 20), 3: (4, 20)}

@@ -11,6 +11,8 @@ from PIL import Image
 from resume import assert_same_weights, crash_after_first_epoch
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 31
 SHORT = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 4]
 # seeded, so that a run interrupted in either stage and resumed must end with these weights; the mask

@@ -16,6 +16,8 @@ from PIL import Image
 from scipy import ndimage
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 71
 TRAINERS = ("nnUNetTrainer", "nnDiffSegTrainerGuided")  # predicted, ensembled and postprocessed
 SELECTED_FROM = (*TRAINERS, "nnDiffSegTrainerLatent")  # cross-validated and compared (its mask autoencoder stage too)

@@ -11,6 +11,8 @@ from cli import assert_refused, nnunet_folders, run_batch, run_tool
 from PIL import Image
 from toy_data import write_toy_dataset
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 DATASET_ID = 11
 RUN_LENGTH = ["--num_epochs", "3", "--iters_per_epoch", "10"]
 

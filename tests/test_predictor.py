@@ -15,6 +15,8 @@ from toy_data import write_toy_dataset
 from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.inference.predictor import HeadPredictor
 
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
 PATCH = [16, 16]
 
 
