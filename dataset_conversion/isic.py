@@ -34,9 +34,10 @@ from nndiffseg.dataset_conversion.common import (
     staged_folder,
 )
 
-# See benchmarks/isic_max_size.py: on the real ISIC 2017 sample (masks up to 1024 px) a 512 px round trip (shrink,
-# then scale back to the original size, both nearest) costs the lesion masks 0.43 Dice points on average (256:
-# 0.82, 384: 0.60, 768: 0.22), below the 0.5-point budget, while images and nnU-Net's preprocessing shrink 4-100x.
+# See docs/benchmarks.md, "ISIC --max_size": on the real ISIC 2017 sample (masks up to 1024 px) a 512 px round
+# trip (shrink, then scale back to the original size, both nearest) costs the lesion masks 0.43 Dice points on
+# average (256: 0.82, 384: 0.60, 768: 0.22), below the 0.5-point budget, while images and nnU-Net's preprocessing
+# shrink 4-100x.
 DEFAULT_MAX_SIZE = 512
 
 IMAGE_NAME = re.compile(r"ISIC_(\d+)\.(?:jpe?g|png)", re.IGNORECASE)
@@ -479,7 +480,7 @@ def convert_isic_entry() -> None:
     parser.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE,
                         help=f"shrink images whose longer side exceeds this many pixels (never enlarges; 0 keeps "
                              f"the original size). Default {DEFAULT_MAX_SIZE}: shrinking the masks to 512 px and "
-                             f"back costs them 0.4 Dice points on average (benchmarks/isic_max_size.py), while "
+                             f"back costs them 0.4 Dice points on average (docs/benchmarks.md), while "
                              f"the originals (up to 6000 px) make preprocessing and training far slower")
     run_converter(parser, convert_isic)
 

@@ -540,7 +540,7 @@ def _square_cases(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch
 
 def trained_square_head(settings: dict, seed: int, steps: int) -> tuple[GuidedSegmenter, np.random.Generator]:
     """A tiny guided head with ``settings`` trained ``steps`` steps (batch 8, AdamW 2e-3) on _square_cases, in
-    eval mode, and the case generator to draw new cases from (also used by benchmarks/guided_toy_doubt.py)."""
+    eval mode, and the case generator to draw new cases from (also used by a toy study in docs/benchmarks.md)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     prior = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
@@ -564,7 +564,7 @@ def test_default_samples_differ_where_the_answer_is_a_coin_flip_and_agree_where_
     The spread comes from how the trained network answers its noise input (an exact posterior-mean x0 model
     would give no spread at one step: see the test above); training leaves that answer noise-dependent where
     the target itself is. Measured with 8 samples over seeds
-    0-3 after 200 to 1000 steps (and benchmarks/guided_toy_doubt.py): spread 0.11-0.21 on the coin-flip block
+    0-3 after 200 to 1000 steps (and docs/benchmarks.md's toy study): spread 0.11-0.21 on the coin-flip block
     against 0.01-0.03 elsewhere, all 8 thresholded samples agreeing on 0-26 % of the coin-flip pixels and on
     99.9-100 % of the others."""
     segmenter, rng = trained_square_head(TRAINER_HEAD_SETTINGS, seed=0, steps=300)

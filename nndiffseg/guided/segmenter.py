@@ -59,12 +59,12 @@ class GuidedSegmenter(DiffusionHead):
 
     # The defaults are nnDiffSegTrainerGuided's recipe; a checkpoint keeps the settings it was trained with.
     # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300
-    # iterations with x0 and 0.27 / 0.29 with noise prediction (benchmarks/guided_design_choices.py). Sampling
+    # iterations with x0 and 0.27 / 0.29 with noise prediction (docs/benchmarks.md, "prediction type"). Sampling
     # (one DDIM step x 3 samples): on the real ISIC sample every stochastic or multi-step sampler lost Dice, and
     # 3 samples are what fits 10x nnU-Net's time; the map adds the prior's variance to the samples' ("total": a
     # better pixel AUROC than the spread alone in four runs), and the samples' mean is averaged with the prior's
     # probabilities ("with_prior": the rule's choice on held-out fold 2, Dice +1.7 points;
-    # benchmarks/guided_uncertainty.py). prior_weight 10 is GuidedDiff's.
+    # docs/benchmarks.md, "Guided uncertainty"). prior_weight 10 is GuidedDiff's.
     @settings_from_signature
     def __init__(self, prior: nn.Module, denoiser: GuidedDenoiser, prediction_type: str = "sample",
                  schedule: str = "linear", sampler: str = "ddim", steps: int = 1, num_samples: int = 3,
