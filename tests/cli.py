@@ -38,6 +38,16 @@ def nnunet_folders(root: Path) -> dict:
     return env
 
 
+def planned_toy(root: Path, dataset_id: int, **toy) -> tuple[dict, Path]:
+    """A toy dataset (``toy_data.write_toy_dataset``'s keywords) in nnU-Net folders of its own under ``root``, planned
+    and preprocessed: (the environment for the tools, its raw folder)."""
+    from toy_data import write_toy_dataset
+    env = nnunet_folders(root)
+    raw = write_toy_dataset(root / "nnUNet_raw", dataset_id, **toy)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", dataset_id, *PLAN_QUICKLY, env=env)
+    return env, raw
+
+
 def run_tool(name: str, *args, env: dict | None = None, check: bool = True,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """Our tools run as ``python -m module`` (same code as the console scripts); others (nnUNetv2_*) by

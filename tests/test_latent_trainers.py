@@ -6,10 +6,9 @@ import os
 
 import numpy as np
 import pytest
-from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
+from cli import assert_refused, planned_toy, run_batch, run_tool
 from PIL import Image
 from resume import assert_same_weights, crash_after_first_epoch
-from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
 
@@ -25,9 +24,7 @@ MASK_VAE, LATENT = "nnDiffSegTrainerMaskVAE__nnDiffSegPlans__2d", "nnDiffSegTrai
 @pytest.fixture(scope="module")
 def latent(module_tmp):
     root = module_tmp("latent")
-    env = nnunet_folders(root)
-    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=10, num_test=2, num_classes=2)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
+    env, raw = planned_toy(root, DATASET_ID, num_train=10, num_test=2, num_classes=2)
     seg = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerLatent", *SEEDED, env=env)
     return {"root": root, "env": env, "raw": raw, "seg_log": seg.stdout,
             "results": root / "nnUNet_results" / raw.name}

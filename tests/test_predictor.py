@@ -6,11 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cli import PLAN_QUICKLY, nnunet_folders, run_tool
+from cli import planned_toy, run_tool
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from PIL import Image
 from torch import nn
-from toy_data import write_toy_dataset
 
 from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.inference.predictor import HeadPredictor
@@ -84,9 +83,7 @@ DATASET_ID = 45
 @pytest.fixture(scope="module")
 def guided(module_tmp):
     root = module_tmp("predictor")
-    env = nnunet_folders(root)
-    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=6, num_test=2, num_classes=2)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
+    env, raw = planned_toy(root, DATASET_ID, num_train=6, num_test=2, num_classes=2)
     run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
              "--num_epochs", 1, "--iters_per_epoch", 1, "--clip_model", "random", env=env)
     return {"root": root, "env": env, "raw": raw}
