@@ -125,8 +125,9 @@ class ConfiguredModule(nn.Module):
 
 
 class DiffusionHead(ConfiguredModule):
-    prediction_options: Tuple[Option, ...] = ()  # what nnDiffSeg_predict may override (--steps, --sampler, ...)
-    has_uncertainty: bool = False  # True for heads whose HeadOutput carries an uncertainty map
+    # what nnDiffSeg_predict may override (--steps, --sampler, ...); a head that declares num_samples draws samples,
+    # and its HeadOutput carries them and an uncertainty map (the ``uncertainty`` setting names which)
+    prediction_options: Tuple[Option, ...] = ()
     sample_clip: Optional[float] = 1.0  # the clean sample's bound while sampling (sampling.sampling_scheduler)
 
     def __init__(self):

@@ -22,7 +22,6 @@ PATCH = [16, 16]
 class PixelHead(DiffusionHead):
     """A per-pixel head (1x1 convolution), so tiling and mirroring leave each pixel's output as it is: the
     stitched fields must be the head's outputs on the whole image. Uncertainty: |first channel|."""
-    has_uncertainty = True
 
     def __init__(self, seed: int):
         super().__init__()

@@ -55,7 +55,6 @@ class GuidedSegmenter(DiffusionHead):
         Option("uncertainty", "the uncertainty map: the samples' spread, or total (the prior's own variance added "
                               "to the samples')", choices=UNCERTAINTIES))
     legacy_defaults = {"eta": 0.0, "strength": 1.0, "uncertainty": "spread"}
-    has_uncertainty = True
 
     # The defaults are nnDiffSegTrainerGuided's recipe; a checkpoint keeps the settings it was trained with.
     # x0 ("sample") prediction: on 3-class toy discs one DDIM-10 sample reached Dice 0.99 / 1.00 after 300

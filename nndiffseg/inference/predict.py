@@ -240,8 +240,9 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     trainer_class = find_trainer_class(trainer)
     options = check_options(trainer_class, inference_options or {}, PREDICT)
     head_class = getattr(trainer_class, "head_class", None)
+    samples_drawn = any(o.name == "num_samples" for o in getattr(head_class, "prediction_options", ()))
     for flag, wanted in (("--save_uncertainty", save_uncertainty), ("--save_samples", save_samples)):
-        if wanted and not getattr(head_class, "has_uncertainty", False):
+        if wanted and not samples_drawn:
             raise NnDiffSegError(f"{trainer} draws no samples, so it has no {flag[7:]} to save ({flag} is for the "
                                  f"guided diffusion trainers)")
     model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)

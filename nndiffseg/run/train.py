@@ -301,9 +301,9 @@ def train_entry() -> None:
     parser.add_argument("dataset_name_or_id", help="dataset name or ID")
     parser.add_argument("configuration", help="configuration, e.g. 2d")
     parser.add_argument("fold", help="fold of nnU-Net's 5-fold cross-validation (0-4) or 'all'")
-    parser.add_argument("-tr", dest="trainer_name", default="nnUNetTrainer",
+    parser.add_argument("-tr", dest="trainer_name", metavar="TR", default="nnUNetTrainer",
                         help="trainer class (default: nnUNetTrainer)")
-    parser.add_argument("-p", dest="plans_identifier", default=PLANS_NAME,
+    parser.add_argument("-p", dest="plans_identifier", metavar="P", default=PLANS_NAME,
                         help=f"plans identifier (default: {PLANS_NAME})")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
     parser.add_argument("-num_gpus", type=int, default=1,
