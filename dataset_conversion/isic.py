@@ -12,17 +12,17 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from nndiffseg.dataset_conversion.common import (
     DEFAULT_NUM_PROCESSES,
     DatasetConversionError,
+    check_num_processes,
+    check_same_size,
     check_target_free,
     converter_parser,
     dataset_folder_name,
@@ -30,6 +30,8 @@ from nndiffseg.dataset_conversion.common import (
     nnunet_raw_folder,
     refuse_non_finite,
     run_converter,
+    run_jobs,
+    save_png,
     source_folder,
     staged_folder,
 )
@@ -347,21 +349,13 @@ def rgb8(image: Image.Image, path: Path) -> Image.Image:
         f"greyscale JPEG or PNG")
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    image.info = {}  # no ICC profile, text chunks, ... from the source: the output depends on the pixels alone
-    image.save(path, format="PNG", compress_level=1)  # 3x faster than the default 6 for ~15% larger files
-
-
 def convert_case(job: CaseJob) -> bool:
     """Write one case's image (and label); returns whether it was shrunk. Runs in the worker processes."""
     image = load_image(job.image, "image")
     label = None
     if job.mask is not None:
         mask = load_image(job.mask, "mask")
-        if mask.size != image.size:
-            raise DatasetConversionError(
-                f"size mismatch: image {job.image} is {image.size[0]}x{image.size[1]} px but mask {job.mask} is "
-                f"{mask.size[0]}x{mask.size[1]} px")
+        check_same_size("image", job.image, image.size, "mask", job.mask, mask.size)
         values = _mask_values(mask, job.mask)
         _check_binary(values, job.mask)
         label = Image.fromarray((values == 255).astype(np.uint8))
@@ -372,9 +366,9 @@ def convert_case(job: CaseJob) -> bool:
         image = image.resize(size, Image.Resampling.LANCZOS)
         if label is not None:
             label = label.resize(size, Image.Resampling.NEAREST)  # nearest keeps the label binary
-    _save_png(image, job.image_out)
+    save_png(image, job.image_out)
     if label is not None:
-        _save_png(label, job.label_out)
+        save_png(label, job.label_out)
     return shrunk
 
 
@@ -390,22 +384,6 @@ def _jobs(cases: list[Case], dataset: Path, max_size: int) -> list[CaseJob]:
     for folder in sorted({j.image_out.parent for j in jobs} | {j.label_out.parent for j in jobs if j.label_out}):
         folder.mkdir(parents=True)
     return jobs
-
-
-def _run(jobs: list[CaseJob], num_processes: int, description: str) -> int:
-    """Convert all cases, in ``num_processes`` processes; returns how many were shrunk. A worker's
-    DatasetConversionError is re-raised here as is (it pickles as its message)."""
-    if num_processes == 1 or len(jobs) < 2:
-        return _count_shrunk(map(convert_case, jobs), len(jobs), description)
-    # the pool forks before tqdm starts its monitor thread; imap keeps the order, so with several bad files the
-    # first one (sorted) is the one reported
-    with Pool(min(num_processes, len(jobs))) as pool:
-        return _count_shrunk(pool.imap(convert_case, jobs, chunksize=2), len(jobs), description)
-
-
-def _count_shrunk(results: Iterable[bool], total: int, description: str) -> int:
-    with tqdm(results, total=total, desc=description, unit="case") as bar:
-        return sum(bar)
 
 
 def _description(release: ReleaseSpec, layout: IsicLayout, max_size: int) -> str:
@@ -454,15 +432,14 @@ def convert_isic(source: str | Path, dataset_id: int, max_size: int = DEFAULT_MA
     """Convert the ISIC release in ``source`` to ``$nnUNet_raw/Dataset<ID>_ISIC<year>``; returns that folder."""
     if max_size < 0:
         raise DatasetConversionError(f"--max_size must be 0 (keep the size) or positive, got {max_size}")
-    if num_processes < 1:
-        raise DatasetConversionError(f"-np must be at least 1, got {num_processes}")
+    check_num_processes(num_processes)
     raw = nnunet_raw_folder()
     layout = detect_isic_layout(source)
     target = check_target_free(raw, dataset_id, dataset_folder_name(dataset_id, f"ISIC{layout.year}"), overwrite)
     cases, skipped = collect_cases(layout)
     with staged_folder(target) as stage:
         jobs = _jobs(cases, stage, max_size)
-        shrunk = _run(jobs, num_processes, f"ISIC {layout.year}")
+        shrunk = sum(run_jobs(convert_case, jobs, num_processes, f"ISIC {layout.year}", "case"))
         num_training = sum(1 for c in cases if c.split.destination == "Tr")
         _write_dataset_json(stage, layout, num_training, max_size)
     print(_summary(target, layout, cases, skipped, shrunk, max_size))

@@ -21,24 +21,26 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
-from tqdm import tqdm
 
 from nndiffseg.dataset_conversion.common import (
     DEFAULT_NUM_PROCESSES,
     DatasetConversionError,
+    check_num_processes,
+    check_same_size,
     check_target_free,
     converter_parser,
     dataset_folder_name,
     load_image,
     nnunet_raw_folder,
     run_converter,
+    run_jobs,
+    save_png,
     source_folder,
     staged_folder,
 )
@@ -59,9 +61,12 @@ ISCHEMIA_COLOUR = (0, 0, 255)  # MASK colours as the competition's info note giv
 HEMORRHAGE_COLOUR = (0, 255, 0)
 COLOUR_NAMES = {ISCHEMIA_COLOUR: "blue", HEMORRHAGE_COLOUR: "green"}
 IMAGE_MODES = ("png", "dicom")
+FILE_ENDING = {"png": ".png", "dicom": ".nii.gz"}
+READER_WRITER = {"png": "NaturalImage2DIO", "dicom": "SimpleITKIO"}
+# "CT" selects nnU-Net's CT normalisation (dataset-wide HU percentiles); anything else is z-scored per image
+CHANNEL_NAME = {"png": "windowed CT", "dicom": "CT"}
 SPLITS = ("sdmcseg", "nnunet")
 SPLIT_SEED = 0
-LAYOUT_KINDS = ("competition", "ministry", "sdmcseg")
 MINISTRY_SEARCH_DEPTH = 4
 IGNORED_FOLDERS = {"__macosx"}  # macOS zips mirror the whole tree there, with "._" resource-fork files
 LEAKAGE_WARNING = ("splits are per slice: the release has no patient IDs, so slices of one patient can fall into "
@@ -72,11 +77,10 @@ RELEASE = ("Artificial Intelligence in Healthcare Competition (TEKNOFEST 2021) s
            "of Health (acikveri.saglik.gov.tr)")
 LICENCE = "see the release's terms at acikveri.saglik.gov.tr (SDMC-Seg's preparation lists CC-BY-SA 4.0)"
 
-# Class folder names per layout, as name keys (see name_key); the Ministry's are matched as words inside longer
-# names ("Kanama Veri Seti", "İnme Yok_kronik süreç_diğer Veri Set_PNG").
-COMPETITION_CLASSES = {"iskemi": "ischemic", "kanama": "hemorrhagic", "inmeyok": "nonstroke"}
-SDMCSEG_CLASSES = {"ischemic": "ischemic", "hemorrhagic": "hemorrhagic", "nonstroke": "nonstroke"}
-MINISTRY_CLASS_WORDS = {"iskemi": "ischemic", "kanama": "hemorrhagic", "inmeyok": "nonstroke"}
+# Class folder names as name keys (see name_key): the competition's and SDMC-Seg's folders are named so; the
+# Ministry's hold the Turkish ones as words inside longer names ("Kanama Veri Seti", "İnme Yok_..._PNG").
+TURKISH_CLASSES = {"iskemi": "ischemic", "kanama": "hemorrhagic", "inmeyok": "nonstroke"}
+ENGLISH_CLASSES = {c: c for c in CATEGORIES}
 DATA_KINDS = ("png", "overlay", "mask", "dicom")  # subfolder keys: PNG, OVERLAY, MASK, DICOM
 KIND_TITLE = {"png": "PNG", "overlay": "OVERLAY", "mask": "MASK", "dicom": "DICOM"}
 FILE_SUFFIX = {"png": ".png", "overlay": ".png", "mask": ".png", "dicom": ".dcm"}
@@ -200,7 +204,7 @@ def _ministry_candidates(folder: Path, depth: int, claimed: frozenset[Path]) -> 
         if sub in claimed:
             continue
         key = name_key(sub.name)
-        category = next((c for word, c in MINISTRY_CLASS_WORDS.items() if word in key), None)
+        category = next((c for word, c in TURKISH_CLASSES.items() if word in key), None)
         if category is not None:
             if "png" in _keyed_subfolders(sub):
                 yield category, sub
@@ -260,7 +264,7 @@ def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
     """Which of the release's three layouts ``source`` holds (from folder names only) and its class folders."""
     source = source_folder(source)
     found = {kind: _named_classes(source, names)
-             for kind, names in (("competition", COMPETITION_CLASSES), ("sdmcseg", SDMCSEG_CLASSES))}
+             for kind, names in (("competition", TURKISH_CLASSES), ("sdmcseg", ENGLISH_CLASSES))}
     layouts = {kind: list(folders.values()) for kind, folders in found.items() if folders is not None}
     roles = _ministry_roles(source, frozenset(f for folders in layouts.values() for f in folders))
     if roles:
@@ -392,17 +396,6 @@ class SliceResult:
     dicom: DicomSliceInfo | None = None  # --images dicom
 
 
-def _size_text(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]} px"
-
-
-def _check_same_size(png: Path, png_size: tuple[int, int], other: Path, other_size: tuple[int, int],
-                     what: str) -> None:
-    if png_size != other_size:
-        raise DatasetConversionError(
-            f"size mismatch: PNG slice {png} is {_size_text(png_size)} but {what} {other} is {_size_text(other_size)}")
-
-
 def _grey_slice(image: Image.Image, path: Path) -> np.ndarray:
     """The 8-bit windowed slice as a 2D array; grey stored as RGB(A) is accepted, alpha is ignored."""
     if image.mode == "L":
@@ -490,10 +483,6 @@ def _write_nifti(pixels: np.ndarray, spacing: tuple[float, float], path: Path) -
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def _save_png(pixels: np.ndarray, path: Path) -> None:
-    Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
-
-
 def _lesion_labels(job: SliceJob, grey: np.ndarray, png_size: tuple[int, int]
                    ) -> tuple[np.ndarray, tuple[tuple[int, int, int], ...]]:
     item = job.item
@@ -501,11 +490,11 @@ def _lesion_labels(job: SliceJob, grey: np.ndarray, png_size: tuple[int, int]
         return np.zeros(grey.shape, np.uint8), ()
     if item.mask is not None:
         mask = load_image(item.mask, "MASK")
-        _check_same_size(item.png, png_size, item.mask, mask.size, "MASK")
+        check_same_size("PNG slice", item.png, png_size, "MASK", item.mask, mask.size)
         return labels_from_mask(np.asarray(mask.convert("RGB")), item.mask, job.ischemia_colour,
                                 job.hemorrhage_colour)
     overlay = load_image(item.overlay, "OVERLAY")
-    _check_same_size(item.png, png_size, item.overlay, overlay.size, "OVERLAY")
+    check_same_size("PNG slice", item.png, png_size, "OVERLAY", item.overlay, overlay.size)
     return labels_from_overlay(np.asarray(overlay.convert("RGB")), grey, CATEGORY_LABEL[item.category]), ()
 
 
@@ -530,24 +519,14 @@ def convert_slice(job: SliceJob) -> SliceResult:
     lesion_pixels = (int((labels == 1).sum()), int((labels == 2).sum()))
     if job.images == "dicom":
         hu, dicom = read_dicom_hu(item.dicom)
-        _check_same_size(item.png, png.size, item.dicom, (hu.shape[1], hu.shape[0]), "DICOM")
+        check_same_size("PNG slice", item.png, png.size, "DICOM", item.dicom, (hu.shape[1], hu.shape[0]))
         _write_nifti(hu, dicom.spacing, job.out_folder / f"{item.case_id}_0000.nii.gz")
         _write_nifti(labels, dicom.spacing, job.out_folder / f"{item.case_id}.nii.gz")
         return SliceResult(item.case_id, item.category, None, lesion_pixels, colours,
                            (float(hu.min()), float(hu.max())), dicom)
-    _save_png(grey, job.out_folder / f"{item.case_id}_0000.png")
-    _save_png(labels, job.out_folder / f"{item.case_id}.png")
+    save_png(grey, job.out_folder / f"{item.case_id}_0000.png")
+    save_png(labels, job.out_folder / f"{item.case_id}.png")
     return SliceResult(item.case_id, item.category, None, lesion_pixels, colours)
-
-
-def _run(jobs: list[SliceJob], num_processes: int) -> list[SliceResult]:
-    """Convert all slices in ``num_processes`` processes, in order. A worker's DatasetConversionError comes back
-    as is (it pickles as its message); imap keeps the order, so of several bad files the first is reported."""
-    if num_processes == 1 or len(jobs) < 2:
-        return list(tqdm(map(convert_slice, jobs), total=len(jobs), desc=DATASET_NAME, unit="slice"))
-    with Pool(min(num_processes, len(jobs))) as pool:  # forks before tqdm starts its monitor thread
-        return list(tqdm(pool.imap(convert_slice, jobs, chunksize=4), total=len(jobs), desc=DATASET_NAME,
-                         unit="slice"))
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -590,24 +569,6 @@ def split_by_category(kept: dict[str, list[str]], split: str) -> dict[str, Slice
 
 # ---------------------------------------------------------------------------------------------- output
 
-@dataclass(frozen=True)
-class OutputFormat:
-    images: str
-
-    @property
-    def file_ending(self) -> str:
-        return ".png" if self.images == "png" else ".nii.gz"
-
-    @property
-    def channel_names(self) -> dict[str, str]:
-        # "CT" selects nnU-Net's CT normalisation (dataset-wide HU percentiles); anything else is z-scored per image
-        return {"0": "windowed CT"} if self.images == "png" else {"0": "CT"}
-
-    @property
-    def reader_writer(self) -> str:
-        return "NaturalImage2DIO" if self.images == "png" else "SimpleITKIO"
-
-
 def _move_into_place(stage: Path, pending: Path, splits: dict[str, SliceSplit], ending: str) -> None:
     for category_split in splits.values():
         for part, ids in (("Tr", category_split.train + category_split.val), ("Ts", category_split.test)):
@@ -619,8 +580,8 @@ def _move_into_place(stage: Path, pending: Path, splits: dict[str, SliceSplit], 
     pending.rmdir()
 
 
-def _description(layout: Stroke2021Layout, fmt: OutputFormat, split: str, include_nonstroke: bool) -> str:
-    images = ("brain-windowed PNG slices (8 bit, one channel)" if fmt.images == "png"
+def _description(layout: Stroke2021Layout, images: str, split: str, include_nonstroke: bool) -> str:
+    images = ("brain-windowed PNG slices (8 bit, one channel)" if images == "png"
               else "DICOM slices in Hounsfield units (NIfTI, pixel spacing kept)")
     split_text = ("SDMC-Seg's split: 80/10/10 % per class with seed 0; test slices in imagesTs/labelsTs, "
                   "fold 0 of splits_final.json = its train/val" if split == "sdmcseg"
@@ -630,14 +591,15 @@ def _description(layout: Stroke2021Layout, fmt: OutputFormat, split: str, includ
             f"layout; {classes}; images: {images}; {split_text}. Warning: {LEAKAGE_WARNING}.")
 
 
-def _write_dataset_json(dataset: Path, layout: Stroke2021Layout, fmt: OutputFormat, num_training: int, split: str,
+def _write_dataset_json(dataset: Path, layout: Stroke2021Layout, images: str, num_training: int, split: str,
                         include_nonstroke: bool) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     generate_dataset_json(
-        str(dataset), fmt.channel_names, dict(LABELS), num_training, fmt.file_ending, dataset_name=DATASET_NAME,
-        reference=REFERENCE, release=RELEASE, description=_description(layout, fmt, split, include_nonstroke),
-        license=LICENCE, overwrite_image_reader_writer=fmt.reader_writer,
+        str(dataset), {"0": CHANNEL_NAME[images]}, dict(LABELS), num_training, FILE_ENDING[images],
+        dataset_name=DATASET_NAME, reference=REFERENCE, release=RELEASE,
+        description=_description(layout, images, split, include_nonstroke), license=LICENCE,
+        overwrite_image_reader_writer=READER_WRITER[images],
         converted_by="nnDiffSeg_convert_stroke2021")
 
 
@@ -770,8 +732,7 @@ def _check_options(dataset_id: int, images: str, split: str, num_processes: int)
         raise DatasetConversionError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     if split not in SPLITS:
         raise DatasetConversionError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if num_processes < 1:
-        raise DatasetConversionError(f"-np must be at least 1, got {num_processes}")
+    check_num_processes(num_processes)
     dataset_folder_name(dataset_id, DATASET_NAME)  # checks the ID's range
 
 
@@ -788,12 +749,11 @@ def convert_stroke2021(source: str | Path, dataset_id: int, images: str = "png",
         raise DatasetConversionError(f"no slices to convert in {layout.source}: the PNG folders hold no .png files")
     ischemia, hemorrhage = ((HEMORRHAGE_COLOUR, ISCHEMIA_COLOUR) if swap_mask_colours
                             else (ISCHEMIA_COLOUR, HEMORRHAGE_COLOUR))
-    fmt = OutputFormat(images)
     with staged_folder(target) as stage:
         pending = stage / ".slices"
         pending.mkdir()
         jobs = [SliceJob(item, images, pending, ischemia, hemorrhage, strict) for item in collection.slices]
-        results = _run(jobs, num_processes)
+        results = run_jobs(convert_slice, jobs, num_processes, DATASET_NAME, "slice", chunksize=4)
         kept: dict[str, list[str]] = {}
         for r in results:
             if not r.skip_reason:
@@ -803,9 +763,9 @@ def convert_stroke2021(source: str | Path, dataset_id: int, images: str = "png",
                 f"every slice in {layout.source} was skipped (no lesion drawn in any OVERLAY or MASK): "
                 f"nothing to write")
         splits = split_by_category(kept, split)
-        _move_into_place(stage, pending, splits, fmt.file_ending)
+        _move_into_place(stage, pending, splits, FILE_ENDING[images])
         num_training = sum(len(s.train) + len(s.val) for s in splits.values())
-        _write_dataset_json(stage, layout, fmt, num_training, split, include_nonstroke)
+        _write_dataset_json(stage, layout, images, num_training, split, include_nonstroke)
         if split == "sdmcseg":
             _write_splits_file(stage, splits)
     report = ConversionReport(layout, target, images, split, include_nonstroke, collection, results, splits,

@@ -28,16 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from PIL import Image
 from scipy import ndimage
 
+from nndiffseg.dataset_conversion.common import save_png
+from nndiffseg.dataset_conversion.stroke2021 import CATEGORIES, CATEGORY_LABEL, HEMORRHAGE_COLOUR, ISCHEMIA_COLOUR
 from nndiffseg.errors import NnDiffSegError, run_cli
 
 LAYOUTS = ("competition", "ministry", "sdmcseg")
-CATEGORIES = ("ischemic", "hemorrhagic", "nonstroke")
-LABEL_OF_CATEGORY = {"nonstroke": 0, "ischemic": 1, "hemorrhagic": 2}
-ISCHEMIA_COLOUR = (0, 0, 255)  # the competition's info note
-HEMORRHAGE_COLOUR = (0, 255, 0)
 BRAIN_WINDOW = (40.0, 80.0)  # level, width (HU)
 RESCALE_INTERCEPT = -1024
 IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2\x00"  # the transfer syntax GDCM writes write_dicom's files in
@@ -192,10 +189,6 @@ def edit_dicom_element(path: Path, group: int, element: int, value: bytes | None
     raise NnDiffSegError(f"{path} has no element ({group:04x},{element:04x})")
 
 
-def _save_png(pixels: np.ndarray, path: Path) -> None:
-    Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
-
-
 def styled_name(name: str, i_style: str, normalization: str) -> str:
     """A Turkish folder name as an unzip tool or a user may have spelled it: ``i_style`` 'release' (as
     released), 'dotless' (İ->I, i->ı), 'upper' (Turkish capitals) or 'ascii' (no diacritics); then in Unicode
@@ -220,18 +213,11 @@ def _styled_path(relative: str, i_style: str, normalization: str) -> Path:
 
 def _category_folders(layout: str, i_style: str, normalization: str) -> dict[str, dict[str, Path]]:
     """category -> subfolder kind ('png', 'overlay', 'mask', 'dicom') -> folder relative to the root."""
-    if layout == "competition":
-        folders = {}
-        for category, base in COMPETITION_FOLDERS.items():
-            kinds = ("png", "dicom") if category == "nonstroke" else ("png", "overlay", "mask", "dicom")
-            folders[category] = {kind: Path(base) / kind.upper() for kind in kinds}
-        return folders
-    if layout == "sdmcseg":
-        folders = {}
-        for category, base in SDMCSEG_FOLDERS.items():
-            kinds = ("png", "dicom") if category == "nonstroke" else ("png", "overlay", "dicom")
-            folders[category] = {kind: Path(base) / kind.upper() for kind in kinds}
-        return folders
+    if layout in ("competition", "sdmcseg"):
+        lesion_kinds = ("overlay", "mask") if layout == "competition" else ("overlay",)
+        return {category: {kind: Path(base) / kind.upper()
+                           for kind in ("png", "dicom") + (() if category == "nonstroke" else lesion_kinds)}
+                for category, base in (COMPETITION_FOLDERS if layout == "competition" else SDMCSEG_FOLDERS).items()}
     if layout == "ministry":
         folders = {category: {kind: _styled_path(base, i_style, normalization) / kind.upper()
                               for kind in ("png", "overlay", "dicom")}
@@ -281,17 +267,17 @@ def write_stroke2021_fixture(out: str | Path, layout: str = "competition", num_i
         png = window(hu)
         pixel = round(float(rng.uniform(0.40, 0.50)) * 512 / size, 4)  # a 512 px slice covers 20-26 cm
         spacing = (pixel, pixel)
-        label = (lesion * LABEL_OF_CATEGORY[category]).astype(np.uint8)
+        label = (lesion * CATEGORY_LABEL[category]).astype(np.uint8)
         slices[case_id] = SyntheticSlice(case_id, category, hu, png, label, spacing)
         paths = {kind: out / folder / f"{case_id}.{'dcm' if kind == 'dicom' else 'png'}"
                  for kind, folder in folders[category].items()}
         files[case_id] = paths
-        _save_png(png if png_mode == "L" else np.repeat(png[..., None], 3, axis=-1), paths["png"])
+        save_png(png if png_mode == "L" else np.repeat(png[..., None], 3, axis=-1), paths["png"])
         write_dicom(paths["dicom"], hu, spacing, case_id)
         if "overlay" in paths:
-            _save_png(overlay_rgba(png, lesion, colours[category]), paths["overlay"])
+            save_png(overlay_rgba(png, lesion, colours[category]), paths["overlay"])
         if "mask" in paths:
-            _save_png(mask_rgb(lesion, colours[category]), paths["mask"])
+            save_png(mask_rgb(lesion, colours[category]), paths["mask"])
     return Stroke2021Fixture(out, layout, slices, files)
 
 
@@ -300,7 +286,7 @@ def write_truth(fixture: Stroke2021Fixture, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for case_id, item in fixture.slices.items():
-        _save_png(item.label, folder / f"{case_id}.png")
+        save_png(item.label, folder / f"{case_id}.png")
     meta = {c: {"category": s.category, "spacing": list(s.spacing)} for c, s in sorted(fixture.slices.items())}
     (folder / "slices.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
