@@ -12,7 +12,8 @@ from nndiffseg.trainers.latent import (
                                        nnDiffSegTrainerMaskVAE,
                                        nnDiffSegTrainerMaskVAE_sd,
 )
+from nndiffseg.trainers.random_rater import nnUNetTrainerRandomRater
 
 __all__ = ["nnDiffSegTrainer", "nnDiffSegTrainerMaskVAE", "nnDiffSegTrainerMaskVAE_sd", "nnDiffSegTrainerLatent",
            "nnDiffSegTrainerLatent_sd", "nnDiffSegTrainerLatent_fgWeight4", "nnDiffSegTrainerGuided",
-           "nnDiffSegTrainerGuided_time"]
+           "nnDiffSegTrainerGuided_time", "nnUNetTrainerRandomRater"]

@@ -31,6 +31,7 @@ from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.files import write_atomically, write_json
 from nndiffseg.options import Option
 from nndiffseg.test_seam import reached
+from nndiffseg.trainers.random_rater import RandomRaterMixin
 
 # what a run was started with, in its fold folder: --c restores it
 RUN_RECORD = "nndiffseg_run.json"
@@ -215,9 +216,10 @@ class nnDiffSegTrainer(nnUNetTrainer):
         self.print_to_log_file(f"DDP: parameters and buffers identical on all {dist.get_world_size()} ranks")
 
 
-class nnDiffSegHeadTrainer(nnDiffSegTrainer):
+class nnDiffSegHeadTrainer(RandomRaterMixin, nnDiffSegTrainer):
     """Adapts nnU-Net's loop to a diffusion head (``nndiffseg.head.DiffusionHead``): the head computes its own
-    losses in ``forward`` (train mode), nnU-Net's predictor gets class scores from it (eval mode)."""
+    losses in ``forward`` (train mode), nnU-Net's predictor gets class scores from it (eval mode). On a multi-rater
+    dataset each training sample is a random rater's mask (``RandomRaterMixin``)."""
     mirroring_at_prediction = True  # nnDiffSeg_predict's and the final validation's default
     head_settings: dict = {}  # keyword arguments for the head's constructor, where a variant departs from its defaults
     initial_lr_default = 1e-3

@@ -33,6 +33,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.files import write_json
 from nndiffseg.planning import planner as nndiffseg_planners
+from nndiffseg.planning.raters import preprocess_raters
 from nndiffseg.pools import quiet_pool
 from nndiffseg.run.checks import missing_cases
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
@@ -122,6 +123,8 @@ def _preprocess(dataset_id: int, dataset_name: str, plans: dict, plans_identifie
         staging = _beside(folder, STAGING)
         try:
             _preprocess_into(staging, dataset_id, plans, configuration, n)
+            raw = Path(nnunet_paths.nnUNet_raw) / dataset_name
+            preprocess_raters(raw, staging, plans, configuration, json.loads((raw / "dataset.json").read_text()))
             problem = missing_cases(staging, dataset_folder)
             if problem:  # e.g. numTraining wrong and --no_verify
                 raise NnDiffSegError(f"preprocessing {configuration}: the new data {problem}; "

@@ -1,0 +1,96 @@
+"""Multi-rater training data: every rater's mask preprocessed like the label, and trainers that draw a random
+rater's mask per training sample (nnUNetTrainerRandomRater, the diffusion heads), validating on the majority."""
+import json
+
+import numpy as np
+import pytest
+from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
+from PIL import Image
+from scipy import ndimage
+from toy_data import write_toy_dataset
+
+pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
+
+DATASET_ID, PLAIN_ID = 31, 32
+RATERS = 3
+
+
+def rater_masks(label: np.ndarray) -> list[np.ndarray]:
+    """Three readers: one marks the disc, one a disc 2 px larger, one nothing; the majority (2 of 3) is the disc."""
+    disc = label > 0
+    return [disc, ndimage.binary_dilation(disc, iterations=2), np.zeros_like(disc)]
+
+
+@pytest.fixture(scope="module")
+def raters(module_tmp):
+    root = module_tmp("random_rater")
+    env = nnunet_folders(root)
+    raw = write_toy_dataset(root / "nnUNet_raw", DATASET_ID, num_train=6, num_test=0, height=32, width=48)
+    write_toy_dataset(root / "nnUNet_raw", PLAIN_ID, num_train=6, num_test=0, height=32, width=48)
+    (raw / "ratersTr").mkdir()
+    expected = {}
+    for label_file in sorted((raw / "labelsTr").iterdir()):
+        case = label_file.name[:-len(".png")]
+        expected[case] = rater_masks(np.array(Image.open(label_file)))
+        for r, mask in enumerate(expected[case], 1):
+            Image.fromarray(mask.astype(np.uint8)).save(raw / "ratersTr" / f"{case}_rater{r:02d}.png")
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "num_raters": RATERS}, indent=2))
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", PLAIN_ID, *PLAN_QUICKLY, env=env)
+    data = root / "nnUNet_preprocessed" / raw.name / "nnDiffSegPlans_2d"
+    return {"root": root, "env": env, "raw": raw, "data": data, "expected": expected}
+
+
+def test_each_raters_mask_is_preprocessed_like_the_label(raters):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    dataset = nnUNetDatasetBlosc2(str(raters["data"]))
+    assert sorted(dataset.identifiers) == sorted(raters["expected"])
+    for case, masks in raters["expected"].items():
+        stored = np.load(raters["data"] / f"{case}_raters.npy")
+        _, seg, _, _ = dataset.load_case(case)
+        assert stored.shape == (RATERS, *seg.shape) == (RATERS, 1, 1, 32, 48)
+        for r, mask in enumerate(masks):
+            assert np.array_equal(stored[r, 0, 0], mask), (case, r)
+        assert np.array_equal(seg[0, 0], masks[0])  # the label is the majority: the disc
+
+
+def test_a_training_case_is_a_random_raters_mask_and_validation_the_majority(raters):
+    from nndiffseg.trainers.random_rater import RandomRaterDatasetBlosc2
+
+    case = sorted(raters["expected"])[0]
+    masks = raters["expected"][case]
+    dataset = RandomRaterDatasetBlosc2(str(raters["data"]), [case])
+    np.random.seed(0)
+    drawn = []
+    for _ in range(60):
+        _, seg, _, properties = dataset.load_case(case)
+        drawn.append(next(r for r, m in enumerate(masks) if np.array_equal(np.asarray(seg)[0, 0], m)))
+        assert "class_locations" in properties
+    counts = np.bincount(drawn, minlength=RATERS)
+    assert counts.min() >= 10, counts  # each of the 3 about 20 times
+
+
+def test_trainers_train_on_raters_and_refuse_what_they_cannot(raters):
+    env, short = raters["env"], ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
+    result = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 0, "-tr", "nnUNetTrainerRandomRater", *short, env=env)
+    fold = raters["root"] / "nnUNet_results" / raters["raw"].name / "nnUNetTrainerRandomRater__nnDiffSegPlans__2d"
+    assert (fold / "fold_0" / "checkpoint_final.pth").is_file()
+    log = next((fold / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "3 raters per case: each training sample is one rater's mask" in log, result.stdout[-2000:]
+
+    missing = raters["data"] / f"{sorted(raters['expected'])[1]}_raters.npy"
+    kept = raters["root"] / missing.name  # outside the folder: nnU-Net refuses a folder with a third file ending
+    missing.rename(kept)
+    try:
+        no_rater_file, no_raters = run_batch(raters["root"], "refusals", [
+            ("nnDiffSeg_train", [DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short]),
+            ("nnDiffSeg_train", [PLAIN_ID, "2d", 0, "-tr", "nnUNetTrainerRandomRater", *short])], env)
+    finally:
+        kept.rename(missing)
+    assert_refused(no_rater_file, [str(missing), "preprocess again with nnDiffSeg_plan_and_preprocess"])
+    assert_refused(no_raters, ["nnUNetTrainerRandomRater trains on random raters", "has no num_raters",
+                               "nnDiffSeg_convert_multirater"])
+    assert not (raters["root"] / "nnUNet_results" / "Dataset032_Toy" / "nnUNetTrainerRandomRater__nnDiffSegPlans__2d"
+                / "fold_0" / "checkpoint_final.pth").exists()
