@@ -124,6 +124,12 @@ class ConfiguredModule(nn.Module):
         return (labels != ignore).to(torch.float32)
 
 
+def draws_samples(head_class: Optional[type]) -> bool:
+    """Whether a head class draws samples (it declares the ``num_samples`` prediction option); None (nnU-Net's
+    U-Net) draws none."""
+    return any(o.name == "num_samples" for o in getattr(head_class, "prediction_options", ()))
+
+
 class DiffusionHead(ConfiguredModule):
     # what nnDiffSeg_predict may override (--steps, --sampler, ...); a head that declares num_samples draws samples,
     # and its HeadOutput carries them and an uncertainty map (the ``uncertainty`` setting names which)

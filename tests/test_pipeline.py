@@ -147,9 +147,8 @@ REFUSALS = {
     "predict_missing_fold": ("nnDiffSeg_predict", ["-f", 3], "fold(s) 3 have no checkpoint_final.pth"),
     "predict_steps": ("nnDiffSeg_predict", ["-f", 0, "--steps", 10], "nnDiffSegTrainer takes no --steps"),
     "predict_uncertainty": ("nnDiffSeg_predict", ["-f", 0, "--save_uncertainty"],
-                            "nnDiffSegTrainer draws no samples, so it has no uncertainty to save"),
-    "predict_samples_latent": ("nnDiffSeg_predict", ["-f", 0, "-tr", "nnDiffSegTrainerLatent", "--save_samples"],
-                               "nnDiffSegTrainerLatent draws no samples, so it has no samples to save"),
+                            "nnDiffSegTrainer draws no samples: its folds are the samples, and fold 0 alone has no "
+                            "uncertainty to save; predict with several folds"),
 }
 
 

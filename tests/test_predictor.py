@@ -13,6 +13,7 @@ from torch import nn
 
 from nndiffseg.head import DiffusionHead, HeadOutput
 from nndiffseg.inference.predictor import HeadPredictor
+from nndiffseg.options import Option
 
 pytestmark = pytest.mark.slow  # runs nnU-Net tools (make test-fast leaves it out)
 
@@ -22,6 +23,7 @@ PATCH = [16, 16]
 class PixelHead(DiffusionHead):
     """A per-pixel head (1x1 convolution), so tiling and mirroring leave each pixel's output as it is: the
     stitched fields must be the head's outputs on the whole image. Uncertainty: |first channel|."""
+    prediction_options = (Option("num_samples", "samples per image", type=int),)  # a head that draws samples
 
     def __init__(self, seed: int):
         super().__init__()

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from cli import PLAN_QUICKLY, assert_refused, nnunet_folders, run_batch, run_tool
 from PIL import Image
 from scipy import ndimage
@@ -94,3 +95,30 @@ def test_trainers_train_on_raters_and_refuse_what_they_cannot(raters):
                                "nnDiffSeg_convert_multirater"])
     assert not (raters["root"] / "nnUNet_results" / "Dataset032_Toy" / "nnUNetTrainerRandomRater__nnDiffSegPlans__2d"
                 / "fold_0" / "checkpoint_final.pth").exists()
+
+
+def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty(raters):
+    """--save_samples / --save_uncertainty for a trainer that draws no samples: each fold's prediction is one
+    sample (the label map that fold alone predicts), the uncertainty the pooled spread of the folds' probabilities."""
+    from nndiffseg.inference.pooled_spread import PooledSpread
+
+    env, root = raters["env"], raters["root"]
+    short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
+    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short, env=env)
+    predict = ["-i", raters["raw"] / "imagesTr", "-d", DATASET_ID, "-c", "2d", "-tr", "nnUNetTrainerRandomRater",
+               "-device", "cpu", "-nps", 0]
+    run_tool("nnDiffSeg_predict", *predict, "-o", root / "both", "-f", 0, 1, "--save_samples", "--save_uncertainty",
+             env=env)
+    for fold in (0, 1):
+        run_tool("nnDiffSeg_predict", *predict, "-o", root / f"fold{fold}", "-f", fold, "--save_probabilities", env=env)
+    assert sorted(p.name for p in (root / "both" / "samples").iterdir()) == ["sample_0", "sample_1"]
+    for case in raters["expected"]:
+        spread = PooledSpread()
+        for fold in (0, 1):
+            alone = np.array(Image.open(root / f"fold{fold}" / f"{case}.png"))
+            assert np.array_equal(np.array(Image.open(root / "both" / "samples" / f"sample_{fold}" / f"{case}.png")),
+                                  alone), (case, fold)
+            spread.add(torch.from_numpy(np.load(root / f"fold{fold}" / f"{case}.npz")["probabilities"]))
+        stored = np.load(root / "both" / "uncertainty" / f"{case}.npz")["uncertainty"]
+        np.testing.assert_allclose(stored, spread.spread().numpy(), atol=2e-3)
+    assert (root / "both" / "uncertainty" / f"{case}.png").is_file()

@@ -21,7 +21,7 @@ from nndiffseg.checkpoints import load_checkpoint_file
 from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.files import remove_partials
-from nndiffseg.head import HeadOutput
+from nndiffseg.head import HeadOutput, draws_samples
 from nndiffseg.inference.prediction_folder import (
     PREDICT_ARGS_FILE,
     RECORD_FILES,
@@ -240,13 +240,12 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     trainer_class = find_trainer_class(trainer)
     options = check_options(trainer_class, inference_options or {}, PREDICT)
     head_class = getattr(trainer_class, "head_class", None)
-    samples_drawn = any(o.name == "num_samples" for o in getattr(head_class, "prediction_options", ()))
-    for flag, wanted in (("--save_uncertainty", save_uncertainty), ("--save_samples", save_samples)):
-        if wanted and not samples_drawn:
-            raise NnDiffSegError(f"{trainer} draws no samples, so it has no {flag[7:]} to save ({flag} is for the "
-                                 f"guided diffusion trainers)")
     model_folder = _resolve_model_folder(dataset_name_or_id, trainer, plans, configuration)
     folds = _check_folds(model_folder, [str(f) for f in folds] if folds else None, checkpoint_name)
+    for flag, wanted in (("--save_uncertainty", save_uncertainty), ("--save_samples", save_samples)):
+        if wanted and not draws_samples(head_class) and len(folds) < 2:
+            raise NnDiffSegError(f"{trainer} draws no samples: its folds are the samples, and fold {folds[0]} alone "
+                                 f"has no {flag[7:]} to save; predict with several folds (-f 0 1 2 3 4)")
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
@@ -265,14 +264,15 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     remove_partials(output_path, recursive=True)  # from an interrupted earlier run
 
     register_ext_trainer_dir()
-    predictor_class = nnUNetPredictor if head_class is None else HeadPredictor
+    predictor_class = HeadPredictor if head_class is not None or save_uncertainty or save_samples else nnUNetPredictor
     predictor = predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_tta,
                                 device=torch.device(device), allow_tqdm=False)
     _initialize_predictor(predictor, model_folder, folds, checkpoint_name)
     apply_inference_options(predictor.network, options)
     head = getattr(predictor.network, "_orig_mod", predictor.network)
     if continue_prediction:
-        num_sample_maps = len(folds) * head.setting("num_samples") if save_samples else 0
+        num_sample_maps = len(folds) * (head.setting("num_samples") if draws_samples(head_class) else 1) \
+            if save_samples else 0
         skip_predicted(cases, output_path, predictor.plans_manager.image_reader_writer_class(),
                        lambda case: case_outputs(case, file_ending, save_probabilities, save_uncertainty,
                                                  num_sample_maps))
@@ -294,7 +294,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                     export_label_map(*args)
                     if save_uncertainty:
                         export_uncertainty(output.uncertainty.numpy(), properties, *geometry, files, output_path,
-                                           case, head.setting("uncertainty"))
+                                           case, head.setting("uncertainty") if draws_samples(head_class) else "folds")
                 else:
                     pending.append((case, pool.apply_async(export_label_map, args)))
                     if os.environ.get(HOOK_ENV):
@@ -360,11 +360,13 @@ def predict_entry() -> None:
     diffusion = parser.add_argument_group("diffusion trainers: outputs")
     diffusion.add_argument("--seed", dest="deprecated_seed", type=int, default=None, help=argparse.SUPPRESS)
     diffusion.add_argument("--save_samples", action="store_true",
-                           help="guided trainers: also write each sample's label map; OUT/samples/sample_K/ is then a "
-                                "prediction folder per sample (K = 0 .. num_samples - 1, times the folds)")
+                           help="also write each sample's label map; OUT/samples/sample_K/ is then a prediction folder "
+                                "per sample (guided trainers: num_samples per fold; trainers that draw no samples, "
+                                "nnU-Net's included: each fold's prediction is one sample)")
     diffusion.add_argument("--save_uncertainty", action="store_true",
-                           help="guided trainers: write the per-pixel uncertainty (--uncertainty) to "
-                                "OUT/uncertainty/CASE.npz, and for 2D images a PNG with the prediction and the map")
+                           help="write the per-pixel uncertainty to OUT/uncertainty/CASE.npz, and for 2D images a "
+                                "PNG with the prediction and the map (guided trainers: --uncertainty, pooled over "
+                                "folds; trainers that draw no samples: the spread of their folds' probabilities)")
     args = parser.parse_args()
 
     def main() -> int:

@@ -3,14 +3,16 @@ mirroring, fp16 accumulation on the device with the fall-back to the CPU) stitch
 ``HeadOutput``, stacked as channels of one tensor, as it stitches logits: the class scores are the same numbers
 whichever fields are kept, and those nnU-Net's own predictor gives for the head. Folds: the scores are averaged
 as nnU-Net averages logits; the uncertainty pools every fold's samples (``PooledSpread``: the spread across folds
-adds to the spread within each); the samples are those of every fold."""
+adds to the spread within each); the samples are those of every fold. A network that draws no samples (nnU-Net's
+U-Net, the latent head) gives one per fold, its probabilities, and no spread of its own: its folds' disagreement
+is then the sample set and the uncertainty, for stock trainers too."""
 from types import SimpleNamespace
 
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
-from nndiffseg.head import HeadOutput
+from nndiffseg.head import HeadOutput, draws_samples
 from nndiffseg.inference.pooled_spread import PooledSpread
 
 
@@ -33,12 +35,17 @@ class HeadPredictor(nnUNetPredictor):
     keep_uncertainty = keep_samples = False
     num_samples = 0  # samples per fold the head returns, when they are kept
 
+    @property
+    def head_samples(self) -> bool:
+        return draws_samples(type(getattr(self.network, "_orig_mod", self.network)))
+
     @torch.inference_mode()
     def predict_head_output(self, data: torch.Tensor, uncertainty: bool = False, samples: bool = False) -> HeadOutput:
         """scores (C, *spatial) on the CPU; uncertainty (*spatial) and samples (folds x K, C, *spatial) where
         asked for, else None; of a preprocessed image (channels, *spatial)."""
         self.keep_uncertainty, self.keep_samples = uncertainty, samples
-        self.num_samples = getattr(self.network, "_orig_mod", self.network).setting("num_samples") if samples else 0
+        self.num_samples = 0 if not samples else \
+            getattr(self.network, "_orig_mod", self.network).setting("num_samples") if self.head_samples else 1
         self._pooled, self._samples = PooledSpread(), []
         try:
             scores = self.predict_logits_from_preprocessed_data(data)
@@ -51,6 +58,12 @@ class HeadPredictor(nnUNetPredictor):
         """One fold: nnU-Net's window over the stacked fields; returns the scores, keeps the other fields."""
         if not (self.keep_uncertainty or self.keep_samples):
             return super().predict_sliding_window_return_logits(input_image)
+        if not self.head_samples:  # the fold is one member: its probabilities are its sample
+            scores = super().predict_sliding_window_return_logits(input_image)
+            probabilities = scores.float().softmax(0).cpu()
+            self._pooled.add(probabilities)
+            self._samples.append(probabilities[None])
+            return scores
         head, label_manager = self.network, self.label_manager
         classes = label_manager.num_segmentation_heads
         sizes = [classes, int(self.keep_uncertainty), self.num_samples * classes]

@@ -16,7 +16,8 @@ from nndiffseg.visualization.overlay import MIN_PANEL_WIDTH, save_overlay
 
 # the picture's title per uncertainty measure (GuidedSegmenter's ``uncertainty`` setting)
 MEASURE_TITLES = {"spread": "spread of the samples; 0: all agree",
-                  "total": "prior's and samples' spread; 0: the prior is sure and all samples agree"}
+                  "total": "prior's and samples' spread; 0: the prior is sure and all samples agree",
+                  "folds": "spread of the folds' probabilities; 0: all folds agree"}
 
 
 def export_uncertainty(uncertainty: np.ndarray, properties: dict, configuration_manager, plans_manager,
