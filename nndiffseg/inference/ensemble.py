@@ -28,6 +28,7 @@ from nndiffseg.inference.prediction_folder import (
     UNCERTAINTY_FOLDER,
     UNCERTAINTY_KEY,
     case_outputs,
+    load_array,
     read_record,
     uncertainty_file,
     write_record,
@@ -119,14 +120,6 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     return dataset_json, plans
 
 
-def _load(file: Path, key: str) -> np.ndarray:
-    try:
-        with np.load(file) as data:
-            return data[key]
-    except Exception as e:
-        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
-
-
 def _image_file(folder: Path, case: str) -> str | None:
     """The case's first image, where nnDiffSeg_predict's record names its input folder (for the picture)."""
     input_folder = (read_record(folder) or {}).get("input_folder")
@@ -141,8 +134,8 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
     for case in tqdm(cases, desc="Pooling uncertainty", unit="case"):
         pooled = PooledSpread()
         for folder in folders:
-            probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
-            spread = torch.from_numpy(_load(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
+            probabilities = torch.from_numpy(load_array(folder / f"{case}.npz", "probabilities"))
+            spread = torch.from_numpy(load_array(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
                 if folder in with_maps else None
             pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)
