@@ -83,7 +83,7 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         metadata.append([json.loads(f.read_text()) for f in files])
     dataset_json, plans = metadata[0]
     ending = dataset_json["file_ending"]
-    reference, first_shapes = None, None
+    first_shapes = None  # of the first folder's cases
     for folder, (other_json, _) in zip(folders, metadata):
         if other_json.get("labels") != dataset_json.get("labels"):
             raise NnDiffSegError(f"{folder} predicts the labels {other_json.get('labels')}, {folders[0]} "
@@ -95,14 +95,11 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         if without:
             raise NnDiffSegError(f"{folder} has no probabilities for case(s) {', '.join(without[:5])}: predict "
                                  f"with --save_probabilities (they are what is averaged)")
-        if reference is None:
-            reference = set(cases)
-        elif set(cases) != reference:
-            differ = sorted(set(cases) ^ reference)
+        if first_shapes is not None and set(cases) != set(first_shapes):
+            differ = sorted(set(cases) ^ set(first_shapes))
             raise NnDiffSegError(f"{folder} and {folders[0]} hold different cases (e.g. {', '.join(differ[:5])})")
         shapes = {case: _npz_shape(folder / f"{case}.npz", "probabilities") for case in sorted(cases)}
-        if first_shapes is None:
-            first_shapes = shapes
+        first_shapes = first_shapes or shapes
         for case, shape in shapes.items():
             if shape != first_shapes[case]:
                 raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape {shape}, "
