@@ -8,7 +8,6 @@ calibration and failure-detection numbers for the softmax entropy of those proba
 folds' validation cases (``crossval_results_folds_*/uncertainty_summary.json``, with the reliability diagram
 and risk-coverage curve in ``summary_figures/`` beside it). Ensembles have none: nnU-Net does not keep their
 probabilities."""
-import json
 import math
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nndiffseg.files import write_json, write_text
 from nndiffseg.visualization.figures import figure_style, save_figure
@@ -33,10 +33,6 @@ def case_dice(summary: dict) -> List[float]:
         values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
         scores.append(float(np.mean(values)) if values else float("nan"))
     return scores
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 UNCERTAINTY_SUMMARY = "uncertainty_summary.json"
@@ -57,7 +53,7 @@ def pooled_validation_uncertainty(model: Path, folds: Sequence[int], gt_folder: 
     """nnDiffSeg_evaluate over every fold's validation cases at once (the probabilities' entropy), written to
     the model's ``crossval_results_folds_*`` folder; None when some fold kept no probabilities."""
     from nndiffseg.evaluation.evaluate import FIGURES_FOLDER, evaluate_folders
-    ending = _load(model / "dataset.json")["file_ending"]
+    ending = load_json(model / "dataset.json")["file_ending"]
     predictions = {}
     for f in folds:
         validation = model / f"fold_{f}" / "validation"
@@ -77,7 +73,7 @@ def pooled_validation_uncertainty(model: Path, folds: Sequence[int], gt_folder: 
             for name in (f"{case}{ending}", f"{case}.npz"):
                 _link(validation / name, pred / name)
         evaluate_folders(str(ref), str(pred), str(Path(tmp) / "summary.json"), num_processes=num_processes, plots=True)
-        summary = _load(Path(tmp) / "summary.json")  # as written: NaN as null
+        summary = load_json(Path(tmp) / "summary.json")  # as written: NaN as null
         for entry in summary["cases"]:  # the files themselves, not the links about to go
             entry["reference_file"] = str(gt_folder / Path(entry["reference_file"]).name)
             entry["prediction_file"] = str(predictions[entry["case"]] / Path(entry["prediction_file"]).name)
@@ -105,11 +101,11 @@ def collect(results_folder: Path, info: dict, gt_folder: Optional[Path] = None,
         else:
             model = results_folder / identifier
             source = model / f"crossval_results_folds_{fold_string}"
-            per_fold = {f: _load(model / f"fold_{f}" / "validation" / "summary.json")["foreground_mean"]["Dice"]
+            per_fold = {f: load_json(model / f"fold_{f}" / "validation" / "summary.json")["foreground_mean"]["Dice"]
                         for f in folds}
         rows[identifier] = {"folds": per_fold, "cross_validation_dice": pooled,
                             "mean_of_folds": float(np.mean(list(per_fold.values()))) if per_fold else None,
-                            "case_dice": case_dice(_load(source / "summary.json"))}
+                            "case_dice": case_dice(load_json(source / "summary.json"))}
         if per_fold and gt_folder is not None:
             uncertainty = pooled_validation_uncertainty(model, folds, gt_folder, num_processes)
             if uncertainty is not None:

@@ -166,41 +166,36 @@ def defined_labels(reference_folder: str, prediction_folder: str) -> Optional[tu
 MASK_255 = 255  # the foreground of a binary mask saved as an 8-bit picture
 
 
-def _check_reference_labels(results: list[dict], reference: dict[str, str], defined: Optional[tuple[set[int], str]],
-                            ) -> None:
-    """References holding labels the dataset does not define (``defined``), or, without a dataset.json, the
-    foreground 255 of a 0/255 mask: named, before the predictions are blamed for the mismatch."""
-    def undefined(values: list[int]) -> list[int]:
-        return sorted(set(values) - defined[0]) if defined else [v for v in values if v == MASK_255]
-
-    stray = {r["case"]: undefined(r["reference_labels"]) for r in results}
+def _stray(results: list[dict], key: str, allowed: set[int], files: dict[str, str]) -> tuple[dict, list[str]]:
+    """Per case its labels under ``key`` (reference_labels, prediction_labels) outside ``allowed``, where it has
+    any, and those cases named with their file."""
+    stray = {r["case"]: sorted(set(r[key]) - allowed) for r in results}
     stray = {case: values for case, values in stray.items() if values}
-    if not stray:
-        return
-    cases = [f"{case} ({reference[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
-    what = f"that {defined[1]} does not define (its labels: {', '.join(map(str, sorted(defined[0])))})" if defined \
-        else f"{MASK_255} (and no dataset.json beside them defines it)"
-    hint = (f": masks saved as 0/{MASK_255} must be saved as 0/1 (a label map holds class numbers)"
-            if any(MASK_255 in values for values in stray.values()) else "")
-    raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {name_list(cases)}{hint}")
+    return stray, [f"{case} ({files[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
 
 
 def _stray_labels(results: list[dict], reference_folder: str, prediction_folder: str,
                   prediction: dict[str, str], reference: dict[str, str]) -> list[str]:
-    """Predicted labels the dataset does not define: an error naming the cases where a dataset.json defines the
-    labels; otherwise (labels found in no reference) warnings, kept in the summary and printed with the table.
-    References are checked first (``_check_reference_labels``)."""
+    """Labels the dataset does not define. References first, before the predictions are blamed for the mismatch:
+    labels that a dataset.json beside them does not define or, without one, the foreground 255 of a 0/255 mask,
+    named in an error. Then predictions: an error naming the cases where a dataset.json defines the labels;
+    otherwise (labels found in no reference) warnings, kept in the summary and printed with the table."""
     defined = defined_labels(reference_folder, prediction_folder)
-    _check_reference_labels(results, reference, defined)
-    allowed = defined[0] if defined else {0} | {v for r in results for v in r["reference_labels"]}
-    stray = {r["case"]: sorted(set(r["prediction_labels"]) - allowed) for r in results}
-    stray = {case: values for case, values in stray.items() if values}
+    undefined = f"that {defined[1]} does not define (its labels: {', '.join(map(str, sorted(defined[0])))})" \
+        if defined else None
+    in_references = {v for r in results for v in r["reference_labels"]}
+    stray, cases = _stray(results, "reference_labels", defined[0] if defined else in_references - {MASK_255},
+                          reference)
+    if stray:
+        what = undefined or f"{MASK_255} (and no dataset.json beside them defines it)"
+        hint = (f": masks saved as 0/{MASK_255} must be saved as 0/1 (a label map holds class numbers)"
+                if any(MASK_255 in values for values in stray.values()) else "")
+        raise NnDiffSegError(f"{len(stray)} reference(s) hold labels {what}: {name_list(cases)}{hint}")
+    stray, cases = _stray(results, "prediction_labels", defined[0] if defined else {0} | in_references, prediction)
     if not stray:
         return []
-    cases = [f"{case} ({prediction[case]}: label {', '.join(map(str, values))})" for case, values in stray.items()]
     if defined:
-        raise NnDiffSegError(f"{len(stray)} prediction(s) hold labels that {defined[1]} does not define (its labels: "
-                             f"{', '.join(map(str, sorted(defined[0])))}): {name_list(cases)}")
+        raise NnDiffSegError(f"{len(stray)} prediction(s) hold labels {undefined}: {name_list(cases)}")
     return [f"label(s) {', '.join(map(str, sorted({v for vs in stray.values() for v in vs})))} occur in predictions "
             f"but in no reference, so they count as wrong classes in the means: {name_list(cases)}"]
 

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 from typing import Callable, List, Sequence
+from unittest import mock
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.crossval_summary import write_crossval_summary
@@ -89,14 +90,12 @@ def find_best_configuration(dataset_name_or_id, trainers: List[str], configurati
             raise NnDiffSegError(f"configuration(s) {', '.join(missing)} not in {plans_file.name} "
                                  f"(it has {', '.join(available)}); check -c")
     check_trained_folds(dataset_name, models, folds, ensembling)
-    original = nnunet.print_inference_instructions  # called by its module-level name: replaced while this runs
-    nnunet.print_inference_instructions = instructions_naming_our_tools(original)
-    try:
+    # nnU-Net calls print_inference_instructions by its module-level name: replaced while this runs
+    with mock.patch.object(nnunet, "print_inference_instructions",
+                           instructions_naming_our_tools(nnunet.print_inference_instructions)):
         info = nnunet.find_best_configuration(dataset_name, models, allow_ensembling=ensembling,
                                               num_processes=num_processes, overwrite=overwrite, folds=tuple(folds),
                                               strict=True)
-    finally:
-        nnunet.print_inference_instructions = original
     write_crossval_summary(Path(os.environ["nnUNet_results"]) / dataset_name, info,
                            Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "gt_segmentations", num_processes)
     return info

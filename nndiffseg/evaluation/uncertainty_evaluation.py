@@ -21,7 +21,7 @@ from nndiffseg.evaluation.uncertainty_metrics import (
     normalized_entropy,
     subsample_indices,
 )
-from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY, load_array
 
 PROBABILITIES_KEY = "probabilities"  # nnU-Net's export_prediction_from_logits
 # Pixels per case kept for the pooled pixel AUROC and overlap: exact below, a seeded random subset above
@@ -45,16 +45,7 @@ def find_case_files(folder: Optional[str], cases: list[str], role: str) -> Optio
 
 
 def _load_array(file: str, key: str, expected_shape: tuple, what: str) -> np.ndarray:
-    try:
-        with np.load(file) as data:
-            if key not in data:
-                raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(data.files)}); "
-                                     f"expected {what}")
-            array = data[key]
-    except NnDiffSegError:
-        raise
-    except Exception as e:  # a corrupt or truncated .npz
-        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
+    array = load_array(file, key, what)
     if array.shape[-len(expected_shape):] != expected_shape or array.ndim not in (len(expected_shape),
                                                                                    len(expected_shape) + 1):
         raise NnDiffSegError(f"{file} holds {what} of shape {array.shape}, which does not fit the label map's "

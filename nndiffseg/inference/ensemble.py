@@ -28,6 +28,7 @@ from nndiffseg.inference.prediction_folder import (
     UNCERTAINTY_FOLDER,
     UNCERTAINTY_KEY,
     case_outputs,
+    load_array,
     read_record,
     uncertainty_file,
     write_record,
@@ -82,7 +83,7 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         metadata.append([json.loads(f.read_text()) for f in files])
     dataset_json, plans = metadata[0]
     ending = dataset_json["file_ending"]
-    reference, first_shapes = None, None
+    first_shapes = None  # of the first folder's cases
     for folder, (other_json, _) in zip(folders, metadata):
         if other_json.get("labels") != dataset_json.get("labels"):
             raise NnDiffSegError(f"{folder} predicts the labels {other_json.get('labels')}, {folders[0]} "
@@ -94,14 +95,11 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
         if without:
             raise NnDiffSegError(f"{folder} has no probabilities for case(s) {', '.join(without[:5])}: predict "
                                  f"with --save_probabilities (they are what is averaged)")
-        if reference is None:
-            reference = set(cases)
-        elif set(cases) != reference:
-            differ = sorted(set(cases) ^ reference)
+        if first_shapes is not None and set(cases) != set(first_shapes):
+            differ = sorted(set(cases) ^ set(first_shapes))
             raise NnDiffSegError(f"{folder} and {folders[0]} hold different cases (e.g. {', '.join(differ[:5])})")
         shapes = {case: _npz_shape(folder / f"{case}.npz", "probabilities") for case in sorted(cases)}
-        if first_shapes is None:
-            first_shapes = shapes
+        first_shapes = first_shapes or shapes
         for case, shape in shapes.items():
             if shape != first_shapes[case]:
                 raise NnDiffSegError(f"{folder / f'{case}.npz'} holds probabilities of shape {shape}, "
@@ -119,14 +117,6 @@ def check_prediction_folders(folders: Sequence[Path]) -> tuple:
     return dataset_json, plans
 
 
-def _load(file: Path, key: str) -> np.ndarray:
-    try:
-        with np.load(file) as data:
-            return data[key]
-    except Exception as e:
-        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None
-
-
 def _image_file(folder: Path, case: str) -> str | None:
     """The case's first image, where nnDiffSeg_predict's record names its input folder (for the picture)."""
     input_folder = (read_record(folder) or {}).get("input_folder")
@@ -141,8 +131,8 @@ def write_pooled_uncertainty(folders: Sequence[Path], out: Path, file_ending: st
     for case in tqdm(cases, desc="Pooling uncertainty", unit="case"):
         pooled = PooledSpread()
         for folder in folders:
-            probabilities = torch.from_numpy(_load(folder / f"{case}.npz", "probabilities"))
-            spread = torch.from_numpy(_load(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
+            probabilities = torch.from_numpy(load_array(folder / f"{case}.npz", "probabilities"))
+            spread = torch.from_numpy(load_array(uncertainty_file(folder, case), UNCERTAINTY_KEY)) \
                 if folder in with_maps else None
             pooled.add(probabilities, spread)  # shapes checked by check_prediction_folders
         image = next(filter(None, (_image_file(f, case) for f in folders)), None)

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from nndiffseg.errors import NnDiffSegError
 from nndiffseg.files import partial_name, write_atomically, write_text
 
 UNCERTAINTY_FOLDER = "uncertainty"
@@ -86,3 +87,18 @@ def export_label_map(logits: np.ndarray, properties: dict, configuration_manager
 def save_array(file: Path, key: str, array: np.ndarray) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(file, lambda name: np.savez_compressed(name, **{key: array}))  # name ends in .npz
+
+
+def load_array(file, key: str, expected: str = "") -> np.ndarray:
+    """The array ``key`` of the .npz ``file``; a corrupt or truncated file, or one without ``key`` (``expected``
+    says what it should hold), is named."""
+    try:
+        with np.load(file) as data:
+            if key not in data:
+                raise NnDiffSegError(f"{file} holds no '{key}' array (keys: {', '.join(data.files)})"
+                                     + (f"; expected {expected}" if expected else ""))
+            return data[key]
+    except NnDiffSegError:
+        raise
+    except Exception as e:  # a corrupt or truncated .npz
+        raise NnDiffSegError(f"could not read {file}: {type(e).__name__}: {e}") from None

@@ -10,6 +10,7 @@ import shutil
 import types
 from pathlib import Path
 from typing import List, Optional, Sequence, Type
+from unittest import mock
 
 import nnunetv2
 from batchgenerators.utilities.file_and_folder_operations import join
@@ -48,10 +49,8 @@ STAGING, REPLACED, PREVIOUS = ".staging", ".replaced", ".previous"
 
 def find_planner_class(name: str) -> Type[ExperimentPlanner]:
     """Our planners first, then nnunetv2's (ExperimentPlanner, nnUNetPlannerResEncM, ...)."""
-    cls = getattr(nndiffseg_planners, name, None)
-    if cls is None:
-        cls = recursive_find_python_class(join(nnunetv2.__path__[0], "experiment_planning"), name,
-                                          current_module="nnunetv2.experiment_planning")
+    cls = getattr(nndiffseg_planners, name, None) or recursive_find_python_class(
+        join(nnunetv2.__path__[0], "experiment_planning"), name, current_module="nnunetv2.experiment_planning")
     if cls is None or not (isinstance(cls, type) and issubclass(cls, ExperimentPlanner)):
         raise NnDiffSegError(f"experiment planner '{name}' not found in nndiffseg.planning or "
                              f"nnunetv2.experiment_planning (try nnDiffSegPlanner or ExperimentPlanner)")
@@ -238,38 +237,18 @@ def check_raw_dataset(dataset_name: str) -> None:
                              f"(expected CASE_0000{ending}): {', '.join(orphans[:10])}")
 
 
-class _InProcessPool:
-    """What nnU-Net asks of a Pool to list files or check a small dataset, run in this process."""
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    @staticmethod
-    def starmap(function, arguments):
-        return list(itertools.starmap(function, arguments))
-
-
-@contextlib.contextmanager
-def _rebound(module, name: str, value):
-    """``module.name`` is ``value`` inside the block: nnunetv2 2.8 takes no pool as an argument, its planning
-    modules make theirs by module-level name (``multiprocessing.get_context("spawn").Pool(n)``, ``Pool``)."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
+def _in_process_pool(*args, **kwargs):
+    """What nnU-Net asks of a Pool (``with Pool(n) as p: p.starmap(...)``) to list files or check a small dataset,
+    run in this process."""
+    return contextlib.nullcontext(types.SimpleNamespace(starmap=lambda f, a: list(itertools.starmap(f, a))))
 
 
 def _pools_in(module, make_pool):
-    """nnU-Net's pools of ``module`` made with make_pool(n)."""
+    """nnU-Net's pools of ``module`` made with make_pool(n), while the returned context is entered: nnunetv2 2.8
+    takes no pool as an argument, its planning modules make theirs by module-level name
+    (``multiprocessing.get_context("spawn").Pool(n)``, ``Pool``)."""
     spawn = types.SimpleNamespace(Pool=make_pool)
-    return _rebound(module, "multiprocessing", types.SimpleNamespace(get_context=lambda _: spawn))
+    return mock.patch.object(module, "multiprocessing", types.SimpleNamespace(get_context=lambda _: spawn))
 
 
 @contextlib.contextmanager
@@ -280,7 +259,7 @@ def _planning_pools():
     with contextlib.ExitStack() as stack:
         for module in (nnunet_fingerprint_module, nnunet_verify_module, nnunet_preprocessor_module):
             stack.enter_context(_pools_in(module, quiet_pool))
-        stack.enter_context(_rebound(nnunet_utils_module, "Pool", _InProcessPool))
+        stack.enter_context(mock.patch.object(nnunet_utils_module, "Pool", _in_process_pool))
         yield
 
 
@@ -290,7 +269,7 @@ def verify_dataset_integrity_with(folder: str, num_processes: int) -> None:
     if num_processes > 1:
         nnunet_verify_dataset_integrity(folder, num_processes)
         return
-    with _pools_in(nnunet_verify_module, _InProcessPool):
+    with _pools_in(nnunet_verify_module, _in_process_pool):
         nnunet_verify_dataset_integrity(folder, 1)
 
 

@@ -64,21 +64,27 @@ def check_fold(dataset_name: str, fold: Union[int, str]) -> None:
                              f"or convert with nnU-Net's own 5 folds (nnDiffSeg_convert_stroke2021 --split nnunet)")
 
 
+def _data_folder(dataset_name: str, plans_identifier: str, configuration: str) -> Optional[Path]:
+    """The configuration's preprocessed data folder; None where the plans lack the configuration (build_trainer
+    names the configurations there are). NnDiffSegError where there is no plans file (``load_plans``)."""
+    plans = load_plans(dataset_name, plans_identifier)
+    if configuration not in plans["configurations"]:
+        return None
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    return Path(os.environ["nnUNet_preprocessed"]) / dataset_name / data_identifier
+
+
 def check_enough_cases(dataset_name: str, plans_identifier: str, configuration: str, fold: Union[int, str]) -> None:
     """Without a splits_final.json nnU-Net's trainer makes one when a fold first trains (do_split: scikit-learn's
     KFold over the configuration's preprocessed cases), which fails for fewer than 5 cases, after the fold folder
     was made."""
-    if fold == "all":
+    if fold == "all" or (Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "splits_final.json").is_file():
         return
-    base = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
-    if (base / "splits_final.json").is_file():
+    data = _data_folder(dataset_name, plans_identifier, configuration)
+    if data is None:
         return
-    plans = load_plans(dataset_name, plans_identifier)
-    if configuration not in plans["configurations"]:
-        return  # build_trainer names the configurations there are
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    data = base / PlansManager(plans).get_configuration(configuration).data_identifier
     try:
         cases = infer_dataset_class(str(data)).get_identifiers(str(data))
     except (OSError, AssertionError):  # not preprocessed (or mixed files): reported where the data is read
@@ -129,14 +135,10 @@ def check_preprocessed_data(dataset_name: str, plans_identifier: str, configurat
     (by an older nndiffseg, or nnUNetv2_preprocess) leaves a part, on which nnU-Net trains without a word (or,
     when empty, fails with "Found more than one file ending"). Plans, configuration or dataset.json that cannot
     be read are left to the trainer's own errors."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name
     try:
-        plans = PlansManager(json.loads((folder / f"{plans_identifier}.json").read_text(encoding="utf-8")))
-        data = folder / plans.get_configuration(configuration).data_identifier
-        problem = missing_cases(data, folder)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no such configuration
+        data = _data_folder(dataset_name, plans_identifier, configuration)
+        problem = data and missing_cases(data, data.parent)
+    except (NnDiffSegError, OSError, ValueError, KeyError, TypeError):
         return
     if problem:
         options = {PLANS_NAME: "", "nnUNetPlans": " -pl ExperimentPlanner"}.get(

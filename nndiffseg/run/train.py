@@ -113,8 +113,7 @@ def load_checkpoint_to_continue(trainer: nnUNetTrainer) -> None:
 
 def _load_checkpoints(trainer: nnUNetTrainer, run: TrainingRun) -> None:
     """nnU-Net's maybe_load_checkpoint, with errors naming the checkpoint file."""
-    pretrained_weights = run.pretrained_weights
-    if run.continue_training and pretrained_weights is not None:
+    if run.continue_training and run.pretrained_weights is not None:
         raise NnDiffSegError("--c and -pretrained_weights cannot be combined (pretrained weights only start a run)")
     if run.continue_training:
         load_checkpoint_to_continue(trainer)
@@ -124,12 +123,12 @@ def _load_checkpoints(trainer: nnUNetTrainer, run: TrainingRun) -> None:
             raise NnDiffSegError(f"--val: training is not finished, {final} does not exist")
         load_checkpoint_file(final, "--val")
         trainer.load_checkpoint(final)
-    elif pretrained_weights is not None:
-        load_checkpoint_file(pretrained_weights, "-pretrained_weights")
+    elif run.pretrained_weights is not None:
+        load_checkpoint_file(run.pretrained_weights, "-pretrained_weights")
         if not trainer.was_initialized:
             trainer.initialize()
         from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-        load_pretrained_weights(trainer.network, pretrained_weights, verbose=True)
+        load_pretrained_weights(trainer.network, run.pretrained_weights, verbose=True)
 
 
 def _fold_folder_before(fold_folder: Path) -> Optional[dict]:
