@@ -27,14 +27,18 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Dice = 2|P ∩ G| / (|P| + |G|); NaN when both masks are empty, 0 when only one is."""
     pred, ref = _check_pair(pred, ref)
     denominator = int(pred.sum()) + int(ref.sum())
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / denominator if denominator else float("nan")
+    if denominator == 0:
+        return float("nan")
+    return 2.0 * int(np.logical_and(pred, ref).sum()) / denominator
 
 
 def iou(pred: np.ndarray, ref: np.ndarray) -> float:
     """IoU (Jaccard) = |P ∩ G| / |P ∪ G|; NaN when both masks are empty, 0 when only one is."""
     pred, ref = _check_pair(pred, ref)
     union = int(np.logical_or(pred, ref).sum())
-    return int(np.logical_and(pred, ref).sum()) / union if union else float("nan")
+    if union == 0:
+        return float("nan")
+    return int(np.logical_and(pred, ref).sum()) / union
 
 
 def _slice_structure(ndim: int) -> np.ndarray:

@@ -7,8 +7,15 @@ from typing import Any, Iterator
 from nndiffseg.files import write_atomically
 
 # matplotlib's defaults, then these (points; at FIGURE_DPI a 7-inch-wide figure is 770 px)
-FIGURE_STYLE = {"font.size": 10.0, "axes.titlesize": 11.0, "axes.labelsize": 10.0, "legend.fontsize": 9.0,
-                "xtick.labelsize": 9.0, "ytick.labelsize": 9.0, "figure.facecolor": "white"}
+FIGURE_STYLE = {
+    "font.size": 10.0,
+    "axes.titlesize": 11.0,
+    "axes.labelsize": 10.0,
+    "legend.fontsize": 9.0,
+    "xtick.labelsize": 9.0,
+    "ytick.labelsize": 9.0,
+    "figure.facecolor": "white",
+}
 FIGURE_DPI = 110
 
 

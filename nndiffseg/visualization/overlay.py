@@ -11,8 +11,13 @@ from nndiffseg.files import write_atomically
 
 # Foreground class c is drawn in PALETTE[(c - 1) % len(PALETTE)]; green is kept for the reference.
 PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("yellow", (255, 255, 0)), ("cyan", (0, 255, 255)), ("magenta", (255, 0, 255)),
-    ("orange", (255, 140, 0)), ("blue", (60, 120, 255)), ("red", (255, 30, 30)))
+    ("yellow", (255, 255, 0)),
+    ("cyan", (0, 255, 255)),
+    ("magenta", (255, 0, 255)),
+    ("orange", (255, 140, 0)),
+    ("blue", (60, 120, 255)),
+    ("red", (255, 30, 30)),
+)
 REFERENCE_COLOUR: tuple[str, tuple[int, int, int]] = ("green", (0, 220, 0))
 _BACKGROUND = (32, 32, 32)
 _TEXT = (235, 235, 235)
