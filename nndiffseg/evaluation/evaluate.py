@@ -7,7 +7,9 @@ class, writes a ``summary.json`` (NaN as ``null``) and prints a table. Where the
 nnU-Net's probabilities (``--save_probabilities``: CASE.npz) and/or nnDiffSeg_predict's uncertainty maps
 (``uncertainty/CASE.npz``), it also scores calibration and failure detection
 (:mod:`nndiffseg.evaluation.uncertainty_metrics`) and draws them as ``summary_figures/calibration.png`` and
-``summary_figures/risk_coverage.png`` beside the summary.
+``summary_figures/risk_coverage.png`` beside the summary. With ``-raters FOLDER`` (several raters per case) it
+also scores the prediction's samples against the raters (:mod:`nndiffseg.evaluation.rater_evaluation`) and draws
+each case's image, raters and samples as ``summary_figures/raters/CASE.png``.
 """
 import argparse
 import contextlib
@@ -16,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 from typing import Any, Iterable, Optional, Type
 
@@ -25,9 +28,21 @@ from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determin
 
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.evaluation.metrics import METRIC_NAMES, compute_case_metrics
-from nndiffseg.evaluation.uncertainty_evaluation import case_uncertainty_data, find_case_files, summarize_uncertainty
+from nndiffseg.evaluation.rater_evaluation import (
+    case_rater_metrics,
+    find_rater_files,
+    find_sample_files,
+    summarize_raters,
+)
+from nndiffseg.evaluation.uncertainty_evaluation import (
+    PROBABILITIES_KEY,
+    case_uncertainty_data,
+    find_case_files,
+    load_case_array,
+    summarize_uncertainty,
+)
 from nndiffseg.files import write_json
-from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER
+from nndiffseg.inference.prediction_folder import UNCERTAINTY_FOLDER, UNCERTAINTY_KEY
 from nndiffseg.utils import name_list
 
 # Longest first, so that "x.nii.gz" is split as ("x", ".nii.gz"), never as ("x.nii", ".gz")-like guesses.
@@ -114,13 +129,41 @@ def _read_label_map(reader: Type[BaseReaderWriter], file: str) -> tuple[np.ndarr
     return seg, values
 
 
+def _read_alike(reader: Type[BaseReaderWriter], file: str, ref: np.ndarray, ref_file: str, case: str) -> np.ndarray:
+    seg = _read_label_map(reader, file)[0]
+    if seg.shape != ref.shape:
+        raise NnDiffSegError(f"case {case}: reference {ref_file} has shape {ref.shape} but {file} has shape "
+                             f"{seg.shape}")
+    return seg
+
+
+def _rater_scores(case: str, ref: np.ndarray, ref_file: str, pred: np.ndarray, job: tuple) -> dict[str, Any]:
+    """The case's scores against its raters, and its picture where ``figure`` (image file, its reader, the
+    picture's file) is given."""
+    _, _, ref_reader, _, pred_reader, _, probability_file, uncertainty_file, rater_job = job
+    labels, figure = rater_job["labels"], rater_job["figure"]
+    raters = [_read_alike(ref_reader, f, ref, ref_file, case) for f in rater_job["raters"]]
+    samples = [_read_alike(pred_reader, f, ref, ref_file, case) for f in rater_job["samples"]] or [pred]
+    probabilities = None if probability_file is None else \
+        load_case_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
+    uncertainty = None if uncertainty_file is None else \
+        load_case_array(uncertainty_file, UNCERTAINTY_KEY, ref.shape, "an uncertainty map").reshape(ref.shape)
+    scores = case_rater_metrics(pred, raters, samples, labels, probabilities, uncertainty)
+    if figure is not None and ref.ndim == 3 and ref.shape[0] == 1:
+        from nndiffseg.visualization.rater_figure import save_rater_figure
+        image_file, image_reader, out = figure
+        image = image_reader().read_images([image_file])[0][:, 0]
+        label = str(labels[0])
+        save_rater_figure(out, np.moveaxis(image, 0, -1), [r[0] for r in raters], pred[0], [s[0] for s in samples],
+                          case, {k: scores[label][k] for k in ("ged_squared", "hm_iou", "sample_diversity")})
+    return scores
+
+
 def _evaluate_case(job: tuple) -> dict[str, Any]:
-    case, ref_file, ref_reader, pred_file, pred_reader, labels, probability_file, uncertainty_file = job
+    case, ref_file, ref_reader, pred_file, pred_reader, labels, probability_file, uncertainty_file = job[:8]
     ref, ref_values = _read_label_map(ref_reader, ref_file)
-    pred, pred_values = _read_label_map(pred_reader, pred_file)
-    if ref.shape != pred.shape:
-        raise NnDiffSegError(f"case {case}: reference {ref_file} has shape {ref.shape} but prediction "
-                             f"{pred_file} has shape {pred.shape}")
+    pred = _read_alike(pred_reader, pred_file, ref, ref_file, case)
+    pred_values = np.unique(pred)
     present = sorted({int(v) for v in np.concatenate([ref_values, pred_values]) if v != 0})
     # Without explicit labels, score what occurs in this case; the caller fills in the labels that
     # occur elsewhere only, whose metrics here are NaN by definition (empty in both maps).
@@ -128,6 +171,7 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     return {"case": case, "present": present, "metrics": metrics,
             "reference_labels": sorted(int(v) for v in ref_values),
             "prediction_labels": sorted(int(v) for v in pred_values),
+            **({"raters": _rater_scores(case, ref, ref_file, pred, job)} if job[8] is not None else {}),
             **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file)}
 
 
@@ -211,10 +255,34 @@ def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
     return checked
 
 
+def _rater_jobs(raters_folder: str, images_folder: Optional[str], prediction_folder: str, cases: list[str],
+                prediction: dict[str, str], labels: Optional[list[int]], figures: Optional[str]) -> dict[str, dict]:
+    """Case -> what its rater scores need: rater and sample files, the labels (default: every label a rater
+    marks), and its picture's image and file where ``figures`` (a folder) is given."""
+    ending = split_case_name(os.path.basename(prediction[cases[0]]))[1]
+    raters = find_rater_files(raters_folder, cases, ending)
+    samples = find_sample_files(prediction_folder, cases, ending) or {}
+    reader = _reader_for_ending(ending, raters[cases[0]][0])
+    if labels is None:
+        labels = sorted({int(v) for files in raters.values() for f in files for v in _read_label_map(reader, f)[1]
+                         if v > 0}) or [1]
+    images = {}
+    if figures is not None and images_folder is not None and os.path.isdir(images_folder):
+        images = {c: os.path.join(images_folder, f"{c}_0000{ending}") for c in cases}
+        images = {c: f for c, f in images.items() if os.path.isfile(f)}
+        if images:
+            os.makedirs(figures, exist_ok=True)
+            image_reader = _reader_for_ending(ending, next(iter(images.values())))
+    return {c: {"raters": raters[c], "samples": samples.get(c, []), "labels": labels,
+                "figure": (images[c], image_reader, os.path.join(figures, f"{c}.png")) if c in images else None}
+            for c in cases}
+
+
 def evaluate_folders(reference_folder: str, prediction_folder: str, output_file: Optional[str] = None,
                      labels: Optional[Iterable[int]] = None,
                      num_processes: int = default_num_processes(), uncertainty_folder: Optional[str] = None,
-                     plots: bool = True) -> dict[str, Any]:
+                     plots: bool = True, raters_folder: Optional[str] = None,
+                     images_folder: Optional[str] = None) -> dict[str, Any]:
     """Score every prediction in ``prediction_folder`` against the same-named reference and write a summary.
 
     Case files are matched by name (file name minus its ending); files with other endings and subfolders
@@ -227,6 +295,11 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     (``uncertainty_folder/CASE.npz``, default ``prediction_folder/uncertainty``) are used when every case has
     one: the summary then holds ``calibration`` and ``uncertainty`` blocks, and with ``plots`` the reliability
     diagram and risk-coverage curve are written to ``summary_figures/`` beside it.
+
+    ``raters_folder`` (``CASE_raterNN<ending>`` files) adds each case's scores against its raters (its samples,
+    ``prediction_folder/samples/sample_K``, or the prediction as the one sample) and a ``raters`` block; with
+    ``plots`` and ``images_folder`` (``CASE_0000<ending>``, default: the ``images*`` folder beside a
+    ``labels*`` reference folder) a picture per case in ``summary_figures/raters/``.
 
     Raises NnDiffSegError for missing or extra cases, empty folders, unreadable files and shape mismatches,
     before anything is written.
@@ -263,16 +336,33 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
                                         cases, "uncertainty") or {}
     if uncertainty_folder is not None and not uncertainty_files:
         raise NnDiffSegError(f"no uncertainty maps (CASE.npz) in {uncertainty_folder}")
+    if output_file is None:
+        output_file = os.path.join(prediction_folder, SUMMARY_FILE_NAME)
+    figures = os.path.join(os.path.dirname(os.path.abspath(output_file)), FIGURES_FOLDER)
+    rater_figures = os.path.join(figures, "raters")
+    new_figures = not os.path.exists(rater_figures)
+    rater_jobs = {}
+    if raters_folder is not None:
+        parent, name = os.path.split(os.path.abspath(reference_folder))
+        if images_folder is None and name.startswith("labels"):
+            images_folder = os.path.join(parent, "images" + name[len("labels"):])
+        rater_jobs = _rater_jobs(raters_folder, images_folder, prediction_folder, cases, prediction, labels,
+                                 rater_figures if plots else None)
     jobs = [(c, os.path.abspath(reference[c]), reader(reference[c]), os.path.abspath(prediction[c]),
-             reader(prediction[c]), labels, probability_files.get(c), uncertainty_files.get(c)) for c in cases]
-    if num_processes == 1 or len(jobs) == 1:
-        results = [_evaluate_case(job) for job in jobs]
-    else:
-        # spawn, as nnU-Net does: forking a process that may hold torch threads can deadlock.
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            results = pool.map(_evaluate_case, jobs)
-
-    warnings = _stray_labels(results, reference_folder, prediction_folder, prediction, reference)
+             reader(prediction[c]), labels, probability_files.get(c), uncertainty_files.get(c), rater_jobs.get(c))
+            for c in cases]
+    try:
+        if num_processes == 1 or len(jobs) == 1:
+            results = [_evaluate_case(job) for job in jobs]
+        else:
+            # spawn, as nnU-Net does: forking a process that may hold torch threads can deadlock.
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                results = pool.map(_evaluate_case, jobs)
+        warnings = _stray_labels(results, reference_folder, prediction_folder, prediction, reference)
+    except BaseException:  # the cases' pictures drawn so far go with the run that failed
+        if new_figures:
+            shutil.rmtree(rater_figures, ignore_errors=True)
+        raise
     if labels is None:
         labels = sorted({label for r in results for label in r["present"]})
         if not labels:
@@ -291,6 +381,7 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
             "metrics": metrics,
             "mean": {m: _nanmean(metrics[str(label)][m] for label in labels) for m in METRIC_NAMES},
             **uncertainty,
+            **({"raters": r["raters"]} if "raters" in r else {}),
         })
     per_class = {str(label): {m: _nanmean(c["metrics"][str(label)][m] for c in case_entries) for m in METRIC_NAMES}
                  for label in labels}
@@ -306,19 +397,17 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
         "reference_folder": os.path.abspath(reference_folder),
         "prediction_folder": os.path.abspath(prediction_folder),
         **summarize_uncertainty(results, case_entries, labels),
+        **({"raters": summarize_raters(case_entries, rater_jobs[cases[0]]["labels"])} if rater_jobs else {}),
         **({"warnings": warnings} if warnings else {}),
     }
-    if output_file is None:
-        output_file = os.path.join(prediction_folder, SUMMARY_FILE_NAME)
     if plots and ("calibration" in summary or "uncertainty" in summary):
         from nndiffseg.visualization.uncertainty_plots import plot_reliability, plot_risk_coverage
         # a folder of their own: beside PNG label maps they would pass for cases of the prediction folder
-        folder = os.path.join(os.path.dirname(os.path.abspath(output_file)), FIGURES_FOLDER)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(figures, exist_ok=True)
         if "calibration" in summary:
-            plot_reliability(summary, os.path.join(folder, "calibration.png"))
+            plot_reliability(summary, os.path.join(figures, "calibration.png"))
         if "uncertainty" in summary:
-            plot_risk_coverage(summary, os.path.join(folder, "risk_coverage.png"))
+            plot_risk_coverage(summary, os.path.join(figures, "risk_coverage.png"))
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     write_json(output_file, _nan_to_none(summary))
     return summary
@@ -363,6 +452,18 @@ def format_uncertainty_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_rater_table(summary: dict[str, Any]) -> str:
+    """The scores against the raters per class; empty without raters."""
+    if "raters" not in summary:
+        return ""
+    shown = ("ged_squared", "hm_iou", "sample_diversity", "dice_majority", "dice_raters_mean", "ece", "ncc")
+    titles = ("GED²", "HM-IoU", "diversity", "Dice maj.", "Dice raters", "ECE", "NCC")
+    block = summary["raters"]
+    rows = [(f"class {k}", v) for k, v in block["per_class"].items()] + [("mean", block["mean"])]
+    return "\n".join(["", f"{'against the raters':<20}" + "".join(f"{t:>12}" for t in titles)] +
+                     [f"{name:<20}" + "".join(f"{_fmt(v[m]):>12}" for m in shown) for name, v in rows])
+
+
 def evaluate_entry() -> None:
     parser = argparse.ArgumentParser(
         prog="nnDiffSeg_evaluate",
@@ -380,6 +481,15 @@ def evaluate_entry() -> None:
                         help=f"folder of uncertainty maps CASE.npz (default: PRED_FOLDER/{UNCERTAINTY_FOLDER} when it "
                              f"exists). Probabilities are read from PRED_FOLDER/CASE.npz (--save_probabilities) when "
                              f"every case has them")
+    parser.add_argument("-raters", default=None,
+                        help="folder of several raters' masks per case, CASE_rater01<ending>, ... (ratersTr or "
+                             "ratersTs of nnDiffSeg_convert_multirater): also scores the prediction's samples "
+                             "(PRED_FOLDER/samples/, nnDiffSeg_predict --save_samples; else the prediction) against "
+                             "them: GED, HM-IoU, diversity, Dice against the majority and each rater, calibration "
+                             "against the raters' frequency, NCC of the uncertainty with their disagreement")
+    parser.add_argument("-img", default=None,
+                        help="images CASE_0000<ending> for the pictures of -raters (default: imagesTr/imagesTs beside "
+                             "a labelsTr/labelsTs -ref folder)")
     parser.add_argument("--no_plots", action="store_true",
                         help=f"do not draw {FIGURES_FOLDER}/calibration.png and risk_coverage.png beside the summary")
     parser.add_argument("-np", type=int, default=default_num_processes(),
@@ -387,11 +497,13 @@ def evaluate_entry() -> None:
     args = parser.parse_args()
 
     def main() -> int:
-        summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np, args.unc, not args.no_plots)
+        summary = evaluate_folders(args.ref, args.pred, args.o, args.l, args.np, args.unc, not args.no_plots,
+                                   args.raters, args.img)
         print(format_table(summary))
         for warning in summary.get("warnings", []):
             print(f"WARNING: {warning}", file=sys.stderr)
         print(format_uncertainty_table(summary))
+        print(format_rater_table(summary))
         output = args.o if args.o is not None else os.path.join(args.pred, SUMMARY_FILE_NAME)
         print(f"\nSummary written to {output}")
         return 0

@@ -44,7 +44,7 @@ def find_case_files(folder: Optional[str], cases: list[str], role: str) -> Optio
     return found
 
 
-def _load_array(file: str, key: str, expected_shape: tuple, what: str) -> np.ndarray:
+def load_case_array(file: str, key: str, expected_shape: tuple, what: str) -> np.ndarray:
     array = load_array(file, key, what)
     if array.shape[-len(expected_shape):] != expected_shape or array.ndim not in (len(expected_shape),
                                                                                    len(expected_shape) + 1):
@@ -62,7 +62,7 @@ def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probabil
     result: dict[str, Any] = {"calibration": {}, "mean_uncertainty": {}, "pixels": {}}
     maps = {}
     if probability_file is not None:
-        probabilities = _load_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
+        probabilities = load_case_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
         if probabilities.ndim != ref.ndim + 1 or probabilities.shape[0] < 2:
             raise NnDiffSegError(f"{probability_file} holds probabilities of shape {probabilities.shape}; expected "
                                  f"(classes, {', '.join(map(str, ref.shape))})")
@@ -70,7 +70,7 @@ def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probabil
             result["calibration"][label] = CalibrationCounts().add(probabilities[label], ref == label)
         maps["entropy"] = normalized_entropy(probabilities)
     if uncertainty_file is not None:
-        spread = _load_array(uncertainty_file, UNCERTAINTY_KEY, ref.shape, "an uncertainty map")
+        spread = load_case_array(uncertainty_file, UNCERTAINTY_KEY, ref.shape, "an uncertainty map")
         maps["spread"] = spread.reshape(ref.shape).astype(np.float32)
     if maps:
         keep = subsample_indices(ref.size, PIXELS_PER_CASE, seed=zlib.crc32(case.encode()))
