@@ -49,6 +49,7 @@ setup(
             "nnDiffSeg_apply_postprocessing = nndiffseg.console:apply_postprocessing",
             "nnDiffSeg_convert_isic = nndiffseg.console:convert_isic",
             "nnDiffSeg_convert_stroke2021 = nndiffseg.console:convert_stroke2021",
+            "nnDiffSeg_convert_multirater = nndiffseg.console:convert_multirater",
             "nnDiffSeg_demo = nndiffseg.console:demo",
             "nnDiffSeg_ext_trainer_dir = nndiffseg.console:ext_trainer_dir",
         ]
