@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 
@@ -221,12 +222,17 @@ class Geometry:
 
 def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, Geometry]:
     """The file as (channels, y, x) and the geometry of its first two axes; any axis beyond them (a depth of 1,
-    a channel axis, vector components) becomes channels, but at most one of them may hold several values."""
+    a channel axis, vector components) becomes channels, but at most one of them may hold several values. Read
+    by nibabel too: SimpleITK (ITK 5.4) reads a truncated .nii.gz and NaN or Inf values as zeros, silently."""
     try:
+        refuse_non_finite(np.asanyarray(nibabel.load(path).dataobj), f"{what} {path}")
         image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
+    except DatasetConversionError:
+        raise
+    except Exception as e:  # nibabel's errors have no common base: EOFError, ImageFileError, zlib.error, ...
         text = " ".join(str(e).split("ITK ERROR:")[-1].split())
-        raise DatasetConversionError(f"cannot read {what} {path}: {text} (corrupt or truncated file?)") from None
+        raise DatasetConversionError(f"cannot read {what} {path}: {type(e).__name__}: {text} (corrupt or "
+                                     f"truncated file?)") from None
     values = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         values = np.moveaxis(values, -1, 0)
@@ -295,7 +301,6 @@ def _read_case(job: CaseJob) -> tuple[np.ndarray, list[np.ndarray], Geometry | N
         channels, geometry = _grey_jpeg(case.image, "image")[None], None
     else:
         channels, geometry = _read_nifti(case.image, "image")
-    refuse_non_finite(channels, f"image {case.image}")
     size = (channels.shape[2], channels.shape[1])
     masks = []
     for path in case.raters:
