@@ -27,6 +27,7 @@ setup(
         "nnunetv2>=2.8.1",
         "batchgenerators>=0.25.1",
         "SimpleITK>=2.2.1",
+        "nibabel",  # nnDiffSeg_convert_multirater checks NIfTI files with it (also a dependency of nnunetv2)
         "open_clip_torch>=2.20",
         "diffusers>=0.27",
         "acvl-utils>=0.2.6",

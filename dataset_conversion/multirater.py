@@ -14,13 +14,11 @@ Two layouts are recognised from the folder (see docs/multirater.md):
   labelR_.jpg``: 8-bit grey JPEGs; a mask pixel is foreground where its value is above 127 (JPEG noise). Output
   PNG (NaturalImage2DIO); case ``<n>`` becomes ``lidc<n>``.
 
-Split folders (any case): training/train -> imagesTr, labelsTr, ratersTr; validation/val/testing/test ->
-imagesTs, labelsTs, ratersTs. ``labels*/<case>`` is the majority vote: foreground where STRICTLY more than half of
-the raters mark it, so a tie (2 of 4 raters) is background. ``raters*/<case>_rater01`` ... hold every rater's
-{0, 1} mask, numbered from 01 in the release's order; dataset.json gets ``num_raters``. A non-training case whose
-name is also a training case's is prefixed with its split folder's name (``validation_case01``). The source is
-only read; the dataset is built in a hidden staging folder beside the target and moved into place at the end,
-so a failure leaves nothing behind.
+Split folders (any case): training/train -> imagesTr, labelsTr, ratersTr; validation/val/testing/test -> ...Ts.
+``labels*/<case>`` is the majority vote: foreground where STRICTLY more than half of the raters mark it, so a tie
+(2 of 4 raters) is background. ``raters*/<case>_rater01`` ... hold every rater's {0, 1} mask, numbered from 01 in
+the release's order; dataset.json gets ``num_raters``. A non-training case named as a training case is prefixed
+with its split folder's name (``validation_case01``). The source is only read; a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -76,14 +74,11 @@ class LayoutSpec:
     licence: str
     description: str
 
-    def expected_mask(self, task: int, rater: int) -> str:
-        return self.mask_name.format(task=task, rater=rater)
-
 
 LAYOUTS = {
     "qubiq": LayoutSpec(
-        "QUBIQ", re.compile(r"image\.nii(\.gz)?", re.I), re.compile(r"task(?P<task>\d+)_seg(?P<rater>\d+)\.nii(\.gz)?",
-                                                                    re.I),
+        "QUBIQ", re.compile(r"image\.nii(\.gz)?", re.I),
+        re.compile(r"task(?P<task>\d+)_seg(?P<rater>\d+)\.nii(\.gz)?", re.I),
         1, "image.nii.gz", "task{task:02d}_seg{rater:02d}.nii.gz", ".nii.gz", "SimpleITKIO", "image",
         "QUBIQ challenge (Quantification of Uncertainties in Biomedical Image Quantification), MICCAI 2020/2021",
         "see the QUBIQ release's terms", "QUBIQ 2D slices, one NIfTI per channel"),
@@ -187,15 +182,17 @@ def collect_cases(layout: str, folders: list[FolderFiles], task: int) -> list[Ca
         if len(files.images) > 1:
             raise DatasetConversionError(f"two images in {files.folder}: {' and '.join(map(str, files.images))}")
         if not raters:
+            expected = files.folder / spec.mask_name.format(task=task, rater=spec.first_rater)
             raise DatasetConversionError(f"image without masks: {files.images[0]} has no rater masks of task {task}; "
-                                         f"expected {files.folder / spec.expected_mask(task, spec.first_rater)}")
+                                         f"expected {expected}")
         for rater in range(spec.first_rater, spec.first_rater + num_raters):
             if rater not in raters:
                 raise DatasetConversionError(
                     f"missing rater: {files.folder} lacks rater {rater - spec.first_rater + 1} of {num_raters}; "
-                    f"expected {files.folder / spec.expected_mask(task, rater)}")
+                    f"expected {files.folder / spec.mask_name.format(task=task, rater=rater)}")
         name = f"lidc{files.folder.name}" if layout == "lidc" else files.folder.name
-        cases.append(Case(name, files.folder, files.part, files.images[0], tuple(raters[r] for r in sorted(raters))))
+        numbers = range(spec.first_rater, spec.first_rater + num_raters)
+        cases.append(Case(name, files.folder, files.part, files.images[0], tuple(raters[r] for r in numbers)))
     return _unique_names(cases)
 
 
@@ -213,15 +210,9 @@ def _unique_names(cases: list[Case]) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------------- pixels
 
-@dataclass(frozen=True)
-class Geometry:
-    spacing: tuple[float, float]
-    origin: tuple[float, float]
-    direction: tuple[float, ...]
-
-
-def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, Geometry]:
-    """The file as (channels, y, x) and the geometry of its first two axes; any axis beyond them (a depth of 1,
+def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, sitk.Image]:
+    """The file as (channels, y, x) and an empty 2D image with the spacing, origin and direction of its first two
+    axes (for CopyInformation); any axis beyond them (a depth of 1,
     a channel axis, vector components) becomes channels, but at most one of them may hold several values. Read
     by nibabel too: SimpleITK (ITK 5.4) reads a truncated .nii.gz and NaN or Inf values as zeros, silently."""
     try:
@@ -245,7 +236,10 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, Geometry]:
     direction = np.array(image.GetDirection()).reshape(dim, dim)[:2, :2]
     if not np.allclose(direction @ direction.T, np.eye(2)):  # an oblique slice: its 2D part is no rotation
         direction = np.eye(2)
-    geometry = Geometry(tuple(image.GetSpacing()[:2]), tuple(image.GetOrigin()[:2]), tuple(direction.ravel()))
+    geometry = sitk.Image(values.shape[-1], values.shape[-2], sitk.sitkUInt8)
+    geometry.SetSpacing(image.GetSpacing()[:2])
+    geometry.SetOrigin(image.GetOrigin()[:2])
+    geometry.SetDirection(tuple(direction.ravel()))
     return values.reshape(-1, *values.shape[-2:]), geometry
 
 
@@ -253,8 +247,6 @@ def _grey_jpeg(path: Path, what: str) -> np.ndarray:
     image = load_image(path, what)
     if image.mode == "L":
         return np.asarray(image)
-    if image.mode not in ("RGB", "CMYK", "YCbCr", "P", "LA", "RGBA"):
-        raise DatasetConversionError(f"{what} {path} has mode {image.mode}; expected an 8-bit grey JPEG")
     rgb = np.asarray(image.convert("RGB"))
     if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
         raise DatasetConversionError(f"{what} {path} is a colour image (its channels differ); expected 8-bit grey")
@@ -284,18 +276,17 @@ class CaseResult:
     dice: tuple[float, ...]  # per pair of raters; two empty masks agree (1.0)
 
 
-def _write(pixels: np.ndarray, path: Path, geometry: Geometry | None) -> None:
+def _write(pixels: np.ndarray, path: Path, geometry: sitk.Image | None) -> None:
+    """A PNG (LIDC) or a NIfTI with ``geometry``'s spacing, origin and direction (QUBIQ)."""
     if geometry is None:
         save_png(pixels, path)
         return
     image = sitk.GetImageFromArray(pixels)
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
+    image.CopyInformation(geometry)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def _read_case(job: CaseJob) -> tuple[np.ndarray, list[np.ndarray], Geometry | None]:
+def _read_case(job: CaseJob) -> tuple[np.ndarray, list[np.ndarray], sitk.Image | None]:
     case = job.case
     if job.layout == "lidc":
         channels, geometry = _grey_jpeg(case.image, "image")[None], None
@@ -333,20 +324,18 @@ def convert_case(job: CaseJob) -> CaseResult:
 
 # ---------------------------------------------------------------------------------------------- conversion
 
-def _check_channels(cases: list[Case], results: list[CaseResult], channel_names: list[str] | None) -> None:
+def _channel_names(spec: LayoutSpec, cases: list[Case], results: list[CaseResult], given: list[str] | None
+                   ) -> dict[str, str]:
+    """dataset.json's channel names, once every case is found to have as many channels as the first."""
     first = results[0].channels
     for case, result in zip(cases, results):
         if result.channels != first:
             raise DatasetConversionError(f"image {case.image} has {result.channels} channels but {cases[0].image} "
                                          f"has {first}; every case needs the same channels")
-    if channel_names is not None and len(channel_names) != first:
-        raise DatasetConversionError(f"--channel_names gives {len(channel_names)} names but the images have {first} "
+    if given is not None and len(given) != first:
+        raise DatasetConversionError(f"--channel_names gives {len(given)} names but the images have {first} "
                                      f"channels (e.g. {cases[0].image})")
-
-
-def _channel_names(spec: LayoutSpec, num_channels: int, given: list[str] | None) -> dict[str, str]:
-    names = given or ([spec.default_channel] if num_channels == 1 else
-                      [f"{spec.default_channel} {i}" for i in range(num_channels)])
+    names = given or ([spec.default_channel] if first == 1 else [f"{spec.default_channel} {i}" for i in range(first)])
     return {str(i): name for i, name in enumerate(names)}
 
 
@@ -416,10 +405,9 @@ def convert_multirater(source: str | Path, dataset_id: int, task: int = 1, name:
                 (stage / f"{kind}{part}").mkdir()
         jobs = [CaseJob(case, layout, stage) for case in cases]
         results = run_jobs(convert_case, jobs, num_processes, spec.name, "case")
-        _check_channels(cases, results, channel_names)
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
         generate_dataset_json(
-            str(stage), _channel_names(spec, results[0].channels, channel_names),
+            str(stage), _channel_names(spec, cases, results, channel_names),
             {"background": 0, label_name: 1}, sum(c.part == "Tr" for c in cases), spec.ending, dataset_name=name,
             reference=spec.reference, description=_description(spec, task, len(results[0].empty), label_name),
             license=spec.licence, overwrite_image_reader_writer=spec.reader_writer,
