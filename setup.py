@@ -27,6 +27,7 @@ setup(
         "nnunetv2>=2.8.1",
         "batchgenerators>=0.25.1",
         "SimpleITK>=2.2.1",
+        "nibabel",  # nnDiffSeg_convert_multirater checks NIfTI files with it (also a dependency of nnunetv2)
         "open_clip_torch>=2.20",
         "diffusers>=0.27",
         "acvl-utils>=0.2.6",
@@ -49,6 +50,7 @@ setup(
             "nnDiffSeg_apply_postprocessing = nndiffseg.console:apply_postprocessing",
             "nnDiffSeg_convert_isic = nndiffseg.console:convert_isic",
             "nnDiffSeg_convert_stroke2021 = nndiffseg.console:convert_stroke2021",
+            "nnDiffSeg_convert_multirater = nndiffseg.console:convert_multirater",
             "nnDiffSeg_demo = nndiffseg.console:demo",
             "nnDiffSeg_ext_trainer_dir = nndiffseg.console:ext_trainer_dir",
         ]

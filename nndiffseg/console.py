@@ -15,6 +15,7 @@ TOOLS = {
     "nnDiffSeg_apply_postprocessing": "nndiffseg.inference.postprocessing:apply_postprocessing_entry",
     "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic:convert_isic_entry",
     "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021:convert_stroke2021_entry",
+    "nnDiffSeg_convert_multirater": "nndiffseg.dataset_conversion.multirater:convert_multirater_entry",
     "nnDiffSeg_demo": "nndiffseg.demo.run_demo:demo_entry",
     "nnDiffSeg_ext_trainer_dir": "nndiffseg.ext_trainer:print_ext_trainer_dir_entry",
 }
@@ -46,5 +47,6 @@ ensemble = _script("nnDiffSeg_ensemble")
 apply_postprocessing = _script("nnDiffSeg_apply_postprocessing")
 convert_isic = _script("nnDiffSeg_convert_isic")
 convert_stroke2021 = _script("nnDiffSeg_convert_stroke2021")
+convert_multirater = _script("nnDiffSeg_convert_multirater")
 demo = _script("nnDiffSeg_demo")
 ext_trainer_dir = _script("nnDiffSeg_ext_trainer_dir")

@@ -18,6 +18,7 @@ MODULES = {
     "nnDiffSeg_apply_postprocessing": "nndiffseg.inference.postprocessing",
     "nnDiffSeg_convert_isic": "nndiffseg.dataset_conversion.isic",
     "nnDiffSeg_convert_stroke2021": "nndiffseg.dataset_conversion.stroke2021",
+    "nnDiffSeg_convert_multirater": "nndiffseg.dataset_conversion.multirater",
 }
 
 # planning options for datasets a test wrote itself: one worker each, and no nnU-Net integrity check (a spawned

@@ -21,6 +21,7 @@ import sitecustomize  # noqa: E402,F401
 # ../shared/data beside the repository (also in CI); NNDIFFSEG_SHARED_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("NNDIFFSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 ISIC2017_SAMPLE = SHARED_DATA / "isic2017_sample"
+LIDC_MULTIRATER_SAMPLE = SHARED_DATA / "lidc_multirater_sample"
 
 
 @pytest.fixture
@@ -72,6 +73,15 @@ def isic2017_sample() -> Path:
         pytest.skip(f"real ISIC sample not found at {ISIC2017_SAMPLE} (it sits beside the repository in CI; "
                     f"set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
     return ISIC2017_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def lidc_multirater_sample() -> Path:
+    """The 28 real LIDC slices with 4 raters' masks each in ../shared/data; tests using them skip where it is absent."""
+    if not (LIDC_MULTIRATER_SAMPLE / "training").is_dir():
+        pytest.skip(f"real LIDC multi-rater sample not found at {LIDC_MULTIRATER_SAMPLE} (it sits beside the "
+                    f"repository in CI; set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
+    return LIDC_MULTIRATER_SAMPLE
 
 
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
