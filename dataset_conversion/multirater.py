@@ -435,7 +435,8 @@ def convert_multirater_entry() -> None:
                         help=f"name of label 1 in dataset.json (default {DEFAULT_LABEL_NAME})")
     parser.add_argument("--channel_names", nargs="+", default=None, metavar="NAME",
                         help="one name per image channel for dataset.json ('CT' selects nnU-Net's CT "
-                             "normalisation; default: 'image' for QUBIQ, 'windowed CT' for LIDC, z-scored)")
+                             "normalisation; default: 'image', or 'image 0', 'image 1', ... for several channels, for "
+                             "QUBIQ; 'windowed CT' for LIDC; both z-scored by nnU-Net)")
     run_converter(parser, convert_multirater)
 
 
