@@ -49,6 +49,8 @@ from nndiffseg.dataset_conversion.common import (
     source_folder,
     staged_folder,
 )
+from nndiffseg.evaluation.multirater_metrics import majority_vote
+from nndiffseg.planning.raters import RATERS_FOLDER, rater_file_name
 
 SPLIT_FOLDERS = {"training": "Tr", "train": "Tr", "validation": "Ts", "val": "Ts", "testing": "Ts", "test": "Ts"}
 JPEG_THRESHOLD = 127  # a JPEG mask pixel above this is foreground
@@ -314,8 +316,8 @@ def convert_case(job: CaseJob) -> CaseResult:
     for i, channel in enumerate(channels):
         _write(channel, job.dataset / f"images{case.part}" / f"{case.name}_{i:04d}{ending}", geometry)
     for r, mask in enumerate(masks, 1):
-        _write(mask, job.dataset / f"raters{case.part}" / f"{case.name}_rater{r:02d}{ending}", geometry)
-    vote = (2 * np.sum(masks, axis=0) > len(masks)).astype(np.uint8)
+        _write(mask, job.dataset / RATERS_FOLDER[case.part] / rater_file_name(case.name, r, ending), geometry)
+    vote = majority_vote(np.stack(masks)).astype(np.uint8)
     _write(vote, job.dataset / f"labels{case.part}" / f"{case.name}{ending}", geometry)
     dice = tuple(2 * float((a & b).sum()) / (a.sum() + b.sum()) if a.any() or b.any() else 1.0
                  for a, b in combinations(masks, 2))

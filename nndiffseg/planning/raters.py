@@ -10,9 +10,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-from tqdm import tqdm
 
 from nndiffseg.errors import NnDiffSegError
 
@@ -47,6 +44,10 @@ def preprocess_raters(raw_dataset: Path, folder: Path, plans: dict, configuratio
     nothing for a dataset without raters."""
     if not num_raters(dataset_json):
         return
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from tqdm import tqdm
+
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
