@@ -90,13 +90,9 @@ def _match_cases(reference: dict[str, str], prediction: dict[str, str],
                  reference_folder: str, prediction_folder: str) -> list[str]:
     missing = sorted(set(reference) - set(prediction))
     extra = sorted(set(prediction) - set(reference))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} case(s) of {reference_folder} have no prediction in "
-                        f"{prediction_folder}: {name_list(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} prediction(s) in {prediction_folder} have no reference in "
-                        f"{reference_folder}: {name_list(extra)}")
+    problems = [f"{len(names)} {what}: {name_list(names)}" for names, what in [
+        (missing, f"case(s) of {reference_folder} have no prediction in {prediction_folder}"),
+        (extra, f"prediction(s) in {prediction_folder} have no reference in {reference_folder}")] if names]
     if problems:
         raise NnDiffSegError("; ".join(problems))
     return sorted(reference)
@@ -320,14 +316,12 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     prediction = list_cases(prediction_folder, "prediction")
     cases = _match_cases(reference, prediction, reference_folder, prediction_folder)
 
-    readers: dict[str, Type[BaseReaderWriter]] = {}
-    for file in [reference[c] for c in cases] + [prediction[c] for c in cases]:
-        ending = split_case_name(os.path.basename(file))[1]
+    endings = {file: split_case_name(os.path.basename(file))[1]
+               for file in [reference[c] for c in cases] + [prediction[c] for c in cases]}
+    readers: dict[str, Type[BaseReaderWriter]] = {}  # per ending, found with the first file that has it
+    for file, ending in endings.items():
         if ending not in readers:
             readers[ending] = _reader_for_ending(ending, file)
-
-    def reader(file: str) -> Type[BaseReaderWriter]:
-        return readers[split_case_name(os.path.basename(file))[1]]
 
     if uncertainty_folder is not None and not os.path.isdir(uncertainty_folder):
         raise NnDiffSegError(f"uncertainty folder not found: {uncertainty_folder}")
@@ -348,9 +342,9 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
             images_folder = os.path.join(parent, "images" + name[len("labels"):])
         rater_jobs = _rater_jobs(raters_folder, images_folder, prediction_folder, cases, prediction, labels,
                                  rater_figures if plots else None)
-    jobs = [(c, os.path.abspath(reference[c]), reader(reference[c]), os.path.abspath(prediction[c]),
-             reader(prediction[c]), labels, probability_files.get(c), uncertainty_files.get(c), rater_jobs.get(c))
-            for c in cases]
+    jobs = [(c, os.path.abspath(reference[c]), readers[endings[reference[c]]], os.path.abspath(prediction[c]),
+             readers[endings[prediction[c]]], labels, probability_files.get(c), uncertainty_files.get(c),
+             rater_jobs.get(c)) for c in cases]
     try:
         if num_processes == 1 or len(jobs) == 1:
             results = [_evaluate_case(job) for job in jobs]
@@ -373,14 +367,13 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     case_entries = []
     for r in results:
         metrics = {str(label): dict(r["metrics"].get(label, nan_metrics)) for label in labels}
-        uncertainty = {"mean_uncertainty": r["mean_uncertainty"]} if r["mean_uncertainty"] else {}
         case_entries.append({
             "case": r["case"],
             "reference_file": os.path.abspath(reference[r["case"]]),
             "prediction_file": os.path.abspath(prediction[r["case"]]),
             "metrics": metrics,
             "mean": {m: _nanmean(metrics[str(label)][m] for label in labels) for m in METRIC_NAMES},
-            **uncertainty,
+            **({"mean_uncertainty": r["mean_uncertainty"]} if r["mean_uncertainty"] else {}),
             **({"raters": r["raters"]} if "raters" in r else {}),
         })
     per_class = {str(label): {m: _nanmean(c["metrics"][str(label)][m] for c in case_entries) for m in METRIC_NAMES}

@@ -57,18 +57,11 @@ def find_planner_class(name: str) -> Type[ExperimentPlanner]:
     return cls
 
 
-@contextlib.contextmanager
 def _augmentation_workers_at_least_one():
     """nnU-Net's planner sizes torch's thread pool by nnUNet_n_proc_DA, which fails at 0 (a valid training
     setting: augmentation in the main process); planning sees 1 instead."""
-    value = os.environ.get("nnUNet_n_proc_DA")
-    if value is not None and value.strip() == "0":
-        os.environ["nnUNet_n_proc_DA"] = "1"
-    try:
-        yield
-    finally:
-        if value is not None:
-            os.environ["nnUNet_n_proc_DA"] = value
+    zero = os.environ.get("nnUNet_n_proc_DA", "").strip() == "0"
+    return mock.patch.dict(os.environ, {"nnUNet_n_proc_DA": "1"}) if zero else contextlib.nullcontext()
 
 
 def plan_and_preprocess(dataset_ids: Sequence[int], configurations: Sequence[str] = ("2d",),
