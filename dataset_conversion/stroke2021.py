@@ -144,9 +144,6 @@ class ClassFolders:
             return None
         return "mask" if self.mask is not None else "overlay"
 
-    def folder_of(self, kind: str) -> Path | None:
-        return getattr(self, kind)
-
 
 @dataclass(frozen=True)
 class Stroke2021Layout:
@@ -219,13 +216,6 @@ def _ministry_candidates(folder: Path, depth: int, claimed: frozenset[Path]) -> 
             yield from _ministry_candidates(sub, depth - 1, claimed)
 
 
-def _ministry_roles(source: Path, claimed: frozenset[Path]) -> dict[str, list[Path]]:
-    roles: dict[str, list[Path]] = {}
-    for role, folder in _ministry_candidates(source, MINISTRY_SEARCH_DEPTH, claimed):
-        roles.setdefault(role, []).append(folder)
-    return roles
-
-
 def _ministry_classes(source: Path, roles: dict[str, list[Path]]) -> dict[str, ClassFolders]:
     for role, folders in roles.items():
         if len(folders) > 1:
@@ -266,7 +256,10 @@ def detect_stroke2021_layout(source: str | Path) -> Stroke2021Layout:
     found = {kind: _named_classes(source, names)
              for kind, names in (("competition", TURKISH_CLASSES), ("sdmcseg", ENGLISH_CLASSES))}
     layouts = {kind: list(folders.values()) for kind, folders in found.items() if folders is not None}
-    roles = _ministry_roles(source, frozenset(f for folders in layouts.values() for f in folders))
+    roles: dict[str, list[Path]] = {}
+    for role, folder in _ministry_candidates(source, MINISTRY_SEARCH_DEPTH,
+                                             frozenset(f for folders in layouts.values() for f in folders)):
+        roles.setdefault(role, []).append(folder)
     if roles:
         layouts["ministry"] = [f for folders in roles.values() for f in folders]
     _refuse_mixed_layouts(source, layouts)
@@ -325,7 +318,7 @@ def _collect_category(folders: ClassFolders, pngs: dict[str, Path], needed: tupl
     ignored = 0
     files: dict[str, dict[str, Path]] = {}
     for kind in needed:
-        files[kind], kind_ignored = _scan(folders.folder_of(kind), FILE_SUFFIX[kind])
+        files[kind], kind_ignored = _scan(getattr(folders, kind), FILE_SUFFIX[kind])
         ignored += kind_ignored
         for case_id, path in sorted(files[kind].items()):
             if case_id not in pngs:
@@ -336,7 +329,7 @@ def _collect_category(folders: ClassFolders, pngs: dict[str, Path], needed: tupl
         missing = [kind for kind in needed if case_id not in files[kind]]
         if missing:
             kind = missing[0]
-            expected = folders.folder_of(kind) / (case_id + FILE_SUFFIX[kind])
+            expected = getattr(folders, kind) / (case_id + FILE_SUFFIX[kind])
             if strict:
                 raise DatasetConversionError(
                     f"PNG slice {png} has no {KIND_TITLE[kind]} file: expected {expected} (--strict)")

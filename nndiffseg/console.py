@@ -31,22 +31,13 @@ def load_tool(tool: str):
         sys.exit(130)
 
 
-def _script(tool: str):
+def __getattr__(name: str):
+    """``nndiffseg.console.NAME`` is the console script nnDiffSeg_NAME (setup.py's entry points name them so)."""
+    tool = f"nnDiffSeg_{name}"
+    if tool not in TOOLS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
     def run() -> None:
         load_tool(tool)()
     run.__doc__ = f"The {tool} console script."
     return run
-
-
-plan_and_preprocess = _script("nnDiffSeg_plan_and_preprocess")
-train = _script("nnDiffSeg_train")
-predict = _script("nnDiffSeg_predict")
-evaluate = _script("nnDiffSeg_evaluate")
-find_best_configuration = _script("nnDiffSeg_find_best_configuration")
-ensemble = _script("nnDiffSeg_ensemble")
-apply_postprocessing = _script("nnDiffSeg_apply_postprocessing")
-convert_isic = _script("nnDiffSeg_convert_isic")
-convert_stroke2021 = _script("nnDiffSeg_convert_stroke2021")
-convert_multirater = _script("nnDiffSeg_convert_multirater")
-demo = _script("nnDiffSeg_demo")
-ext_trainer_dir = _script("nnDiffSeg_ext_trainer_dir")

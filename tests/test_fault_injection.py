@@ -651,4 +651,4 @@ def test_every_console_script_runs_its_tool():
     assert set(scripts) == set(console.TOOLS)
     for name, script in scripts.items():
         assert script.value == f"nndiffseg.console:{name.removeprefix('nnDiffSeg_')}"
-        assert callable(console.load_tool(name))
+        assert callable(console.load_tool(name)) and callable(script.load())

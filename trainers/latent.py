@@ -110,6 +110,9 @@ class _LatentTrainerBase(nnDiffSegHeadTrainer):
     def load_initial_weights(self) -> None:
         """Pretrained or fine-tuned parts, loaded in place before the first epoch (on every rank alike)."""
 
+    def after_initialize(self) -> None:
+        self.module.set_nnunet_loss(self.loss)
+
     def _do_i_compile(self) -> bool:
         return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
 
@@ -139,9 +142,6 @@ class nnDiffSegTrainerMaskVAE(_LatentTrainerBase):
         downsampling = cls.downsampling or latent_downsampling(configuration_manager.patch_size, cls.preset)
         return MaskAutoencoder(build_autoencoder(cls.preset, mask_channels(num_output_channels), downsampling),
                                num_output_channels, cls.preset, **cls.head_settings)
-
-    def after_initialize(self) -> None:
-        self.module.set_nnunet_loss(self.loss)
 
     def load_initial_weights(self) -> None:
         pretrained = self._pretrained_autoencoder()
@@ -226,9 +226,6 @@ class nnDiffSegTrainerLatent(_LatentTrainerBase):
             denoiser = build_denoiser(cls.preset)
         return LatentSegmenter(image_encoder, mask_autoencoder, denoiser, num_output_channels, num_input_channels,
                                preset=cls.preset, **cls.head_settings)
-
-    def after_initialize(self) -> None:
-        self.module.set_nnunet_loss(self.loss)
 
     def _mask_vae_folder(self) -> str:
         return get_output_folder(self.plans_manager.dataset_name, self.mask_vae_trainer.__name__,
