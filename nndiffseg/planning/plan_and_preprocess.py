@@ -34,7 +34,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nndiffseg.errors import NnDiffSegError, run_cli
 from nndiffseg.files import write_json
 from nndiffseg.planning import planner as nndiffseg_planners
-from nndiffseg.planning.raters import preprocess_raters
+from nndiffseg.planning.raters import num_raters, preprocess_raters
 from nndiffseg.pools import quiet_pool
 from nndiffseg.run.checks import missing_cases
 from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
@@ -115,8 +115,10 @@ def _preprocess(dataset_id: int, dataset_name: str, plans: dict, plans_identifie
         staging = _beside(folder, STAGING)
         try:
             _preprocess_into(staging, dataset_id, plans, configuration, n)
-            raw = Path(nnunet_paths.nnUNet_raw) / dataset_name
-            preprocess_raters(raw, staging, plans, configuration, json.loads((raw / "dataset.json").read_text()))
+            dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+            if num_raters(dataset_json):
+                raw = Path(nnunet_paths.nnUNet_raw) / dataset_name
+                preprocess_raters(raw, staging, plans, configuration, dataset_json)
             problem = missing_cases(staging, dataset_folder)
             if problem:  # e.g. numTraining wrong and --no_verify
                 raise NnDiffSegError(f"preprocessing {configuration}: the new data {problem}; "
