@@ -66,22 +66,23 @@ def module_tmp(request, tmp_path_factory):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _shared_sample(folder: Path, inside: str, what: str) -> Path:
+    if not (folder / inside).is_dir():
+        pytest.skip(f"{what} not found at {folder} (it sits beside the repository in CI; set NNDIFFSEG_SHARED_DATA "
+                    f"to its parent folder to run these tests)")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def isic2017_sample() -> Path:
     """The 69 real ISIC 2017 pairs in ../shared/data; tests using them skip where it is absent."""
-    if not (ISIC2017_SAMPLE / "ISIC-2017_Training_Data").is_dir():
-        pytest.skip(f"real ISIC sample not found at {ISIC2017_SAMPLE} (it sits beside the repository in CI; "
-                    f"set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
-    return ISIC2017_SAMPLE
+    return _shared_sample(ISIC2017_SAMPLE, "ISIC-2017_Training_Data", "real ISIC sample")
 
 
 @pytest.fixture(scope="session")
 def lidc_multirater_sample() -> Path:
     """The 28 real LIDC slices with 4 raters' masks each in ../shared/data; tests using them skip where it is absent."""
-    if not (LIDC_MULTIRATER_SAMPLE / "training").is_dir():
-        pytest.skip(f"real LIDC multi-rater sample not found at {LIDC_MULTIRATER_SAMPLE} (it sits beside the "
-                    f"repository in CI; set NNDIFFSEG_SHARED_DATA to its parent folder to run these tests)")
-    return LIDC_MULTIRATER_SAMPLE
+    return _shared_sample(LIDC_MULTIRATER_SAMPLE, "training", "real LIDC multi-rater sample")
 
 
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
