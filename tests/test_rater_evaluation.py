@@ -1,6 +1,7 @@
 """nnDiffSeg_evaluate -raters: each case's samples (or its prediction) scored against its own raters' masks, the
 dataset block, a picture per case, and refusals that write nothing."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,7 +63,6 @@ def test_samples_are_scored_against_their_own_raters(folders):
 
 def test_without_samples_the_prediction_is_the_one_sample(folders):
     root, pred = folders
-    import shutil
     shutil.rmtree(pred / "samples")
     summary = evaluate_folders(str(root / "labelsTs"), str(pred), num_processes=1, raters_folder=str(root / "ratersTs"),
                                plots=False)
