@@ -97,6 +97,25 @@ def test_trainers_train_on_raters_and_refuse_what_they_cannot(raters):
                 / "fold_0" / "checkpoint_final.pth").exists()
 
 
+def test_the_guided_trainer_keeps_its_multirater_settings_only_on_a_multirater_dataset(raters):
+    """v prediction, DDIM over 10 steps and 16 samples (nnDiffSegTrainerGuided.multirater_settings) are saved with the
+    weights where the dataset has raters; a dataset without keeps the head's defaults."""
+    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
+
+    short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 1, "--clip_model", "random"]
+    results = raters["root"] / "nnUNet_results"
+    configs = {}
+    for dataset in (DATASET_ID, PLAIN_ID):
+        run_tool("nnDiffSeg_train", dataset, "2d", 2, "-tr", "nnDiffSegTrainerGuided", *short, env=raters["env"])
+        checkpoint = next(results.glob(f"Dataset{dataset:03d}_*/nnDiffSegTrainerGuided__nnDiffSegPlans__2d/fold_2/"
+                                       f"checkpoint_final.pth"))
+        configs[dataset] = torch.load(checkpoint, weights_only=False)["network_weights"]["_extra_state"]["config"]
+    settings = nnDiffSegTrainerGuided.multirater_settings
+    assert settings == {"prediction_type": "v_prediction", "steps": 10, "num_samples": 16}
+    assert {k: configs[DATASET_ID][k] for k in settings} == settings
+    assert {k: configs[PLAIN_ID][k] for k in settings} == {"prediction_type": "sample", "steps": 1, "num_samples": 3}
+
+
 def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty(raters):
     """--save_samples / --save_uncertainty for a trainer that draws no samples: each fold's prediction is one
     sample (the label map that fold alone predicts), the uncertainty the pooled spread of the folds' probabilities."""

@@ -30,6 +30,7 @@ from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.counts import hard_counts
 from nndiffseg.files import write_atomically, write_json
 from nndiffseg.options import Option
+from nndiffseg.planning.raters import num_raters
 from nndiffseg.test_seam import reached
 from nndiffseg.trainers.random_rater import RandomRaterMixin
 
@@ -222,6 +223,8 @@ class nnDiffSegHeadTrainer(RandomRaterMixin, nnDiffSegTrainer):
     dataset each training sample is a random rater's mask (``RandomRaterMixin``)."""
     mirroring_at_prediction = True  # nnDiffSeg_predict's and the final validation's default
     head_settings: dict = {}  # keyword arguments for the head's constructor, where a variant departs from its defaults
+    # head settings that replace those on a multi-rater dataset (num_raters in dataset.json), saved with the weights
+    multirater_settings: dict = {}
     initial_lr_default = 1e-3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -237,6 +240,9 @@ class nnDiffSegHeadTrainer(RandomRaterMixin, nnDiffSegTrainer):
 
     def prepare_network(self, network: nn.Module) -> None:
         self.check_labels()
+        if self.multirater_settings and num_raters(self.dataset_json):
+            network.register_to_config(**self.multirater_settings)
+            self.print_to_log_file(f"multi-rater dataset: head settings {self.multirater_settings}")
         if self.label_manager.has_ignore_label:
             network.register_to_config(ignore_label=int(self.label_manager.ignore_label))
 
