@@ -15,6 +15,7 @@ from nndiffseg.evaluation.uncertainty_metrics import (
     aurc,
     case_spearman,
     normalized_entropy,
+    pairwise_dice,
     pixel_auroc,
     risk_coverage,
     uncertainty_error_overlap,
@@ -91,6 +92,46 @@ def test_risk_coverage_aurc_and_spearman_by_hand():
     assert case_spearman(u + [0.9], risk + [float("nan")]) == pytest.approx(0.6)  # NaN cases left out
 
 
+def test_pairwise_dice_by_hand():
+    a = np.zeros((4, 4), bool)
+    a[:2, :2] = True  # 4 pixels
+    b = np.zeros((4, 4), bool)
+    b[:2, :3] = True  # 6 pixels, 4 shared with a
+    empty = np.zeros((4, 4), bool)
+    # a-b: 2 * 4 / 10 = 0.8; a-empty and b-empty: 0
+    assert pairwise_dice([a, b, empty]) == pytest.approx(0.8 / 3)
+    assert pairwise_dice([empty, empty]) == 1.0  # two empty masks agree
+    assert pairwise_dice([a, a, a]) == 1.0
+    assert np.isnan(pairwise_dice([a]))
+
+
+def test_members_pairwise_dice_is_a_case_level_source(tmp_path):
+    """Samples written as nnDiffSeg_predict --save_samples does: the case's uncertainty is 1 - the mean Dice
+    between its members, ranked against its 1 - Dice (no pixel metrics), next to the maps' sources."""
+    ref_dir, pred_dir, _ = _folders(tmp_path, num_cases=4, with_probabilities=False, with_spread=False)
+    hand = []
+    for i in range(4):
+        pred = np.array(Image.open(pred_dir / f"case{i}.png"))
+        members = [pred.copy() for _ in range(3)]
+        members[1][:i + 1, :] = 1  # 1, 2, 3 and 4 rows added
+        for k, member in enumerate(members):
+            _write_case(pred_dir / "samples" / f"sample_{k}", f"case{i}", member)
+        hand.append(1 - pairwise_dice([m == 1 for m in members]))
+    summary = evaluate_folders(str(ref_dir), str(pred_dir), num_processes=1)
+    block = summary["uncertainty"]["pairwise_dice"]
+    assert block["case_mean_uncertainty"] == pytest.approx(hand)
+    risks = [1 - c["mean"]["dice"] for c in summary["cases"]]
+    assert block["all_labels"]["aurc"] == pytest.approx(aurc(hand, risks))
+    assert block["all_labels"]["case_spearman"] == pytest.approx(case_spearman(hand, risks))
+    assert block["per_class"]["1"]["aurc"] == pytest.approx(aurc(hand, risks))  # one label: the same
+    assert np.isnan(block["all_labels"]["pixel_auroc"])
+    assert Image.open(pred_dir / "summary_figures" / "risk_coverage.png").size[0] >= 700
+    result = subprocess.run([sys.executable, "-m", "nndiffseg.evaluation.evaluate", "-ref", str(ref_dir), "-pred",
+                             str(pred_dir), "-np", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pairwise_dice, all labels" in result.stdout
+
+
 def test_normalized_entropy():
     probabilities = np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]])
     expected = [0.0, np.log(2) / np.log(3), 1.0]
@@ -98,7 +139,7 @@ def test_normalized_entropy():
 
 
 def _write_case(folder, name, labels):
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(labels.astype(np.uint8)).save(folder / f"{name}.png")
 
 

@@ -133,13 +133,14 @@ def _read_alike(reader: Type[BaseReaderWriter], file: str, ref: np.ndarray, ref_
     return seg
 
 
-def _rater_scores(case: str, ref: np.ndarray, ref_file: str, pred: np.ndarray, job: tuple) -> dict[str, Any]:
-    """The case's scores against its raters, and its picture where ``figure`` (image file, its reader, the
-    picture's file) is given."""
-    _, _, ref_reader, _, pred_reader, _, probability_file, uncertainty_file, rater_job = job
+def _rater_scores(case: str, ref: np.ndarray, ref_file: str, pred: np.ndarray, samples: list[np.ndarray],
+                  job: tuple) -> dict[str, Any]:
+    """The case's scores against its raters (its samples, or the prediction as the one sample), and its picture
+    where ``figure`` (image file, its reader, the picture's file) is given."""
+    _, _, ref_reader, _, _, _, probability_file, uncertainty_file, rater_job, _ = job
     labels, figure = rater_job["labels"], rater_job["figure"]
     raters = [_read_alike(ref_reader, f, ref, ref_file, case) for f in rater_job["raters"]]
-    samples = [_read_alike(pred_reader, f, ref, ref_file, case) for f in rater_job["samples"]] or [pred]
+    samples = samples or [pred]
     probabilities = None if probability_file is None else \
         load_case_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
     uncertainty = None if uncertainty_file is None else \
@@ -159,6 +160,7 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     case, ref_file, ref_reader, pred_file, pred_reader, labels, probability_file, uncertainty_file = job[:8]
     ref, ref_values = _read_label_map(ref_reader, ref_file)
     pred = _read_alike(pred_reader, pred_file, ref, ref_file, case)
+    samples = [_read_alike(pred_reader, f, ref, ref_file, case) for f in job[9]]
     pred_values = np.unique(pred)
     present = sorted({int(v) for v in np.concatenate([ref_values, pred_values]) if v != 0})
     # Without explicit labels, score what occurs in this case; the caller fills in the labels that
@@ -167,8 +169,8 @@ def _evaluate_case(job: tuple) -> dict[str, Any]:
     return {"case": case, "present": present, "metrics": metrics,
             "reference_labels": sorted(int(v) for v in ref_values),
             "prediction_labels": sorted(int(v) for v in pred_values),
-            **({"raters": _rater_scores(case, ref, ref_file, pred, job)} if job[8] is not None else {}),
-            **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file)}
+            **({"raters": _rater_scores(case, ref, ref_file, pred, samples, job)} if job[8] is not None else {}),
+            **case_uncertainty_data(case, ref, pred, probability_file, uncertainty_file, samples)}
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -251,13 +253,11 @@ def _check_labels(labels: Optional[Iterable[int]]) -> Optional[list[int]]:
     return checked
 
 
-def _rater_jobs(raters_folder: str, images_folder: Optional[str], prediction_folder: str, cases: list[str],
-                prediction: dict[str, str], labels: Optional[list[int]], figures: Optional[str]) -> dict[str, dict]:
-    """Case -> what its rater scores need: rater and sample files, the labels (default: every label a rater
-    marks), and its picture's image and file where ``figures`` (a folder) is given."""
-    ending = split_case_name(os.path.basename(prediction[cases[0]]))[1]
+def _rater_jobs(raters_folder: str, images_folder: Optional[str], cases: list[str], ending: str,
+                labels: Optional[list[int]], figures: Optional[str]) -> dict[str, dict]:
+    """Case -> what its rater scores need: rater files, the labels (default: every label a rater marks), and its
+    picture's image and file where ``figures`` (a folder) is given."""
     raters = find_rater_files(raters_folder, cases, ending)
-    samples = find_sample_files(prediction_folder, cases, ending) or {}
     reader = _reader_for_ending(ending, raters[cases[0]][0])
     if labels is None:
         labels = sorted({int(v) for files in raters.values() for f in files for v in _read_label_map(reader, f)[1]
@@ -269,7 +269,7 @@ def _rater_jobs(raters_folder: str, images_folder: Optional[str], prediction_fol
         if images:
             os.makedirs(figures, exist_ok=True)
             image_reader = _reader_for_ending(ending, next(iter(images.values())))
-    return {c: {"raters": raters[c], "samples": samples.get(c, []), "labels": labels,
+    return {c: {"raters": raters[c], "labels": labels,
                 "figure": (images[c], image_reader, os.path.join(figures, f"{c}.png")) if c in images else None}
             for c in cases}
 
@@ -290,7 +290,9 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     Probabilities (``prediction_folder/CASE.npz``, nnU-Net's ``--save_probabilities``) and uncertainty maps
     (``uncertainty_folder/CASE.npz``, default ``prediction_folder/uncertainty``) are used when every case has
     one: the summary then holds ``calibration`` and ``uncertainty`` blocks, and with ``plots`` the reliability
-    diagram and risk-coverage curve are written to ``summary_figures/`` beside it.
+    diagram and risk-coverage curve are written to ``summary_figures/`` beside it. Samples
+    (``prediction_folder/samples/sample_K/CASE``, two or more) add the ``pairwise_dice`` source: a case's
+    uncertainty is 1 - the mean Dice between its members.
 
     ``raters_folder`` (``CASE_raterNN<ending>`` files) adds each case's scores against its raters (its samples,
     ``prediction_folder/samples/sample_K``, or the prediction as the one sample) and a ``raters`` block; with
@@ -336,15 +338,17 @@ def evaluate_folders(reference_folder: str, prediction_folder: str, output_file:
     rater_figures = os.path.join(figures, "raters")
     new_figures = not os.path.exists(rater_figures)
     rater_jobs = {}
+    prediction_ending = endings[prediction[cases[0]]]
     if raters_folder is not None:
         parent, name = os.path.split(os.path.abspath(reference_folder))
         if images_folder is None and name.startswith("labels"):
             images_folder = os.path.join(parent, "images" + name[len("labels"):])
-        rater_jobs = _rater_jobs(raters_folder, images_folder, prediction_folder, cases, prediction, labels,
+        rater_jobs = _rater_jobs(raters_folder, images_folder, cases, prediction_ending, labels,
                                  rater_figures if plots else None)
+    sample_files = find_sample_files(prediction_folder, cases, prediction_ending) or {}
     jobs = [(c, os.path.abspath(reference[c]), readers[endings[reference[c]]], os.path.abspath(prediction[c]),
              readers[endings[prediction[c]]], labels, probability_files.get(c), uncertainty_files.get(c),
-             rater_jobs.get(c)) for c in cases]
+             rater_jobs.get(c), sample_files.get(c, [])) for c in cases]
     try:
         if num_processes == 1 or len(jobs) == 1:
             results = [_evaluate_case(job) for job in jobs]

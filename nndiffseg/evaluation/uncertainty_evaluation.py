@@ -6,19 +6,25 @@ Uncertainty sources, each scored by the same code:
 - ``entropy``: the normalised entropy of the predicted probabilities (nnU-Net's softmax for nnU-Net's
   trainers; the fused samples' probabilities for the guided trainers);
 - ``spread``: the guided trainers' uncertainty map, as written by ``nnDiffSeg_predict --save_uncertainty`` (a
-  standard deviation: the samples' spread, or the total that adds the prior's variance; ``--uncertainty``).
+  standard deviation: the samples' spread, or the total that adds the prior's variance; ``--uncertainty``);
+- ``pairwise_dice``: a case-level source, 1 - the mean Dice between the prediction's members (its ``samples/``,
+  written by ``nnDiffSeg_predict --save_samples``: a guided model's samples, or each fold's mask); its pixel
+  metrics are NaN.
 """
 import os
 import zlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.uncertainty_metrics import (
     CalibrationCounts,
+    aurc,
+    case_spearman,
     failure_detection,
     normalized_entropy,
+    pairwise_dice,
     subsample_indices,
 )
 from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY, load_array
@@ -56,10 +62,15 @@ def load_case_array(file: str, key: str, expected_shape: tuple, what: str) -> np
 
 
 def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probability_file: Optional[str],
-                          uncertainty_file: Optional[str]) -> dict[str, Any]:
-    """What one case adds: calibration counts per label, each source's mean uncertainty, and the kept pixels
-    (each source's values with the reference and predicted labels there)."""
+                          uncertainty_file: Optional[str], samples: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+    """What one case adds: calibration counts per label, each source's mean uncertainty, the kept pixels
+    (each source's values with the reference and predicted labels there), and with two or more ``samples``
+    (label maps) their pairwise Dice per label that occurs in any map of the case (absent labels agree: 1)."""
     result: dict[str, Any] = {"calibration": {}, "mean_uncertainty": {}, "pixels": {}}
+    if len(samples) >= 2:
+        present = np.unique(np.concatenate([np.unique(x) for x in (ref, pred, *samples)]))
+        result["pairwise_dice"] = {int(label): pairwise_dice([s == label for s in samples])
+                                   for label in present if label != 0}
     maps = {}
     if probability_file is not None:
         probabilities = load_case_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")
@@ -101,11 +112,13 @@ def summarize_uncertainty(results: list[dict], case_entries: list[dict], labels:
             "per_class": per_class,
             "mean": {m: float(np.mean([per_class[str(label)][m] for label in labels])) for m in ("ece", "brier")}}
     sources = list(results[0]["mean_uncertainty"]) if results else []
-    if not sources:
+    members = bool(results) and all("pairwise_dice" in r for r in results)
+    if not sources and not members:
         return summary
-    ref = np.concatenate([r["pixels"]["ref"] for r in results])
-    pred = np.concatenate([r["pixels"]["pred"] for r in results])
     summary["uncertainty"] = {}
+    if sources:
+        ref = np.concatenate([r["pixels"]["ref"] for r in results])
+        pred = np.concatenate([r["pixels"]["pred"] for r in results])
     for source in sources:
         u = np.concatenate([r["pixels"][source] for r in results])
         case_u = [r["mean_uncertainty"][source] for r in results]
@@ -117,4 +130,22 @@ def summarize_uncertainty(results: list[dict], case_entries: list[dict], labels:
         block["all_labels"] = failure_detection(u, pred != ref, case_u, [1.0 - c["mean"]["dice"] for c in case_entries])
         block["case_mean_uncertainty"] = case_u
         summary["uncertainty"][source] = block
+    if members:
+        summary["uncertainty"]["pairwise_dice"] = _pairwise_dice_block(results, case_entries, labels)
     return summary
+
+
+def _case_level(case_u: list[float], risk: list[float]) -> dict[str, float]:
+    return {"pixel_auroc": float("nan"), "uncertainty_error_overlap": float("nan"),
+            "case_spearman": case_spearman(case_u, risk), "aurc": aurc(case_u, risk)}
+
+
+def _pairwise_dice_block(results: list[dict], case_entries: list[dict], labels: list[int]) -> dict[str, Any]:
+    """The ``pairwise_dice`` source: a case's uncertainty is 1 - its members' pairwise Dice (per label; over all
+    labels their mean), scored against its 1 - Dice like the maps' case means (no pixel metrics)."""
+    case_u = {label: [1.0 - r["pairwise_dice"].get(label, 1.0) for r in results] for label in labels}
+    overall = [float(np.mean([case_u[label][i] for label in labels])) for i in range(len(results))]
+    return {"per_class": {str(label): _case_level(case_u[label], [1.0 - c["metrics"][str(label)]["dice"]
+                                                                  for c in case_entries]) for label in labels},
+            "all_labels": _case_level(overall, [1.0 - c["mean"]["dice"] for c in case_entries]),
+            "case_mean_uncertainty": overall}

@@ -14,6 +14,10 @@ Failure detection, for a per-pixel uncertainty map u (higher = less sure):
 - case Spearman: rank correlation between a case's mean u and its 1 - Dice;
 - AURC: the area under the risk-coverage curve when cases are kept from the most to the least certain
   (risk = mean 1 - Dice of the kept cases); lower is better, the oracle ordering gives the minimum.
+
+A case-level source needs no map: the pairwise Dice between an ensemble's members (a guided model's samples, the
+folds' masks), whose case uncertainty is 1 - the mean Dice over member pairs ("ensemble + pairwise Dice", the best
+case confidence in the DKFZ segmentation failure-detection benchmark, Zenk et al., MedIA 2025).
 """
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -69,6 +73,19 @@ class CalibrationCounts:
         """(mean probability, observed fraction) of the filled bins, for a reliability diagram."""
         filled = self.count > 0
         return self.probability_sum[filled] / self.count[filled], self.positive[filled] / self.count[filled]
+
+
+def pairwise_dice(masks: Sequence[np.ndarray]) -> float:
+    """The mean Dice over every pair of two different members' boolean masks (1 for two empty masks); NaN for
+    fewer than two members."""
+    m = np.stack([np.asarray(x, dtype=bool).ravel() for x in masks]).astype(np.float64) if len(masks) else None
+    if m is None or len(m) < 2:
+        return float("nan")
+    intersection = m @ m.T  # integer counts, exact in float64
+    sizes = m.sum(axis=1)
+    total = sizes[:, None] + sizes[None, :]
+    dice = np.divide(2 * intersection, total, out=np.ones_like(intersection), where=total > 0)
+    return float(dice[np.triu_indices(len(m), 1)].mean())
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

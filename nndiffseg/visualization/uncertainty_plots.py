@@ -7,7 +7,8 @@ import numpy as np
 from nndiffseg.evaluation.uncertainty_metrics import risk_coverage
 from nndiffseg.visualization.figures import figure_style, save_figure
 
-SOURCE_NAMES = {"entropy": "entropy of the probabilities", "spread": "spread of the samples"}
+SOURCE_NAMES = {"entropy": "entropy of the probabilities", "spread": "spread of the samples",
+                "pairwise_dice": "1 - pairwise Dice of the members"}
 
 
 def plot_reliability(summary: dict[str, Any], file: str):
