@@ -45,6 +45,7 @@ setup(
             "nnDiffSeg_train = nndiffseg.console:train",
             "nnDiffSeg_predict = nndiffseg.console:predict",
             "nnDiffSeg_evaluate = nndiffseg.console:evaluate",
+            "nnDiffSeg_calibrate = nndiffseg.console:calibrate",
             "nnDiffSeg_find_best_configuration = nndiffseg.console:find_best_configuration",
             "nnDiffSeg_ensemble = nndiffseg.console:ensemble",
             "nnDiffSeg_apply_postprocessing = nndiffseg.console:apply_postprocessing",

@@ -10,6 +10,7 @@ TOOLS = {
     "nnDiffSeg_train": "nndiffseg.run.train:train_entry",
     "nnDiffSeg_predict": "nndiffseg.inference.predict:predict_entry",
     "nnDiffSeg_evaluate": "nndiffseg.evaluation.evaluate:evaluate_entry",
+    "nnDiffSeg_calibrate": "nndiffseg.evaluation.calibrate:calibrate_entry",
     "nnDiffSeg_find_best_configuration": "nndiffseg.evaluation.find_best_configuration:find_best_configuration_entry",
     "nnDiffSeg_ensemble": "nndiffseg.inference.ensemble:ensemble_entry",
     "nnDiffSeg_apply_postprocessing": "nndiffseg.inference.postprocessing:apply_postprocessing_entry",

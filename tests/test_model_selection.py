@@ -93,6 +93,17 @@ def test_find_best_configuration_compares_every_trainer_and_every_pair(folds, se
     assert "***Run inference like this:***" in selection["ours"].stdout
 
 
+def test_find_best_configuration_calibrates_every_model(folds, selection):
+    """Each model's folds kept their validation probabilities (--npz), so each gets nnDiffSeg_calibrate's
+    temperature, fitted on all five folds."""
+    for trainer in SELECTED_FROM:
+        model = f"{trainer}__{PLANS}__2d"
+        written = json.loads((folds["results"] / model / "calibration.json").read_text())
+        assert 0.05 <= written["temperature"] <= 20
+        assert set(written["temperature_per_fold"]) == {"0", "1", "2", "3", "4"}
+        assert f"{model}: temperature {written['temperature']:.3f} written" in selection["ours"].stdout
+
+
 def test_our_instructions_name_our_tools(folds, selection):
     text = selection["instructions"]
     assert "nnDiffSeg_predict -d" in text and "nnDiffSeg_apply_postprocessing -i" in text

@@ -141,3 +141,23 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
         stored = np.load(root / "both" / "uncertainty" / f"{case}.npz")["uncertainty"]
         np.testing.assert_allclose(stored, spread.spread().numpy(), atol=2e-3)
     assert (root / "both" / "uncertainty" / f"{case}.png").is_file()
+
+    # a calibrated model (nnDiffSeg_calibrate's calibration.json): the probabilities are softmax(logits / T), the
+    # label maps the same; --no_calibration gives the model's own
+    from nndiffseg.evaluation.calibrate import CALIBRATION_FILE
+    from nndiffseg.evaluation.temperature import scale_probabilities
+    model = root / "nnUNet_results" / raters["raw"].name / "nnUNetTrainerRandomRater__nnDiffSegPlans__2d"
+    (model / CALIBRATION_FILE).write_text(json.dumps({"temperature": 2.5}))
+    try:
+        run_tool("nnDiffSeg_predict", *predict, "-o", root / "calibrated", "-f", 0, "--save_probabilities", env=env)
+        run_tool("nnDiffSeg_predict", *predict, "-o", root / "uncalibrated", "-f", 0, "--save_probabilities",
+                 "--no_calibration", env=env)
+    finally:
+        (model / CALIBRATION_FILE).unlink()
+    for case in raters["expected"]:
+        own = np.load(root / "fold0" / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(np.load(root / "uncalibrated" / f"{case}.npz")["probabilities"], own, atol=1e-6)
+        np.testing.assert_allclose(np.load(root / "calibrated" / f"{case}.npz")["probabilities"],
+                                   scale_probabilities(own, 2.5), atol=2e-3)
+        assert np.array_equal(np.array(Image.open(root / "calibrated" / f"{case}.png")),
+                              np.array(Image.open(root / "fold0" / f"{case}.png")))

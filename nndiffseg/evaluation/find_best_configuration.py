@@ -96,9 +96,29 @@ def find_best_configuration(dataset_name_or_id, trainers: List[str], configurati
         info = nnunet.find_best_configuration(dataset_name, models, allow_ensembling=ensembling,
                                               num_processes=num_processes, overwrite=overwrite, folds=tuple(folds),
                                               strict=True)
-    write_crossval_summary(Path(os.environ["nnUNet_results"]) / dataset_name, info,
-                           Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "gt_segmentations", num_processes)
+    gt_folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "gt_segmentations"
+    write_crossval_summary(Path(os.environ["nnUNet_results"]) / dataset_name, info, gt_folder, num_processes)
+    calibrate_models(dataset_name, models, folds, gt_folder)
     return info
+
+
+def calibrate_models(dataset_name: str, models: Sequence[dict], folds: Sequence[int], gt_folder: Path) -> None:
+    """nnDiffSeg_calibrate for every label-based model whose folds all kept their validation probabilities."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from nndiffseg.evaluation.calibrate import calibrate_model
+    for m in models:
+        folder = Path(get_output_folder(dataset_name, m["trainer"], m["plans"], m["configuration"]))
+        if not all(any((folder / f"fold_{f}" / "validation").glob("*.npz")) for f in folds):
+            print(f"{folder.name}: not calibrated (its folds' validation kept no probabilities: --npz)")
+            continue
+        try:
+            result = calibrate_model(folder, gt_folder, [str(f) for f in folds], lambda fold: "")
+        except NnDiffSegError as e:
+            print(f"{folder.name}: not calibrated ({e})")
+            continue
+        print(f"{folder.name}: temperature {result['temperature']:.3f} written to calibration.json "
+              f"(nnDiffSeg_predict applies it to the probabilities)")
 
 
 def find_best_configuration_entry() -> None:

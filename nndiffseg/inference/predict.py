@@ -212,7 +212,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda", use_tta: Optional[bool] = None,
                    tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
                    num_processes_export: int = 2, inference_options: Optional[dict] = None,
-                   save_uncertainty: bool = False, save_samples: bool = False) -> Dict[str, str]:
+                   save_uncertainty: bool = False, save_samples: bool = False,
+                   calibration: bool = True) -> Dict[str, str]:
     """Predict every case in ``input_folder`` into ``output_folder``; returns {case: error} for the cases
     that failed (empty when all worked). ``use_tta`` None: the trainer's default (mirroring for nnU-Net's
     trainers; off for the iterative diffusion trainers, where it costs 4x). ``inference_options`` (e.g.
@@ -220,7 +221,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     ``save_uncertainty``: also write the uncertainty per pixel (networks that sample: the guided
     trainers) under ``uncertainty/``; ``save_samples``: also each sample's label map, as the prediction folders
     ``samples/sample_K/``. Diffusion heads predict through ``HeadPredictor`` (the same label maps with or
-    without these), nnU-Net's trainers through nnU-Net's predictor."""
+    without these), nnU-Net's trainers through nnU-Net's predictor. ``calibration``: the probabilities are
+    temperature-scaled where the model has a ``calibration.json`` (nnDiffSeg_calibrate); label maps are unchanged."""
     check_nnunet_paths("nnUNet_results")
     input_path, output_path = Path(input_folder), Path(output_folder)
     if not input_path.is_dir():
@@ -247,6 +249,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
             raise NnDiffSegError(f"{trainer} draws no samples: its folds are the samples, and fold {folds[0]} alone "
                                  f"has no {flag[7:]} to save; predict with several folds (-f 0 1 2 3 4)")
 
+    from nndiffseg.evaluation.calibrate import read_temperature
+    temperature = read_temperature(model_folder) if calibration else None
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
     cases, failures = group_input_files(input_path, file_ending)
@@ -258,7 +262,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
               "plans": plans, "configuration": configuration, "folds": folds, "checkpoint_name": checkpoint_name,
               "use_tta": use_tta, "tile_step_size": tile_step_size, "inference_options": options,
               "save_probabilities": save_probabilities, "save_uncertainty": save_uncertainty,
-              "save_samples": save_samples}
+              "save_samples": save_samples, "temperature": temperature}
     if continue_prediction:
         check_continuation(output_path, record, file_ending)  # before anything is written
     remove_partials(output_path, recursive=True)  # from an interrupted earlier run
@@ -279,6 +283,9 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     output_path.mkdir(parents=True, exist_ok=True)  # only once the model and its options are accepted
     write_record(output_path, dataset_json, predictor.plans_manager.plans, record)
     geometry = (predictor.configuration_manager, predictor.plans_manager)
+    if temperature is not None and save_probabilities:
+        print(f"probabilities temperature-scaled with T = {temperature:.3f} ({model_folder}/calibration.json; "
+              f"--no_calibration leaves them as the model gives them)")
 
     pending = []
     pool = quiet_pool(num_processes_export) if num_processes_export > 0 else None
@@ -286,8 +293,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
                 output, properties = predict_case(predictor, files, dataset_json, save_uncertainty, save_samples)
-                args = (output.scores.numpy(), properties, *geometry, dataset_json, str(output_path), case,
-                        save_probabilities)
+                scores = output.scores.numpy() / (temperature or 1.0)  # softmax(scores / T); the argmax stays
+                args = (scores, properties, *geometry, dataset_json, str(output_path), case, save_probabilities)
                 if pool is None or save_uncertainty or save_samples:  # the uncertainty picture draws the labels
                     if save_samples:  # before the label map, whose presence marks the case done
                         export_samples(output.samples, properties, *geometry, dataset_json, output_path, case)
@@ -353,6 +360,9 @@ def predict_entry() -> None:
     tta.add_argument("--enable_tta", action="store_true",
                      help="mirroring test-time augmentation for trainers that leave it off by default (the guided "
                           "diffusion trainers)")
+    parser.add_argument("--no_calibration", action="store_true",
+                        help="export the probabilities as the model gives them, without the temperature of "
+                             "nnDiffSeg_calibrate (calibration.json in the model folder)")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
     from nndiffseg.registry import PREDICT, add_option_groups
@@ -381,7 +391,8 @@ def predict_entry() -> None:
             device=args.device, use_tta=False if args.disable_tta else (True if args.enable_tta else None),
             tile_step_size=args.step_size, save_probabilities=args.save_probabilities,
             continue_prediction=args.continue_prediction, num_processes_export=args.nps, inference_options=options,
-            save_uncertainty=args.save_uncertainty, save_samples=args.save_samples)
+            save_uncertainty=args.save_uncertainty, save_samples=args.save_samples,
+            calibration=not args.no_calibration)
         return 1 if failures else 0
 
     run_cli(main)
