@@ -39,6 +39,7 @@ SPACING = (0.8, 0.7, 3.0)  # of depth-one volumes; 2D images get the first two
 ORIGIN = (12.5, -4.0, 30.0)
 CORE_EROSION = 3  # task 2: the clear blob eroded by this many pixels
 JPEG_QUALITY = 95
+FAINT_CONTRAST = 0.12  # low contrast: about three times the pixel noise (the clear blob's is 0.5)
 
 
 @dataclass
@@ -92,12 +93,12 @@ def _blobs(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _image(rng: np.random.Generator, clear: np.ndarray, faint: np.ndarray | None, channels: int,
-           layout: str) -> np.ndarray:
+           layout: str, faint_contrast: float = FAINT_CONTRAST) -> np.ndarray:
     size = clear.shape[0]
     background = ndimage.gaussian_filter(rng.standard_normal((size, size)), size / 8)
     base = 0.3 + 0.05 * background / (background.std() + 1e-12) + 0.5 * clear
     if faint is not None:
-        base = base + 0.12 * faint  # low contrast: about three times the noise
+        base = base + faint_contrast * faint
     stack = np.stack([base * (1 + 0.25 * c) + rng.normal(0, 0.04, base.shape) for c in range(channels)])
     if layout == "lidc":
         return np.clip(stack * 255, 0, 255).round().astype(np.uint8)
@@ -129,10 +130,11 @@ def _write_case(case: MultiraterCase, folder: Path, layout: str, depth_one: bool
 def write_multirater_fixture(out: str | Path, num_train: int, num_test: int, size: int = 64, num_raters: int = 4,
                              seed: int = 0, layout: str = "qubiq", faint_raters: int | None = None,
                              faint_fraction: float = 0.5, num_tasks: int = 1, depth_one: bool = False,
-                             channels: int = 1) -> MultiraterFixture:
+                             channels: int = 1, faint_contrast: float = FAINT_CONTRAST) -> MultiraterFixture:
     """Write the release into ``out`` (which must not exist) and return its ground truth. ``faint_raters``
     defaults to half of the raters (rounded down); ``round(faint_fraction * cases)`` cases, drawn at random,
-    hold a faint blob."""
+    hold a faint blob, ``faint_contrast`` brighter than the background (the raters' disagreement is the same at
+    any contrast; a higher one makes the blob easier to see at a small size)."""
     out = Path(out)
     faint_raters = num_raters // 2 if faint_raters is None else faint_raters
     if layout not in LAYOUTS:
@@ -161,7 +163,7 @@ def write_multirater_fixture(out: str | Path, num_train: int, num_test: int, siz
         number = i if train or layout == "lidc" else i - num_train  # QUBIQ numbers its validation cases anew
         case = MultiraterCase(
             f"case{number + 1:02d}" if layout == "qubiq" else str(number), SPLITS[layout][0 if train else 1],
-            _image(rng, clear, faint, channels, layout), clear, faint, marked, raters,
+            _image(rng, clear, faint, channels, layout, faint_contrast), clear, faint, marked, raters,
             [jitter(core, r) for r in range(num_raters)] if num_tasks > 1 else None)
         _write_case(case, out / case.split / case.name, layout, depth_one, number)
         cases.append(case)
