@@ -10,12 +10,12 @@ from PIL import Image
 
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.evaluation.evaluate import evaluate_folders
+from nndiffseg.evaluation.multirater_metrics import pairwise_dice
 from nndiffseg.evaluation.uncertainty_metrics import (
     CalibrationCounts,
     aurc,
     case_spearman,
     normalized_entropy,
-    pairwise_dice,
     pixel_auroc,
     risk_coverage,
     uncertainty_error_overlap,

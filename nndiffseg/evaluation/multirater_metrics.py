@@ -16,7 +16,7 @@ Empty masks: inside d, GED and HM-IoU two empty masks agree perfectly (IoU 1, d 
 (NaN when both masks are empty, left out of means), so the Dice here matches nnDiffSeg_evaluate's.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -61,6 +61,15 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     intersection = a @ b.T  # integer counts, exact in float64
     union = a.sum(axis=1)[:, None] + b.sum(axis=1)[None, :] - intersection
     return np.divide(intersection, union, out=np.ones_like(intersection), where=union > 0)
+
+
+def pairwise_dice(masks: Sequence[np.ndarray]) -> float:
+    """The mean Dice over every pair of two different members' boolean masks (1 for two empty masks); NaN for
+    fewer than two members. Dice = 2 IoU / (1 + IoU) of each pair."""
+    if len(masks) < 2:
+        return float("nan")
+    iou = pairwise_iou(np.stack([np.asarray(x, dtype=bool) for x in masks]), np.stack(masks))
+    return float((2 * iou / (1 + iou))[np.triu_indices(len(masks), 1)].mean())
 
 
 def generalized_energy_distance_squared(samples: np.ndarray, raters: np.ndarray) -> dict[str, float]:

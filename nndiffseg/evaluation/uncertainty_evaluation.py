@@ -18,13 +18,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from nndiffseg.errors import NnDiffSegError
+from nndiffseg.evaluation.multirater_metrics import pairwise_dice
 from nndiffseg.evaluation.uncertainty_metrics import (
     CalibrationCounts,
     aurc,
     case_spearman,
     failure_detection,
     normalized_entropy,
-    pairwise_dice,
     subsample_indices,
 )
 from nndiffseg.inference.prediction_folder import UNCERTAINTY_KEY, load_array

@@ -75,19 +75,6 @@ class CalibrationCounts:
         return self.probability_sum[filled] / self.count[filled], self.positive[filled] / self.count[filled]
 
 
-def pairwise_dice(masks: Sequence[np.ndarray]) -> float:
-    """The mean Dice over every pair of two different members' boolean masks (1 for two empty masks); NaN for
-    fewer than two members."""
-    m = np.stack([np.asarray(x, dtype=bool).ravel() for x in masks]).astype(np.float64) if len(masks) else None
-    if m is None or len(m) < 2:
-        return float("nan")
-    intersection = m @ m.T  # integer counts, exact in float64
-    sizes = m.sum(axis=1)
-    total = sizes[:, None] + sizes[None, :]
-    dice = np.divide(2 * intersection, total, out=np.ones_like(intersection), where=total > 0)
-    return float(dice[np.triu_indices(len(m), 1)].mean())
-
-
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
     """(C, *spatial) class probabilities -> (*spatial) entropy / log(C): 0 for a one-hot pixel, 1 for uniform."""
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
