@@ -141,6 +141,15 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
         stored = np.load(root / "both" / "uncertainty" / f"{case}.npz")["uncertainty"]
         np.testing.assert_allclose(stored, spread.spread().numpy(), atol=2e-3)
     assert (root / "both" / "uncertainty" / f"{case}.png").is_file()
+    # case_confidence.json: each case's Dice between its two members, computed here by hand, least agreement first
+    confidence = json.loads((root / "both" / "case_confidence.json").read_text())["cases"]
+    by_hand = {}
+    for case in raters["expected"]:
+        a, b = (np.array(Image.open(root / f"fold{fold}" / f"{case}.png")) == 1 for fold in (0, 1))
+        by_hand[case] = 2 * (a & b).sum() / (a.sum() + b.sum()) if a.any() or b.any() else 1.0
+    assert [c["case"] for c in confidence] == sorted(by_hand, key=lambda c: (by_hand[c], c))
+    for entry in confidence:
+        assert entry["members"] == 2 and abs(entry["pairwise_dice"] - by_hand[entry["case"]]) < 1e-9, entry
 
     # a calibrated model (nnDiffSeg_calibrate's calibration.json): the probabilities are softmax(logits / T), the
     # label maps the same; --no_calibration gives the model's own

@@ -16,7 +16,7 @@ Empty masks: inside d, GED and HM-IoU two empty masks agree perfectly (IoU 1, d 
 (NaN when both masks are empty, left out of means), so the Dice here matches nnDiffSeg_evaluate's.
 """
 import math
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -71,6 +71,11 @@ def pairwise_dice(masks: Sequence[np.ndarray]) -> float:
     iou = pairwise_iou(np.stack([np.asarray(x, dtype=bool) for x in masks]), np.stack(masks))
     return float((2 * iou / (1 + iou))[np.triu_indices(len(masks), 1)].mean())
 
+
+
+def pairwise_dice_per_label(members: Sequence[np.ndarray], labels: Iterable[int]) -> dict[int, float]:
+    """{label: the members' pairwise Dice of that label} for each foreground label (a label no member holds: 1)."""
+    return {int(label): pairwise_dice([m == label for m in members]) for label in labels if label != 0}
 
 def generalized_energy_distance_squared(samples: np.ndarray, raters: np.ndarray) -> dict[str, float]:
     """The squared generalised energy distance D²_GED (the "GED" of the Probabilistic U-Net, PHiSeg and CCDM

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from nndiffseg.errors import NnDiffSegError
-from nndiffseg.evaluation.multirater_metrics import pairwise_dice
+from nndiffseg.evaluation.multirater_metrics import pairwise_dice_per_label
 from nndiffseg.evaluation.uncertainty_metrics import (
     CalibrationCounts,
     aurc,
@@ -69,8 +69,7 @@ def case_uncertainty_data(case: str, ref: np.ndarray, pred: np.ndarray, probabil
     result: dict[str, Any] = {"calibration": {}, "mean_uncertainty": {}, "pixels": {}}
     if len(samples) >= 2:
         present = np.unique(np.concatenate([np.unique(x) for x in (ref, pred, *samples)]))
-        result["pairwise_dice"] = {int(label): pairwise_dice([s == label for s in samples])
-                                   for label in present if label != 0}
+        result["pairwise_dice"] = pairwise_dice_per_label(samples, present)
     maps = {}
     if probability_file is not None:
         probabilities = load_case_array(probability_file, PROBABILITIES_KEY, ref.shape, "class probabilities")

@@ -254,6 +254,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
     cases, failures = group_input_files(input_path, file_ending)
+    all_cases = list(cases)  # --continue_prediction drops those already done from ``cases``
     if not cases and not failures:
         raise NnDiffSegError(f"no {file_ending} images named CASE_0000{file_ending} in {input_path}")
     if use_tta is None:
@@ -329,6 +330,10 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     remove_partials(output_path, recursive=True)  # exports that failed (a full disk) in a worker
     for folder in sorted(output_path.glob(f"{SAMPLES_FOLDER}/sample_*")) if save_samples else []:
         write_record(folder, dataset_json, predictor.plans_manager.plans, {**record, "sample": folder.name})
+    if save_samples:
+        from nndiffseg.inference.case_confidence import write_case_confidence
+        write_case_confidence(output_path, [c for c in all_cases if c not in failures], file_ending,
+                              predictor.plans_manager.image_reader_writer_class())
     written = len(cases) - sum(c in cases for c in failures)
     print(f"Predicted {written} case(s) into {output_path}")
     if failures:
@@ -372,7 +377,9 @@ def predict_entry() -> None:
     diffusion.add_argument("--save_samples", action="store_true",
                            help="also write each sample's label map; OUT/samples/sample_K/ is then a prediction folder "
                                 "per sample (guided trainers: num_samples per fold; trainers that draw no samples, "
-                                "nnU-Net's included: each fold's prediction is one sample)")
+                                "nnU-Net's included: each fold's prediction is one sample), and "
+                                "OUT/case_confidence.json: each case's mean Dice between its samples, least agreement "
+                                "(check first) first")
     diffusion.add_argument("--save_uncertainty", action="store_true",
                            help="write the per-pixel uncertainty to OUT/uncertainty/CASE.npz, and for 2D images a "
                                 "PNG with the prediction and the map (guided trainers: --uncertainty, pooled over "
