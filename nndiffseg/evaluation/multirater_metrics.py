@@ -72,10 +72,10 @@ def pairwise_dice(masks: Sequence[np.ndarray]) -> float:
     return float((2 * iou / (1 + iou))[np.triu_indices(len(masks), 1)].mean())
 
 
-
 def pairwise_dice_per_label(members: Sequence[np.ndarray], labels: Iterable[int]) -> dict[int, float]:
     """{label: the members' pairwise Dice of that label} for each foreground label (a label no member holds: 1)."""
     return {int(label): pairwise_dice([m == label for m in members]) for label in labels if label != 0}
+
 
 def generalized_energy_distance_squared(samples: np.ndarray, raters: np.ndarray) -> dict[str, float]:
     """The squared generalised energy distance D²_GED (the "GED" of the Probabilistic U-Net, PHiSeg and CCDM
