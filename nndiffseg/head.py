@@ -40,6 +40,16 @@ class HeadOutput(BaseOutput):
     samples: Optional[torch.Tensor] = None
 
 
+# Probabilities leave a head as their logarithm, so nnU-Net's softmax gives them back; the floor keeps one
+# sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.
+PROBABILITY_FLOOR = 1e-4
+
+
+def probabilities_to_scores(probabilities: torch.Tensor) -> torch.Tensor:
+    """Class scores whose softmax gives ``probabilities`` back (floored at PROBABILITY_FLOOR)."""
+    return probabilities.clamp_min(PROBABILITY_FLOOR).log()
+
+
 def settings_from_signature(init: Callable) -> Callable:
     """diffusers' ``register_to_config`` decorator, small: the constructor's arguments with its signature's
     defaults, less ``ignore_for_config``, become the config, checked once the constructor (which may add derived

@@ -18,7 +18,7 @@ from toy_data import toy_case
 from nndiffseg.errors import NnDiffSegError
 from nndiffseg.guided.denoiser import build_denoiser
 from nndiffseg.guided.fusion import fuse, fuse_mean, fuse_staple, total_uncertainty, uncertainty, uncertainty_map
-from nndiffseg.guided.segmenter import PROBABILITY_FLOOR, GuidedSegmenter
+from nndiffseg.guided.segmenter import GuidedSegmenter
 from nndiffseg.guided.text_prior import (
     RANDOM_CLIP_CONFIG,
     class_prompts,
@@ -26,6 +26,7 @@ from nndiffseg.guided.text_prior import (
     load_prompts_file,
     random_clip_model,
 )
+from nndiffseg.head import PROBABILITY_FLOOR
 from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.sampling import sampling_scheduler, training_scheduler
 

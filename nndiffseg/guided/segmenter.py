@@ -24,7 +24,7 @@ from torch import nn
 
 from nndiffseg.guided.denoiser import GuidedDenoiser
 from nndiffseg.guided.fusion import FUSIONS, UNCERTAINTIES, fuse, uncertainty_map
-from nndiffseg.head import DiffusionHead, HeadOutput, settings_from_signature
+from nndiffseg.head import DiffusionHead, HeadOutput, probabilities_to_scores, settings_from_signature
 from nndiffseg.mask_encoding import encode_labels, mask_to_probabilities
 from nndiffseg.options import Option
 from nndiffseg.sampling import (
@@ -36,10 +36,6 @@ from nndiffseg.sampling import (
     denoise,
     start_timestep,
 )
-
-# The fused probabilities leave as their logarithm, so nnU-Net's softmax gives them back; the floor keeps
-# one sample's certainty from dominating when nnU-Net averages tiles and mirrorings in score space.
-PROBABILITY_FLOOR = 1e-4
 
 
 class GuidedSegmenter(DiffusionHead):
@@ -205,11 +201,11 @@ class GuidedSegmenter(DiffusionHead):
 
     def predict(self, image: torch.Tensor) -> HeadOutput:
         """Scores, uncertainty and samples with the settings in force; the scores are the log of the fused
-        probabilities, floored at PROBABILITY_FLOOR."""
+        probabilities (``probabilities_to_scores``)."""
         samples, prior_probs = self._sample_with_prior(image)
         fused = fuse(samples, self.setting("fusion"), prior_probs)
         uncertainty = uncertainty_map(samples, prior_probs, self.setting("uncertainty"))
-        return HeadOutput(scores=fused.clamp_min(PROBABILITY_FLOOR).log(), uncertainty=uncertainty, samples=samples)
+        return HeadOutput(scores=probabilities_to_scores(fused), uncertainty=uncertainty, samples=samples)
 
     def validation_labels(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One sample per patch with the configured sampler (K samples would make epochs long)."""

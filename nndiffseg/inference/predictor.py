@@ -3,21 +3,23 @@ mirroring, fp16 accumulation on the device with the fall-back to the CPU) stitch
 ``HeadOutput``, stacked as channels of one tensor, as it stitches logits: the class scores are the same numbers
 whichever fields are kept, and those nnU-Net's own predictor gives for the head. Folds: the scores are averaged
 as nnU-Net averages logits; the uncertainty pools every fold's samples (``PooledSpread``: the spread across folds
-adds to the spread within each); the samples are those of every fold. A network that draws no samples (nnU-Net's
-U-Net, the latent head) gives one per fold, its probabilities, and no spread of its own: its folds' disagreement
-is then the sample set and the uncertainty, for stock trainers too."""
+adds to the spread within each); the samples are those of every fold. Each sample is stitched as the scores are,
+in score space (``probabilities_to_scores``), so one sample fused alone gives the prediction's own label map.
+A network that draws no samples (nnU-Net's U-Net, the latent head) gives one per fold, its probabilities, and
+no spread of its own: its folds' disagreement is then the sample set and the uncertainty, for stock trainers
+too."""
 from types import SimpleNamespace
 
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
-from nndiffseg.head import HeadOutput, draws_samples
+from nndiffseg.head import HeadOutput, draws_samples, probabilities_to_scores
 from nndiffseg.inference.pooled_spread import PooledSpread
 
 
 class StackedFields(nn.Module):
-    """The head as nnU-Net's window sees it: (B, C [+ 1 uncertainty] [+ K x C samples], *spatial)."""
+    """The head as nnU-Net's window sees it: (B, C [+ 1 uncertainty] [+ K x C sample scores], *spatial)."""
 
     def __init__(self, head: nn.Module, uncertainty: bool, samples: bool):
         super().__init__()
@@ -26,7 +28,7 @@ class StackedFields(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.head.predict(x)
         fields = [output.scores] + ([output.uncertainty[:, None]] if self.uncertainty else []) + \
-            ([output.samples.movedim(0, 1).flatten(1, 2)] if self.samples else [])
+            ([probabilities_to_scores(output.samples).movedim(0, 1).flatten(1, 2)] if self.samples else [])
         return torch.cat([f.to(output.scores.dtype) for f in fields], 1)
 
 
@@ -77,5 +79,5 @@ class HeadPredictor(nnUNetPredictor):
         if self.keep_uncertainty:
             self._pooled.add(scores.float().softmax(0).cpu(), uncertainty[0].float().cpu())
         if self.keep_samples:
-            self._samples.append(samples.float().cpu().unflatten(0, (self.num_samples, classes)))
+            self._samples.append(samples.float().cpu().unflatten(0, (self.num_samples, classes)).softmax(1))
         return scores.clone()

@@ -11,6 +11,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from PIL import Image
 
 from nndiffseg.files import write_atomically
+from nndiffseg.head import probabilities_to_scores
 from nndiffseg.inference.prediction_folder import SAMPLES_FOLDER, UNCERTAINTY_KEY, save_array, uncertainty_file
 from nndiffseg.visualization.overlay import MIN_PANEL_WIDTH, save_overlay
 
@@ -59,7 +60,7 @@ def export_samples(samples: torch.Tensor, properties: dict, configuration_manage
     ending = dataset_json["file_ending"]
     for k, probabilities in enumerate(samples):
         segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-            probabilities.clamp_min(1e-4).log(), plans_manager, configuration_manager, label_manager, properties)
+            probabilities_to_scores(probabilities), plans_manager, configuration_manager, label_manager, properties)
         folder = output_folder / SAMPLES_FOLDER / f"sample_{k}"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / f"{case}{ending}",
