@@ -88,6 +88,24 @@ def test_a_missing_reference_or_model_is_named_and_nothing_is_written(model):
     assert result.returncode == 1 and "no trained model at" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # runs the tool in a process that loads nnU-Net
+def test_predict_calibrate_refuses_a_fold_without_validation_probabilities_before_writing_anything(model, tmp_path):
+    """nnDiffSeg_predict --calibrate fits the temperature before anything is predicted: a fold without --npz
+    validation outputs stops it with calibrate's message, no prediction folder and no calibration.json."""
+    for npz in (model["folder"] / "fold_0" / "validation").glob("*.npz"):
+        npz.unlink()
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / "a_0000.png")
+    result = subprocess.run([sys.executable, "-m", "nndiffseg.inference.predict", "-i", str(images), "-o", str(out),
+                             "-d", "997", "-c", "2d", "-device", "cpu", "--calibrate"],
+                            capture_output=True, text=True, env=model["env"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{model['folder'] / 'fold_0' / 'validation'} holds no probabilities (.npz)" in result.stderr
+    assert "nnDiffSeg_train 997 2d 0 -tr nnUNetTrainer -p nnDiffSegPlans --val --npz" in result.stderr
+    assert not out.exists() and not (model["folder"] / CALIBRATION_FILE).exists()
+
+
 def test_calibrate_model_refuses_a_region_model(model):
     dataset_json = json.loads((model["folder"] / "dataset.json").read_text())
     dataset_json["labels"] = {"background": 0, "whole": [1, 2], "core": 2}

@@ -143,7 +143,7 @@ RECORD = {"input_folder": "/data/in", "model_folder": "/results/Dataset041_Toy/T
 
 
 def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
-    from nndiffseg.inference.predict import check_continuation
+    from nndiffseg.inference.continuation import check_continuation
     from nndiffseg.inference.prediction_folder import PREDICT_ARGS_FILE
 
     out = tmp_path / "pred"

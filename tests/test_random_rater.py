@@ -123,7 +123,7 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
 
     env, root = raters["env"], raters["root"]
     short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
-    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short, env=env)
+    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short, "--npz", env=env)
     predict = ["-i", raters["raw"] / "imagesTr", "-d", DATASET_ID, "-c", "2d", "-tr", "nnUNetTrainerRandomRater",
                "-device", "cpu", "-nps", 0]
     run_tool("nnDiffSeg_predict", *predict, "-o", root / "both", "-f", 0, 1, "--save_samples", "--save_uncertainty",
@@ -170,3 +170,18 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
                                    scale_probabilities(own, 2.5), atol=2e-3)
         assert np.array_equal(np.array(Image.open(root / "calibrated" / f"{case}.png")),
                               np.array(Image.open(root / "fold0" / f"{case}.png")))
+
+    # --calibrate: the temperature nnDiffSeg_calibrate would fit on fold 1's validation probabilities, written
+    # and applied in the same command
+    try:
+        result = run_tool("nnDiffSeg_predict", *predict, "-o", root / "fitted", "-f", 1, "--save_probabilities",
+                          "--calibrate", env=env)
+        temperature = json.loads((model / CALIBRATION_FILE).read_text())["temperature"]
+    finally:
+        (model / CALIBRATION_FILE).unlink(missing_ok=True)
+    assert f"temperature {temperature:.3f}" in result.stdout and "ECE" in result.stdout, result.stdout
+    assert temperature != 1.0
+    for case in raters["expected"]:
+        own = np.load(root / "fold1" / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(np.load(root / "fitted" / f"{case}.npz")["probabilities"],
+                                   scale_probabilities(own, temperature), atol=2e-3)

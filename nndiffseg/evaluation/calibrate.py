@@ -93,6 +93,24 @@ def calibrate_model(model_folder: Path, gt_folder: Path, folds: Sequence[str],
     return result
 
 
+def calibrate_and_report(model_folder: Path, folds: Sequence[str], dataset_name_or_id: str, configuration: str,
+                         trainer: str, plans: str) -> float:
+    """``calibrate_model`` against the dataset's ``gt_segmentations``, with the report both CLIs print; returns T."""
+    from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+    check_nnunet_paths("nnUNet_preprocessed")
+    gt_folder = Path(os.environ["nnUNet_preprocessed"]) / dataset_name_from_id(dataset_name_or_id) / "gt_segmentations"
+    result = calibrate_model(model_folder, gt_folder, folds, lambda fold: (
+        f"nnDiffSeg_train {dataset_name_or_id} {configuration} {fold} -tr {trainer} -p {plans}"))
+    print(f"temperature {result['temperature']:.3f} (per fold: "
+          f"{', '.join(f'{f}: {t:.3f}' for f, t in result['temperature_per_fold'].items())})")
+    for label in result["before"]:
+        b, a = result["before"][label], result["after"][label]
+        print(f"class {label}: ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f} "
+              f"(the folds' validation cases)")
+    print(f"written to {model_folder / CALIBRATION_FILE}")
+    return result["temperature"]
+
+
 def calibrate_entry() -> None:
     parser = argparse.ArgumentParser(
         prog="nnDiffSeg_calibrate",
@@ -111,21 +129,12 @@ def calibrate_entry() -> None:
     def main() -> int:
         from nndiffseg.inference.predict import _check_folds, _resolve_model_folder
         from nndiffseg.planning import PLANS_NAME
-        from nndiffseg.utils import check_nnunet_paths, dataset_name_from_id
+        from nndiffseg.utils import check_nnunet_paths
         check_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
         plans = args.plans or PLANS_NAME
         model_folder = _resolve_model_folder(args.dataset_name_or_id, args.trainer, plans, args.configuration)
         folds = _check_folds(model_folder, args.folds, "checkpoint_final.pth")
-        dataset = dataset_name_from_id(args.dataset_name_or_id)
-        gt_folder = Path(os.environ["nnUNet_preprocessed"]) / dataset / "gt_segmentations"
-        result = calibrate_model(model_folder, gt_folder, folds, lambda fold: (
-            f"nnDiffSeg_train {args.dataset_name_or_id} {args.configuration} {fold} -tr {args.trainer} -p {plans}"))
-        print(f"temperature {result['temperature']:.3f} (per fold: "
-              f"{', '.join(f'{f}: {t:.3f}' for f, t in result['temperature_per_fold'].items())})")
-        for label in result["before"]:
-            b, a = result["before"][label], result["after"][label]
-            print(f"class {label}: ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}")
-        print(f"written to {model_folder / CALIBRATION_FILE}")
+        calibrate_and_report(model_folder, folds, args.dataset_name_or_id, args.configuration, args.trainer, plans)
         return 0
     run_cli(main)
 

@@ -1,7 +1,6 @@
 """``nnDiffSeg_predict``: nnU-Net's predictor over a folder, one case at a time with a progress bar; a case
 that cannot be read or predicted is reported by name and the others still run."""
 import argparse
-import json
 import multiprocessing.pool
 import os
 import re
@@ -18,18 +17,16 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from tqdm import tqdm
 
 from nndiffseg.checkpoints import load_checkpoint_file
-from nndiffseg.errors import NnDiffSegError, debugging, describe_error, run_cli
+from nndiffseg.errors import NnDiffSegError, debugging, run_cli
 from nndiffseg.ext_trainer import register_ext_trainer_dir
 from nndiffseg.files import remove_partials
 from nndiffseg.head import HeadOutput, draws_samples
+from nndiffseg.inference.continuation import check_continuation, skip_predicted
 from nndiffseg.inference.prediction_folder import (
-    PREDICT_ARGS_FILE,
     RECORD_FILES,
     SAMPLES_FOLDER,
     case_outputs,
     export_label_map,
-    is_predicted,
-    read_record,
     write_record,
 )
 from nndiffseg.inference.predictor import HeadPredictor
@@ -134,56 +131,6 @@ def _check_folds(model_folder: Path, folds: Optional[Sequence[str]], checkpoint_
     return list(folds)
 
 
-# what decides a prediction folder's outputs, in its record: --continue_prediction must find them unchanged
-OUTPUT_SETTINGS = ("model_folder", "trainer", "plans", "configuration", "folds", "checkpoint_name", "use_tta",
-                   "tile_step_size", "inference_options", "save_probabilities", "save_uncertainty", "save_samples")
-NOT_RECORDED = "(not recorded)"
-
-
-def _shown(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def check_continuation(output_path: Path, record: dict, file_ending: str) -> None:
-    """--continue_prediction keeps the outputs already in ``output_path`` only when its record names the model and
-    every setting that decides the outputs as ``record`` does (the input folder may differ); outputs without a
-    record are refused too, since what made them is unknown. A mix of two models' outputs would pass for one."""
-    try:
-        recorded = read_record(output_path)
-    except (OSError, ValueError) as e:
-        raise NnDiffSegError(f"--continue_prediction: {output_path / PREDICT_ARGS_FILE} cannot be read "
-                             f"({describe_error(e)})") from None
-    if recorded is None:
-        outputs = sorted(p.name for p in output_path.glob("*") if p.is_file() and not p.name.startswith(".")
-                         and p.name.endswith((file_ending, ".npz"))) if output_path.is_dir() else []
-        if outputs:
-            raise NnDiffSegError(f"--continue_prediction: {output_path} holds predictions "
-                                 f"({name_list(outputs)}) but no {PREDICT_ARGS_FILE} naming the "
-                                 f"model and settings that made them: predict into a new folder, or without "
-                                 f"--continue_prediction to predict every case again")
-        return
-    now = json.loads(json.dumps(record, default=str))  # as it would be recorded
-    differ = [f"{name}: recorded {_shown(recorded.get(name, NOT_RECORDED))}, now {_shown(now[name])}"
-              for name in OUTPUT_SETTINGS if recorded.get(name, NOT_RECORDED) != now[name]]
-    if differ:
-        raise NnDiffSegError(f"--continue_prediction: {output_path} was predicted with other settings "
-                             f"({'; '.join(differ)}): continue with the recorded ones, or predict into a new folder "
-                             f"(without --continue_prediction every case is predicted again)")
-
-
-def skip_predicted(cases: Dict[str, List[str]], output_path: Path, reader, outputs) -> None:
-    """--continue_prediction: drop from ``cases`` those whose ``outputs(case)`` are all written and readable."""
-    done = [c for c in cases if is_predicted(output_path, outputs(c), reader)]
-    again = [c for c in cases if c not in done and (output_path / outputs(c)[0]).exists()]
-    for c in done:
-        del cases[c]
-    if done:
-        print(f"--continue_prediction: {len(done)} case(s) already predicted, skipped")
-    if again:
-        print(f"--continue_prediction: {len(again)} case(s) with an empty, unreadable or incomplete output predicted "
-              f"again: {name_list(again)}")
-
-
 def apply_inference_options(network: torch.nn.Module, options: dict) -> None:
     """Prediction options (already checked by name in nndiffseg.registry) override the checkpoint's settings."""
     if options:
@@ -213,7 +160,7 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
                    tile_step_size: float = 0.5, save_probabilities: bool = False, continue_prediction: bool = False,
                    num_processes_export: int = 2, inference_options: Optional[dict] = None,
                    save_uncertainty: bool = False, save_samples: bool = False,
-                   calibration: bool = True) -> Dict[str, str]:
+                   calibration: bool = True, calibrate: bool = False) -> Dict[str, str]:
     """Predict every case in ``input_folder`` into ``output_folder``; returns {case: error} for the cases
     that failed (empty when all worked). ``use_tta`` None: the trainer's default (mirroring for nnU-Net's
     trainers; off for the iterative diffusion trainers, where it costs 4x). ``inference_options`` (e.g.
@@ -222,7 +169,8 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
     trainers) under ``uncertainty/``; ``save_samples``: also each sample's label map, as the prediction folders
     ``samples/sample_K/``. Diffusion heads predict through ``HeadPredictor`` (the same label maps with or
     without these), nnU-Net's trainers through nnU-Net's predictor. ``calibration``: the probabilities are
-    temperature-scaled where the model has a ``calibration.json`` (nnDiffSeg_calibrate); label maps are unchanged."""
+    temperature-scaled where the model has a ``calibration.json`` (nnDiffSeg_calibrate; ``calibrate``: fitted first
+    on these folds' validation probabilities); label maps are unchanged."""
     check_nnunet_paths("nnUNet_results")
     input_path, output_path = Path(input_folder), Path(output_folder)
     if not input_path.is_dir():
@@ -249,8 +197,13 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
             raise NnDiffSegError(f"{trainer} draws no samples: its folds are the samples, and fold {folds[0]} alone "
                                  f"has no {flag[7:]} to save; predict with several folds (-f 0 1 2 3 4)")
 
-    from nndiffseg.evaluation.calibrate import read_temperature
+    from nndiffseg.evaluation.calibrate import calibrate_and_report, read_temperature
+    if calibrate:
+        calibrate_and_report(model_folder, folds, dataset_name_or_id, configuration, trainer, plans)
     temperature = read_temperature(model_folder) if calibration else None
+    if save_probabilities and calibration and temperature is None:
+        print(f"probabilities not temperature-scaled: {model_folder} has no calibration.json (--calibrate or "
+              f"nnDiffSeg_calibrate fits one on the folds' validation probabilities)")
     dataset_json = load_json(str(model_folder / "dataset.json"))
     file_ending = dataset_json["file_ending"]
     cases, failures = group_input_files(input_path, file_ending)
@@ -365,9 +318,13 @@ def predict_entry() -> None:
     tta.add_argument("--enable_tta", action="store_true",
                      help="mirroring test-time augmentation for trainers that leave it off by default (the guided "
                           "diffusion trainers)")
-    parser.add_argument("--no_calibration", action="store_true",
-                        help="export the probabilities as the model gives them, without the temperature of "
-                             "nnDiffSeg_calibrate (calibration.json in the model folder)")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--no_calibration", action="store_true",
+                             help="export the probabilities as the model gives them, without the temperature of "
+                                  "nnDiffSeg_calibrate (calibration.json in the model folder)")
+    calibration.add_argument("--calibrate", action="store_true",
+                             help="first fit the temperature on these folds' validation probabilities (nnDiffSeg_train "
+                                  "... --npz), as nnDiffSeg_calibrate does, and write calibration.json")
     parser.add_argument("--continue_prediction", action="store_true",
                         help="skip cases whose output already exists (resume an interrupted run)")
     from nndiffseg.registry import PREDICT, add_option_groups
@@ -399,7 +356,7 @@ def predict_entry() -> None:
             tile_step_size=args.step_size, save_probabilities=args.save_probabilities,
             continue_prediction=args.continue_prediction, num_processes_export=args.nps, inference_options=options,
             save_uncertainty=args.save_uncertainty, save_samples=args.save_samples,
-            calibration=not args.no_calibration)
+            calibration=not args.no_calibration, calibrate=args.calibrate)
         return 1 if failures else 0
 
     run_cli(main)
