@@ -139,7 +139,7 @@ def test_ensemble_refuses_a_folder_given_twice(tmp_path, how):
 RECORD = {"input_folder": "/data/in", "model_folder": "/results/Dataset041_Toy/T__P__2d", "trainer": "T", "plans": "P",
           "configuration": "2d", "folds": ["0"], "checkpoint_name": "checkpoint_final.pth", "use_tta": True,
           "tile_step_size": 0.5, "inference_options": {}, "save_probabilities": False, "save_uncertainty": False,
-          "save_samples": False}
+          "save_samples": False, "temperature": None}
 
 
 def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
@@ -164,6 +164,8 @@ def test_continuation_needs_the_recorded_model_and_settings(tmp_path):
                                  "save_samples": True}, ".png")
     assert str(refused.value).count(": recorded ") == 3 and 'folds: recorded ["0"], now ["0", "1"]; ' \
         'inference_options: recorded {}, now {"steps": 2}; save_samples: recorded false, now true' in str(refused.value)
+    with pytest.raises(NnDiffSegError, match=r"temperature: recorded null, now 1.5"):  # recalibrated in between
+        check_continuation(out, {**RECORD, "temperature": 1.5}, ".png")
     (out / PREDICT_ARGS_FILE).write_text(json.dumps({k: v for k, v in RECORD.items() if k != "save_uncertainty"}))
     with pytest.raises(NnDiffSegError, match=r"save_uncertainty: recorded \(not recorded\), now false"):
         check_continuation(out, RECORD, ".png")

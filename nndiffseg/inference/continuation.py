@@ -9,7 +9,8 @@ from nndiffseg.utils import name_list
 
 # what decides a prediction folder's outputs, in its record: --continue_prediction must find them unchanged
 OUTPUT_SETTINGS = ("model_folder", "trainer", "plans", "configuration", "folds", "checkpoint_name", "use_tta",
-                   "tile_step_size", "inference_options", "save_probabilities", "save_uncertainty", "save_samples")
+                   "tile_step_size", "inference_options", "save_probabilities", "save_uncertainty", "save_samples",
+                   "temperature")
 NOT_RECORDED = "(not recorded)"
 
 
