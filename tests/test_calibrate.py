@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nndiffseg.evaluation.calibrate import CALIBRATION_FILE, calibrate_model, read_temperature
+from nndiffseg.evaluation.calibrate import CALIBRATION_FILE, calibrate_model, ece_rose, read_temperature
 
 DATASET = "Dataset997_Calibration"
 MODEL = "nnUNetTrainer__nnDiffSegPlans__2d"
@@ -65,6 +65,7 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with(model):
     assert written["after"]["1"]["ece"] < written["before"]["1"]["ece"]
     assert written["after"]["1"]["brier"] < written["before"]["1"]["brier"]
     assert f"temperature {written['temperature']:.3f}" in result.stdout and "ECE" in result.stdout
+    assert "note: T raised" not in result.stdout  # it fell
 
 
 @pytest.mark.slow  # runs the tool in a process that loads nnU-Net
@@ -114,3 +115,11 @@ def test_calibrate_model_refuses_a_region_model(model):
     from nndiffseg.errors import NnDiffSegError
     with pytest.raises(NnDiffSegError, match="predicts regions"):
         calibrate_model(model["folder"], model["gt"], ["0"], lambda fold: "")
+
+
+def test_a_temperature_that_raises_ece_is_named_with_what_to_do():
+    """The likelihood's T can raise ECE (the guided add-on on ISIC, docs/benchmarks.md): the report says so."""
+    result = {"before": {"1": {"ece": 0.020}, "2": {"ece": 0.05}}, "after": {"1": {"ece": 0.028}, "2": {"ece": 0.03}}}
+    assert "class(es) 1 on the folds' validation cases" in ece_rose(result) and "--no_calibration" in ece_rose(result)
+    result["after"]["1"]["ece"] = 0.010
+    assert ece_rose(result) is None

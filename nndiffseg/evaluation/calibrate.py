@@ -93,6 +93,15 @@ def calibrate_model(model_folder: Path, gt_folder: Path, folds: Sequence[str],
     return result
 
 
+def ece_rose(result: dict) -> Optional[str]:
+    """A line for a fit whose temperature raised some class's ECE on the validation cases, else None."""
+    rose = [label for label in result["before"] if result["after"][label]["ece"] > result["before"][label]["ece"]]
+    if not rose:
+        return None
+    return (f"note: T raised the ECE of class(es) {', '.join(rose)} on the folds' validation cases (T minimises the "
+            f"likelihood, not ECE); if held-out cases confirm it, predict this model with --no_calibration")
+
+
 def calibrate_and_report(model_folder: Path, folds: Sequence[str], dataset_name_or_id: str, configuration: str,
                          trainer: str, plans: str) -> float:
     """``calibrate_model`` against the dataset's ``gt_segmentations``, with the report both CLIs print; returns T."""
@@ -107,6 +116,8 @@ def calibrate_and_report(model_folder: Path, folds: Sequence[str], dataset_name_
         b, a = result["before"][label], result["after"][label]
         print(f"class {label}: ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f} "
               f"(the folds' validation cases)")
+    if ece_rose(result):
+        print(ece_rose(result))
     print(f"written to {model_folder / CALIBRATION_FILE}")
     return result["temperature"]
 

@@ -106,7 +106,7 @@ def calibrate_models(dataset_name: str, models: Sequence[dict], folds: Sequence[
     """nnDiffSeg_calibrate for every label-based model whose folds all kept their validation probabilities."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nndiffseg.evaluation.calibrate import calibrate_model
+    from nndiffseg.evaluation.calibrate import calibrate_model, ece_rose
     for m in models:
         folder = Path(get_output_folder(dataset_name, m["trainer"], m["plans"], m["configuration"]))
         if not all(any((folder / f"fold_{f}" / "validation").glob("*.npz")) for f in folds):
@@ -119,6 +119,8 @@ def calibrate_models(dataset_name: str, models: Sequence[dict], folds: Sequence[
             continue
         print(f"{folder.name}: temperature {result['temperature']:.3f} written to calibration.json "
               f"(nnDiffSeg_predict applies it to the probabilities)")
+        if ece_rose(result):
+            print(f"{folder.name}: {ece_rose(result)}")
 
 
 def find_best_configuration_entry() -> None:
