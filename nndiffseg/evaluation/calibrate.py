@@ -116,8 +116,8 @@ def calibrate_and_report(model_folder: Path, folds: Sequence[str], dataset_name_
         b, a = result["before"][label], result["after"][label]
         print(f"class {label}: ECE {b['ece']:.4f} -> {a['ece']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f} "
               f"(the folds' validation cases)")
-    if ece_rose(result):
-        print(ece_rose(result))
+    if note := ece_rose(result):
+        print(note)
     print(f"written to {model_folder / CALIBRATION_FILE}")
     return result["temperature"]
 

@@ -119,8 +119,8 @@ def calibrate_models(dataset_name: str, models: Sequence[dict], folds: Sequence[
             continue
         print(f"{folder.name}: temperature {result['temperature']:.3f} written to calibration.json "
               f"(nnDiffSeg_predict applies it to the probabilities)")
-        if ece_rose(result):
-            print(f"{folder.name}: {ece_rose(result)}")
+        if note := ece_rose(result):
+            print(f"{folder.name}: {note}")
 
 
 def find_best_configuration_entry() -> None:
