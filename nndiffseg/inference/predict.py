@@ -247,7 +247,9 @@ def predict_folder(input_folder: str, output_folder: str, dataset_name_or_id, co
         for case, files in tqdm(cases.items(), desc="Predicting", unit="case"):
             try:
                 output, properties = predict_case(predictor, files, dataset_json, save_uncertainty, save_samples)
-                scores = output.scores.numpy() / (temperature or 1.0)  # softmax(scores / T); the argmax stays
+                scores = output.scores.numpy()
+                if temperature is not None:  # softmax(scores / T), the argmax unchanged; in float32: nnU-Net's
+                    scores = scores.astype(np.float32) / temperature  # float16 logits / a small T lose their margin
                 args = (scores, properties, *geometry, dataset_json, str(output_path), case, save_probabilities)
                 if pool is None or save_uncertainty or save_samples:  # the uncertainty picture draws the labels
                     if save_samples:  # before the label map, whose presence marks the case done
