@@ -87,14 +87,17 @@ def lidc_multirater_sample() -> Path:
 
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
 # collection order, so a long module collected last would run alone at the end.
-# Estimated from the durations and tool log of a run on 2026-12-03 (2 workers, suite 17 min 35 s): model
-# selection about 320 s, latent learning 300 s (before its 3-class run was shortened), latent trainers 250 s,
-# guided trainer 200 s, latent heads 170 s, pipeline 150 s, fault injection 150 s, ISIC sample 110 s, DDP 100 s,
-# demo 80 s.
-LONGEST_FIRST = ("test_model_selection.py", "test_latent_learning.py", "test_latent_trainers.py",
-                 "test_guided_trainer.py", "test_latent_heads.py", "test_pipeline.py", "test_fault_injection.py",
-                 "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py", "test_faults_preprocessing.py",
-                 "test_faults_training.py", "test_ignore_label_and_regions.py", "test_convert_stroke2021.py")
+# Measured with --durations=0 on 2026-12-07 (2 workers, suite 32 min on a slow day; before model selection went to
+# 3 folds, the random-rater runs into batches and the benchmark test to the guided trainer): multi-rater learning
+# 345 s (one test), model selection 371 s, guided trainer 291 s, random rater 268 s, latent trainers 260 s, latent
+# learning 258 s, latent heads 253 s, pipeline 244 s, ISIC sample 188 s, DDP 173 s, demo 171 s, fault injection
+# 166 s, benchmarks 148 s, ignore label 115 s, Stroke2021 99 s.
+LONGEST_FIRST = ("test_multirater_learning.py", "test_model_selection.py", "test_guided_trainer.py",
+                 "test_random_rater.py", "test_latent_trainers.py", "test_latent_learning.py", "test_latent_heads.py",
+                 "test_pipeline.py", "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py",
+                 "test_fault_injection.py", "test_benchmarks.py", "test_ignore_label_and_regions.py",
+                 "test_convert_stroke2021.py", "test_predictor.py", "test_convert_multirater.py",
+                 "test_faults_preprocessing.py", "test_calibrate.py", "test_guided_heads.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

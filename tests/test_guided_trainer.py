@@ -306,11 +306,12 @@ def test_interrupted_run_resumed_with_c_ends_with_the_weights_of_an_uninterrupte
     options = {"clip_model": "random", "seed": 5}
     crash_after_first_epoch("nnDiffSegTrainerGuided", DATASET_ID, 1, options, guided["env"])
     interrupted = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    changed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
-                       "--c", "--clip_model", "ViT-B-32:/no/such/weights.bin", env=guided["env"], check=False)
+    resume = [DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu", "--c"]
+    changed, resumed = run_batch(guided["root"], "resume", [
+        ("nnDiffSeg_train", [*resume, "--clip_model", "ViT-B-32:/no/such/weights.bin"]), ("nnDiffSeg_train", resume)],
+        guided["env"])
     assert_refused(changed, ["--c resumes with the options the run was started with", "--clip_model"])
-    resumed = run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",
-                       "--c", env=guided["env"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "class prompts embedded" not in resumed.stdout
     reference_env = uninterrupted_results(guided["root"], guided["env"])
     run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnDiffSegTrainerGuided", "-device", "cpu",

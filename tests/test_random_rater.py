@@ -37,10 +37,17 @@ def raters(module_tmp):
             Image.fromarray(mask.astype(np.uint8)).save(raw / "ratersTr" / f"{case}_rater{r:02d}.png")
     dataset_json = json.loads((raw / "dataset.json").read_text())
     (raw / "dataset.json").write_text(json.dumps({**dataset_json, "num_raters": RATERS}, indent=2))
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, *PLAN_QUICKLY, env=env)
-    run_tool("nnDiffSeg_plan_and_preprocess", "-d", PLAIN_ID, *PLAN_QUICKLY, env=env)
+    run_tool("nnDiffSeg_plan_and_preprocess", "-d", DATASET_ID, PLAIN_ID, *PLAN_QUICKLY, env=env)
     data = root / "nnUNet_preprocessed" / raw.name / "nnDiffSegPlans_2d"
     return {"root": root, "env": env, "raw": raw, "data": data, "expected": expected}
+
+
+def _run_all(root, name: str, commands: list, env: dict) -> list:
+    """Commands that share the nnU-Net folders, in one process (tests/cli.py run_batch); each must succeed."""
+    ran = run_batch(root, name, commands, env)
+    for (tool, args), result in zip(commands, ran):
+        assert result.returncode == 0, (tool, args, result.stderr[-3000:])
+    return ran
 
 
 def test_each_raters_mask_is_preprocessed_like_the_label(raters):
@@ -105,8 +112,9 @@ def test_the_guided_trainer_keeps_its_multirater_settings_only_on_a_multirater_d
     short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 1, "--clip_model", "random"]
     results = raters["root"] / "nnUNet_results"
     configs = {}
+    _run_all(raters["root"], "guided", [("nnDiffSeg_train", [dataset, "2d", 2, "-tr", "nnDiffSegTrainerGuided", *short])
+                                        for dataset in (DATASET_ID, PLAIN_ID)], raters["env"])
     for dataset in (DATASET_ID, PLAIN_ID):
-        run_tool("nnDiffSeg_train", dataset, "2d", 2, "-tr", "nnDiffSegTrainerGuided", *short, env=raters["env"])
         checkpoint = next(results.glob(f"Dataset{dataset:03d}_*/nnDiffSegTrainerGuided__nnDiffSegPlans__2d/fold_2/"
                                        f"checkpoint_final.pth"))
         configs[dataset] = torch.load(checkpoint, weights_only=False)["network_weights"]["_extra_state"]["config"]
@@ -123,13 +131,13 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
 
     env, root = raters["env"], raters["root"]
     short = ["-device", "cpu", "--num_epochs", 1, "--iters_per_epoch", 2]
-    run_tool("nnDiffSeg_train", DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short, "--npz", env=env)
     predict = ["-i", raters["raw"] / "imagesTr", "-d", DATASET_ID, "-c", "2d", "-tr", "nnUNetTrainerRandomRater",
                "-device", "cpu", "-nps", 0]
-    run_tool("nnDiffSeg_predict", *predict, "-o", root / "both", "-f", 0, 1, "--save_samples", "--save_uncertainty",
-             env=env)
-    for fold in (0, 1):
-        run_tool("nnDiffSeg_predict", *predict, "-o", root / f"fold{fold}", "-f", fold, "--save_probabilities", env=env)
+    _run_all(root, "folds", [
+        ("nnDiffSeg_train", [DATASET_ID, "2d", 1, "-tr", "nnUNetTrainerRandomRater", *short, "--npz"]),
+        ("nnDiffSeg_predict", [*predict, "-o", root / "both", "-f", 0, 1, "--save_samples", "--save_uncertainty"]),
+        *[("nnDiffSeg_predict", [*predict, "-o", root / f"fold{fold}", "-f", fold, "--save_probabilities"])
+          for fold in (0, 1)]], env)
     assert sorted(p.name for p in (root / "both" / "samples").iterdir()) == ["sample_0", "sample_1"]
     for case in raters["expected"]:
         spread = PooledSpread()
@@ -158,33 +166,29 @@ def test_a_stock_trainers_folds_are_its_samples_and_their_spread_its_uncertainty
     from nndiffseg.evaluation.temperature import LOG_T_BOUNDS, scale_probabilities
     model = root / "nnUNet_results" / raters["raw"].name / "nnUNetTrainerRandomRater__nnDiffSegPlans__2d"
     temperatures = (2.5, round(float(np.exp(LOG_T_BOUNDS[0])), 6))
+    calibrated = [("nnDiffSeg_predict", [*predict, "-o", root / f"calibrated_{t}", "-f", 0, "--save_probabilities"])
+                  for t in temperatures]
     try:
-        for temperature in temperatures:
-            (model / CALIBRATION_FILE).write_text(json.dumps({"temperature": temperature}))
-            run_tool("nnDiffSeg_predict", *predict, "-o", root / f"calibrated_{temperature}", "-f", 0,
-                     "--save_probabilities", env=env)
-        run_tool("nnDiffSeg_predict", *predict, "-o", root / "uncalibrated", "-f", 0, "--save_probabilities",
-                 "--no_calibration", env=env)
-    finally:
-        (model / CALIBRATION_FILE).unlink()
-    for case in raters["expected"]:
-        own = np.load(root / "fold0" / f"{case}.npz")["probabilities"]
-        np.testing.assert_allclose(np.load(root / "uncalibrated" / f"{case}.npz")["probabilities"], own, atol=1e-6)
-        for temperature in temperatures:
-            calibrated = root / f"calibrated_{temperature}"
-            np.testing.assert_allclose(np.load(calibrated / f"{case}.npz")["probabilities"],
-                                       scale_probabilities(own, temperature), atol=1e-5, err_msg=str(temperature))
-            assert np.array_equal(np.array(Image.open(calibrated / f"{case}.png")),
-                                  np.array(Image.open(root / "fold0" / f"{case}.png")))
-
-    # --calibrate: the temperature nnDiffSeg_calibrate would fit on fold 1's validation probabilities, written
-    # and applied in the same command
-    try:
-        result = run_tool("nnDiffSeg_predict", *predict, "-o", root / "fitted", "-f", 1, "--save_probabilities",
-                          "--calibrate", env=env)
+        (model / CALIBRATION_FILE).write_text(json.dumps({"temperature": temperatures[0]}))
+        _run_all(root, "calibrated", [calibrated[0], ("nnDiffSeg_predict", [
+            *predict, "-o", root / "uncalibrated", "-f", 0, "--save_probabilities", "--no_calibration"])], env)
+        # then --calibrate: the temperature nnDiffSeg_calibrate would fit on fold 1's validation probabilities,
+        # written (over the one above) and applied in the same command
+        (model / CALIBRATION_FILE).write_text(json.dumps({"temperature": temperatures[1]}))
+        result = _run_all(root, "fitted", [calibrated[1], ("nnDiffSeg_predict", [
+            *predict, "-o", root / "fitted", "-f", 1, "--save_probabilities", "--calibrate"])], env)[1]
         temperature = json.loads((model / CALIBRATION_FILE).read_text())["temperature"]
     finally:
         (model / CALIBRATION_FILE).unlink(missing_ok=True)
+    for case in raters["expected"]:
+        own = np.load(root / "fold0" / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(np.load(root / "uncalibrated" / f"{case}.npz")["probabilities"], own, atol=1e-6)
+        for t in temperatures:
+            np.testing.assert_allclose(np.load(root / f"calibrated_{t}" / f"{case}.npz")["probabilities"],
+                                       scale_probabilities(own, t), atol=1e-5, err_msg=str(t))
+            assert np.array_equal(np.array(Image.open(root / f"calibrated_{t}" / f"{case}.png")),
+                                  np.array(Image.open(root / "fold0" / f"{case}.png")))
+
     assert f"temperature {temperature:.3f}" in result.stdout and "ECE" in result.stdout, result.stdout
     assert temperature != 1.0
     for case in raters["expected"]:
