@@ -88,10 +88,10 @@ def lidc_multirater_sample() -> Path:
 # The longest modules first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free, in
 # collection order, so a long module collected last would run alone at the end.
 # Measured with --durations=0 on 2026-12-07 (2 workers, suite 32 min on a slow day; before model selection went to
-# 3 folds, the random-rater runs into batches and the benchmark test to the guided trainer): multi-rater learning
-# 345 s (one test), model selection 371 s, guided trainer 291 s, random rater 268 s, latent trainers 260 s, latent
-# learning 258 s, latent heads 253 s, pipeline 244 s, ISIC sample 188 s, DDP 173 s, demo 171 s, fault injection
-# 166 s, benchmarks 148 s, ignore label 115 s, Stroke2021 99 s.
+# 3 folds and the random-rater runs into batches, which took about 90 and 110 s off those two): multi-rater
+# learning 345 s (one test), model selection 371 s, guided trainer 291 s, random rater 268 s, latent trainers
+# 260 s, latent learning 258 s, latent heads 253 s, pipeline 244 s, ISIC sample 188 s, DDP 173 s, demo 171 s,
+# fault injection 166 s, benchmarks 148 s, ignore label 115 s, Stroke2021 99 s.
 LONGEST_FIRST = ("test_multirater_learning.py", "test_model_selection.py", "test_guided_trainer.py",
                  "test_random_rater.py", "test_latent_trainers.py", "test_latent_learning.py", "test_latent_heads.py",
                  "test_pipeline.py", "test_isic_sample_pipeline.py", "test_ddp.py", "test_demo.py",

@@ -35,13 +35,8 @@ def _step(title: str) -> None:
 def check_demo_arguments(out: Path, trainer: str, device: str, num_epochs: int, iters_per_epoch: int,
                          overwrite: bool, clip_model: str) -> bool:
     """Every argument checked before anything is written or removed; returns whether the trainer is guided.
-    ``--overwrite`` replaces only a folder an earlier demo wrote (it holds the stamp file)."""
-    import torch
-
-    from nndiffseg.guided.text_prior import check_clip_model
-    from nndiffseg.registry import find_trainer_class
-    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
-
+    ``--overwrite`` replaces only a folder an earlier demo wrote (it holds the stamp file). The checks that need
+    no torch come first, so that they answer at once."""
     if out.exists() and not out.is_dir():
         raise NnDiffSegError(f"-o {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -55,6 +50,12 @@ def check_demo_arguments(out: Path, trainer: str, device: str, num_epochs: int, 
             raise NnDiffSegError(f"{flag} must be at least 1, got {value}")
     if device not in ("cpu", "cuda", "mps"):
         raise NnDiffSegError(f"-device must be cpu, cuda or mps, got '{device}'")
+    import torch
+
+    from nndiffseg.guided.text_prior import check_clip_model
+    from nndiffseg.registry import find_trainer_class
+    from nndiffseg.trainers.guided import nnDiffSegTrainerGuided
+
     if device == "cuda" and not torch.cuda.is_available():
         raise NnDiffSegError("-device cuda but no CUDA GPU is available; use -device cpu")
     guided = issubclass(find_trainer_class(trainer), nnDiffSegTrainerGuided)
