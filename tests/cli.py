@@ -85,7 +85,9 @@ def assert_refused(result: subprocess.CompletedProcess, expected: list[str]) -> 
 
 def run_batch(root: Path, name: str, commands: list[tuple[str, list]], env: dict) -> list:
     """The commands run one after the other in one process (tests/cli_batch.py): one start-up of torch and
-    nnU-Net for all of them (for refusals; a command that does real work belongs in its own process)."""
+    nnU-Net for all of them (10-15 s each on the 2-core machine). For refusals, and for runs that share ``env``'s
+    nnU-Net folders (nnU-Net reads them once, at import); a test of a tool's own process (its exit, signals, its
+    start-up) uses run_tool."""
     (root / f"{name}.json").write_text(json.dumps([{"tool": t, "args": list(map(str, a))} for t, a in commands]))
     start = time.perf_counter()
     subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(root / f"{name}.json"),

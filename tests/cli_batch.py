@@ -5,8 +5,8 @@ status taken from SystemExit, and an exception that escapes printed as the trace
     python tests/cli_batch.py CASES.json RESULTS.json
 
 CASES.json: a list of {"tool": "nnDiffSeg_train", "args": [...], "env": {...}}; the nnU-Net folders come from
-this process's environment (nnU-Net reads them once, at import). For refusals: a command that does real work
-belongs in its own process (tests/cli.py run_tool)."""
+this process's environment (nnU-Net reads them once, at import), so every command of one batch uses the same
+folders. A test of a tool's own process (its exit, signals, start-up) uses tests/cli.py run_tool."""
 import contextlib
 import importlib
 import io
